@@ -1,0 +1,176 @@
+"""The pi0 / pi0.5 model with one method per inference stage, all on static shapes.
+
+    embed_images -> embed_prefix -> prefill (KV cache) -> denoise (N Euler flow-matching steps)
+
+sample_actions composes them. Noise is an argument, so results are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import PiConfig
+from .gemma import GemmaBlock, GemmaStack
+from .layers import rope_cos_sin
+from .siglip import SiglipVision
+
+KVCache = tuple[Tensor, Tensor]  # K and V, each (layers, B, kv_heads, prefix_len, head_dim), RoPE applied to K
+
+
+class PiModel(nn.Module):
+    def __init__(self, cfg: PiConfig):
+        super().__init__()
+        self.cfg = cfg
+        we = cfg.expert.width
+        self.vision = SiglipVision(cfg.vision)
+        self.projector = nn.Linear(cfg.vision.width, cfg.llm.width)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.llm.width)
+        self.llm = GemmaStack(cfg.llm)
+        self.expert = GemmaStack(cfg.expert, cond_dim=we if cfg.pi05 else None)
+        self.action_in = nn.Linear(cfg.action_dim, we)
+        self.action_out = nn.Linear(we, cfg.action_dim)
+        if cfg.pi05:
+            self.time_in = nn.Linear(we, we)
+            self.time_out = nn.Linear(we, we)
+        else:
+            self.state_proj = nn.Linear(cfg.action_dim, we)
+            self.action_time_in = nn.Linear(2 * we, we)
+            self.action_time_out = nn.Linear(we, we)
+        # Sine-cosine time embedding with periods from 4e-3 to 4 (sensitive over t in [0, 1]).
+        fraction = torch.linspace(0.0, 1.0, we // 2, dtype=torch.float64)
+        period = 4e-3 * (4.0 / 4e-3) ** fraction
+        self.register_buffer("time_freqs", (2 * math.pi / period).float(), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.layers[0].wqkv.weight.dtype
+
+    # -- stage 1: vision ------------------------------------------------------------------------
+    def embed_images(self, images: Tensor) -> Tensor:
+        """(B, cameras, 3, H, W) in [-1, 1] -> image tokens (B, cameras * tokens, llm width)."""
+        b, n = images.shape[:2]
+        x = self.vision(images.flatten(0, 1))
+        return self.projector(x).reshape(b, n * x.shape[1], -1)
+
+    # -- stage 2: embed prefix ------------------------------------------------------------------
+    def embed_prefix(self, image_tokens: Tensor, image_masks: Tensor, tokens: Tensor,
+                     token_masks: Tensor) -> tuple[Tensor, Tensor]:
+        """Image tokens + prompt tokens -> prefix embeddings (B, P, D) and padding mask (B, P)."""
+        lang = self.embed_tokens(tokens) * math.sqrt(self.cfg.llm.width)
+        embs = torch.cat([image_tokens, lang.to(image_tokens.dtype)], dim=1)
+        per_image = image_tokens.shape[1] // image_masks.shape[1]
+        pad = torch.cat([image_masks.repeat_interleave(per_image, dim=1), token_masks], dim=1)
+        return embs, pad
+
+    # -- stage 3: prefill -----------------------------------------------------------------------
+    def prefill(self, prefix_embs: Tensor, prefix_pad: Tensor, cache: KVCache | None = None,
+                layers: Sequence[GemmaBlock] | None = None) -> KVCache:
+        """Run the LLM over the prefix; write K/V of every layer into `cache` (allocated if None).
+
+        `layers` lets an optimized backend run its own (quantized) copies of the blocks.
+        """
+        layers = self.llm.layers if layers is None else layers
+        cfg = self.cfg.llm
+        if cache is None:
+            b, p = prefix_pad.shape
+            shape = (len(layers), b, cfg.num_kv_heads, p, cfg.head_dim)
+            cache = (prefix_embs.new_empty(shape), prefix_embs.new_empty(shape))
+        cos, sin = rope_cos_sin(torch.cumsum(prefix_pad, dim=1) - 1, cfg.head_dim, cfg.rope_base)
+        mask = prefix_attention_mask(prefix_pad)
+        x = prefix_embs
+        for i, layer in enumerate(layers):
+            x, k, v = layer(x, cos, sin, mask)
+            cache[0][i].copy_(k)
+            cache[1][i].copy_(v)
+        return cache
+
+    # -- stage 4: denoise -----------------------------------------------------------------------
+    def suffix_attention(self, prefix_pad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mask (B, S, P + S) and RoPE tables for the suffix tokens attending to [prefix, suffix]."""
+        b, s = prefix_pad.shape[0], self.cfg.suffix_len
+        # Block-causal: pi0's state token sees only itself (and the prefix); actions see state and actions.
+        block = torch.zeros(s, dtype=torch.long, device=prefix_pad.device)
+        block[s - self.cfg.horizon:] = 1
+        own = block[None, :] <= block[:, None]
+        mask = torch.cat([prefix_pad[:, None, :].expand(b, s, -1), own.expand(b, s, s)], dim=2)
+        positions = prefix_pad.sum(dim=1, keepdim=True) + torch.arange(s, device=prefix_pad.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.expert.head_dim, self.cfg.expert.rope_base)
+        return mask, cos, sin
+
+    def velocity(self, x_t: Tensor, t: Tensor, state: Tensor, cache: KVCache, mask: Tensor, cos: Tensor,
+                 sin: Tensor) -> Tensor:
+        """Flow-matching velocity at time t (B,) for noisy actions x_t (B, horizon, action_dim)."""
+        dtype = self.dtype
+        tokens = self.action_in(x_t.to(dtype))
+        t_emb = (t.float()[:, None] * self.time_freqs)
+        t_emb = torch.cat([t_emb.sin(), t_emb.cos()], dim=-1).to(dtype)
+        cond = None
+        if self.cfg.pi05:
+            cond = F.silu(self.time_out(F.silu(self.time_in(t_emb))))
+        else:
+            at = torch.cat([tokens, t_emb[:, None].expand_as(tokens)], dim=-1)
+            tokens = self.action_time_out(F.silu(self.action_time_in(at)))
+            tokens = torch.cat([self.state_proj(state.to(dtype))[:, None], tokens], dim=1)
+        x = tokens
+        for i, layer in enumerate(self.expert.layers):
+            x, _, _ = layer(x, cos, sin, mask, cond, past_kv=(cache[0][i], cache[1][i]))
+        x, _ = self.expert.norm(x, cond)
+        return self.action_out(x[:, -self.cfg.horizon:]).float()
+
+    def denoise(self, cache: KVCache, prefix_pad: Tensor, state: Tensor, noise: Tensor,
+                num_steps: int | None = None) -> Tensor:
+        """Integrate from t=1 (noise) to t=0 (actions) with Euler steps; returns float32 (B, H, A)."""
+        n = num_steps or self.cfg.num_steps
+        mask, cos, sin = self.suffix_attention(prefix_pad)
+        x = noise.float()
+        dt = -1.0 / n
+        for step in range(n):
+            t = torch.full((x.shape[0],), 1.0 + step * dt, device=x.device)
+            x = x + dt * self.velocity(x, t, state, cache, mask, cos, sin)
+        return x
+
+    # -- all stages -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_actions(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor,
+                       state: Tensor, noise: Tensor, num_steps: int | None = None) -> Tensor:
+        image_tokens = self.embed_images(images)
+        embs, pad = self.embed_prefix(image_tokens, image_masks, tokens, token_masks)
+        cache = self.prefill(embs, pad)
+        return self.denoise(cache, pad, state, noise, num_steps)
+
+
+def prefix_attention_mask(pad: Tensor) -> Tensor:
+    """Bidirectional among valid prefix tokens; a padded token attends only to itself (keeps rows finite)."""
+    eye = torch.eye(pad.shape[1], dtype=torch.bool, device=pad.device)
+    return (pad[:, None, :] & pad[:, :, None]) | eye
+
+
+def init_random(model: PiModel, seed: int = 0) -> PiModel:
+    """Deterministic random weights (std 0.02 matrices, zero biases) for demos, tests and benchmarks."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or p.ndim == 1:
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            if ".dense." in name:  # adaptive norms: small, non-zero modulation so pi0.5 paths are exercised
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+KEEP_FP32 = ("attn_norm.weight", "mlp_norm.weight", "llm.norm.weight", "expert.norm.weight", "patch_embed", "pos_embed")
+
+
+def cast_for_inference(model: PiModel, dtype: torch.dtype) -> PiModel:
+    """Cast weights to `dtype`, keeping norms and the patch/position embeddings in float32 as openpi does."""
+    model.to(dtype)
+    for name, p in model.named_parameters():
+        if any(key in name for key in KEEP_FP32):
+            p.data = p.data.float()
+    return model

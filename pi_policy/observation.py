@@ -1,0 +1,58 @@
+"""The small, stable interface between the robot side and the model side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+STAGES = ("vision", "embed_prefix", "prefill", "denoise")
+
+
+@dataclass
+class Observation:
+    """One observation at one instant, in robot units.
+
+    images: camera name -> HxWx3 uint8 RGB (any size; resized with padding to the model's input).
+            A camera the model expects but that is absent here is masked out.
+    state: joint positions (or any proprioceptive vector) in the configured joint order.
+    """
+
+    images: dict[str, np.ndarray]
+    state: np.ndarray
+    prompt: str
+    stamp: float = 0.0
+
+
+@dataclass
+class LatencyRecord:
+    """Per-stage latency of one inference, in milliseconds."""
+
+    stages_ms: dict[str, float]
+    host_ms: float = 0.0  # numpy in -> numpy out, as the robot sees it
+    backends: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_ms(self) -> float:
+        return float(sum(self.stages_ms.values()))
+
+    @property
+    def hz(self) -> float:
+        return 1000.0 / self.total_ms if self.total_ms > 0 else 0.0
+
+
+@dataclass
+class PolicyOutput:
+    actions: np.ndarray  # (horizon, action_dim) float32, unnormalized, robot units
+    latency: LatencyRecord
+
+
+class Policy(Protocol):
+    """What the ROS node and the bag evaluator call. PolicyRunner implements it."""
+
+    camera_names: list[str]
+    horizon: int
+    action_dim: int
+
+    def infer(self, obs: Observation) -> PolicyOutput: ...

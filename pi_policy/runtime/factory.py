@@ -1,0 +1,59 @@
+"""build_runner: preset + checkpoint + stats + tokenizer + device + backend -> a warmed-up PolicyRunner."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..model import PiModel, cast_for_inference, get_config, init_random
+from ..model.checkpoint import load_checkpoint
+from ..model.normalize import Normalizer, default_mode, load_norm_stats
+from ..model.tokenizer import load_tokenizer
+from .backends import make_prefill
+from .runner import PolicyRunner
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA GPU (use --device cpu)")
+    return dev
+
+
+def build_model(preset: str = "tiny", checkpoint: str | None = None, device: str = "cpu", seed: int = 0,
+                dtype: torch.dtype | None = None) -> PiModel:
+    """The model on `device`: bf16 on GPUs, float32 on CPU; random weights (fixed seed) without a checkpoint."""
+    cfg = get_config(preset)
+    dev = resolve_device(device)
+    model = PiModel(cfg)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    else:
+        init_random(model, seed)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return cast_for_inference(model, dtype).to(dev).eval()
+
+
+def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats: str | None = None,
+                 tokenizer: str | None = None, device: str = "cpu", backend: str = "bf16",
+                 camera_names: list[str] | None = None, seed: int = 0, progress: bool = True,
+                 engine_path: str | None = None, action_dim: int | None = None,
+                 model: PiModel | None = None, warmup: bool = True) -> PolicyRunner:
+    model = model or build_model(preset, checkpoint, device, seed)
+    cfg = model.cfg
+    kind = "pi05" if cfg.pi05 else "pi0"
+    stats = load_norm_stats(norm_stats) if norm_stats else None
+    normalizer = Normalizer(stats, default_mode(kind), cfg.action_dim, action_dim)
+    tok = load_tokenizer(tokenizer, cfg.vocab_size, cfg.max_token_len, kind)
+    choice = make_prefill(backend, model, engine_path=engine_path, checkpoint=checkpoint)
+    if choice.note:
+        log.warning("prefill backend: %s", choice.note)
+    runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=backend != "eager",
+                          prefill=choice.fn, prefill_backend=choice.name, seed=seed)
+    runner.backend_note = choice.note
+    if warmup:
+        runner.warmup(progress=progress)
+    return runner

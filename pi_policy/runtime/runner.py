@@ -1,0 +1,212 @@
+"""PolicyRunner: numpy observation in, numpy action chunk out, through four timed stages on static buffers.
+
+All stage inputs and outputs live in preallocated device buffers, so each stage is one CUDA graph
+(captured once at start-up) and a replay is a single launch. On CPU the same stages run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..model.normalize import Normalizer
+from ..model.pi0 import PiModel
+from ..model.preprocess import resize_with_pad, to_rgb_uint8
+from ..observation import STAGES, LatencyRecord, Observation, PolicyOutput
+
+log = logging.getLogger(__name__)
+
+PrefillFn = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], object]
+
+
+class StaticBuffers:
+    """Every tensor the stages read or write, allocated once."""
+
+    def __init__(self, model: PiModel, device: torch.device, batch: int = 1):
+        cfg, dtype = model.cfg, model.dtype
+        n, s, g = cfg.num_cameras, cfg.vision.image_size, cfg.llm
+        kv_shape = (g.depth, batch, g.num_kv_heads, cfg.prefix_len, g.head_dim)
+
+        def z(*shape, dt=dtype):
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        self.images = z(batch, n, s, s, 3, dt=torch.uint8)  # raw RGB; converted to [-1, 1] inside the vision stage
+        self.image_masks = z(batch, n, dt=torch.bool)
+        self.tokens = z(batch, cfg.max_token_len, dt=torch.long)
+        self.token_masks = z(batch, cfg.max_token_len, dt=torch.bool)
+        self.state = z(batch, cfg.action_dim, dt=torch.float32)
+        self.noise = z(batch, cfg.horizon, cfg.action_dim, dt=torch.float32)
+        self.image_tokens = z(batch, cfg.image_tokens, g.width)
+        self.prefix_embs = z(batch, cfg.prefix_len, g.width)
+        self.prefix_pad = z(batch, cfg.prefix_len, dt=torch.bool)
+        self.kv = (z(*kv_shape), z(*kv_shape))
+        self.actions = z(batch, cfg.horizon, cfg.action_dim, dt=torch.float32)
+        self.inputs = ("images", "image_masks", "tokens", "token_masks", "state", "noise")
+        pin = device.type == "cuda"
+        self.host = {k: torch.zeros_like(getattr(self, k), device="cpu").pin_memory() if pin
+                     else torch.zeros_like(getattr(self, k), device="cpu") for k in self.inputs}
+        self.host_actions = torch.zeros_like(self.actions, device="cpu")
+
+
+class PolicyRunner:
+    """Runs pi0 / pi0.5 on one robot's observations. Implements pi_policy.observation.Policy."""
+
+    def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, camera_names: list[str] | None = None, *,
+                 cuda_graphs: bool = True, prefill: PrefillFn | None = None, prefill_backend: str = "bf16",
+                 seed: int = 0, required_cameras: list[str] | None = None):
+        cfg = model.cfg
+        self.model, self.cfg = model.eval(), cfg
+        self.device = next(model.parameters()).device
+        self.tokenizer, self.normalizer = tokenizer, normalizer
+        self.camera_names = list(camera_names or DEFAULT_CAMERAS[: cfg.num_cameras])
+        if len(self.camera_names) != cfg.num_cameras:
+            raise ValueError(f"preset {cfg.name!r} takes {cfg.num_cameras} cameras, got {self.camera_names}")
+        self.required_cameras = set(required_cameras or [])
+        self.horizon, self.action_dim = cfg.horizon, normalizer.action_dim
+        self.buf = StaticBuffers(model, self.device)
+        self.prefill_fn = prefill or model.prefill
+        base = "bf16" if model.dtype == torch.bfloat16 else str(model.dtype).removeprefix("torch.")
+        mode = "graph" if cuda_graphs and self.device.type == "cuda" else "eager"
+        self.backends = {s: f"{base}-{mode}" for s in STAGES}
+        self.backends["prefill"] = f"{prefill_backend}-{mode}" if prefill else self.backends["prefill"]
+        self.stages: dict[str, Callable[[], None]] = {
+            "vision": self._vision, "embed_prefix": self._embed_prefix, "prefill": self._prefill,
+            "denoise": self._denoise}
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.use_graphs = mode == "graph"
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.startup_ms: dict[str, float] = {}
+        self._token_cache: tuple[str, np.ndarray, np.ndarray] | None = None
+        from .timer import StageTimer
+
+        self.timer = StageTimer(self.device)
+
+    # -- the four stages: static buffers in, static buffers out ---------------------------------
+    @torch.no_grad()
+    def _vision(self) -> None:
+        b = self.buf
+        images = b.images.permute(0, 1, 4, 2, 3).float() * (2.0 / 255.0) - 1.0
+        b.image_tokens.copy_(self.model.embed_images(images))
+
+    @torch.no_grad()
+    def _embed_prefix(self) -> None:
+        b = self.buf
+        embs, pad = self.model.embed_prefix(b.image_tokens, b.image_masks, b.tokens, b.token_masks)
+        b.prefix_embs.copy_(embs)
+        b.prefix_pad.copy_(pad)
+
+    @torch.no_grad()
+    def _prefill(self) -> None:
+        self.prefill_fn(self.buf.prefix_embs, self.buf.prefix_pad, self.buf.kv)
+
+    @torch.no_grad()
+    def _denoise(self) -> None:
+        b = self.buf
+        b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise))
+
+    # -- start-up --------------------------------------------------------------------------------
+    def warmup(self, iters: int = 3, progress: bool = True) -> dict[str, float]:
+        """Run every stage a few times on a dummy observation, then capture one CUDA graph per stage."""
+        t0 = time.perf_counter()
+        dummy = Observation(images={}, state=np.zeros(self.normalizer.action_dim, np.float32), prompt="warm up")
+        self._load_inputs(dummy, None)
+        steps = iters + (len(STAGES) if self.use_graphs else 0)
+        with tqdm(total=steps, desc="warm-up", disable=not progress, leave=False) as bar:
+            stream = torch.cuda.Stream() if self.use_graphs else None
+            ctx = torch.cuda.stream(stream) if stream is not None else _nullctx()
+            with ctx:
+                for _ in range(iters):
+                    for fn in self.stages.values():
+                        fn()
+                    bar.update()
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)
+                torch.cuda.synchronize()
+                pool = torch.cuda.graph_pool_handle()
+                for name, fn in self.stages.items():
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        fn()
+                    self.graphs[name] = g
+                    bar.update()
+                torch.cuda.synchronize()
+        self.startup_ms["warmup_and_capture"] = (time.perf_counter() - t0) * 1e3
+        return self.startup_ms
+
+    # -- per call --------------------------------------------------------------------------------
+    def _load_inputs(self, obs: Observation, noise: np.ndarray | None) -> None:
+        cfg, h = self.cfg, self.buf.host
+        unknown = set(obs.images) - set(self.camera_names)
+        if unknown:
+            raise ValueError(f"unknown camera(s) {sorted(unknown)}; this policy takes {self.camera_names}")
+        missing = self.required_cameras - set(obs.images)
+        if missing:
+            raise ValueError(f"required camera(s) missing: {sorted(missing)}")
+        size = cfg.vision.image_size
+        for i, name in enumerate(self.camera_names):
+            img = obs.images.get(name)
+            if img is None:
+                h["image_masks"][0, i] = False
+                h["images"][0, i].zero_()
+            else:
+                h["images"][0, i].copy_(torch.from_numpy(resize_with_pad(to_rgb_uint8(img, f"camera {name}"), size)))
+                h["image_masks"][0, i] = True
+        state = self.normalizer.normalize_state(np.asarray(obs.state), pad=False)
+        padded = np.zeros(cfg.action_dim, np.float32)
+        padded[: state.size] = state
+        h["state"][0].copy_(torch.from_numpy(padded))
+        tokens, mask = self._tokenize(obs.prompt, state)
+        h["tokens"][0].copy_(torch.from_numpy(tokens.astype(np.int64)))
+        h["token_masks"][0].copy_(torch.from_numpy(mask))
+        for k in self.buf.inputs:
+            if k != "noise":
+                getattr(self.buf, k).copy_(h[k], non_blocking=True)
+        if noise is None:
+            self.buf.noise.normal_(generator=self.generator)
+        else:
+            noise = np.asarray(noise, np.float32)
+            if noise.shape != (cfg.horizon, cfg.action_dim):
+                raise ValueError(f"noise must have shape {(cfg.horizon, cfg.action_dim)}, got {noise.shape}")
+            h["noise"][0].copy_(torch.from_numpy(noise))
+            self.buf.noise.copy_(h["noise"], non_blocking=True)
+
+    def _tokenize(self, prompt: str, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if self.cfg.pi05:  # the state is part of the prompt
+            return self.tokenizer.tokenize(prompt, state)
+        if self._token_cache is None or self._token_cache[0] != prompt:
+            self._token_cache = (prompt, *self.tokenizer.tokenize(prompt))
+        return self._token_cache[1], self._token_cache[2]
+
+    def run_stages(self) -> dict[str, float]:
+        """Run the four stages on what is in the buffers; returns ms per stage."""
+        self.timer.start()
+        for name, fn in self.stages.items():
+            self.timer.run(name, self.graphs[name].replay if name in self.graphs else fn)
+        return self.timer.read()
+
+    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> PolicyOutput:
+        t0 = time.perf_counter()
+        self._load_inputs(obs, noise)
+        stages_ms = self.run_stages()
+        self.buf.host_actions.copy_(self.buf.actions)
+        actions = self.normalizer.unnormalize_actions(self.buf.host_actions[0].numpy())
+        host_ms = (time.perf_counter() - t0) * 1e3
+        return PolicyOutput(actions, LatencyRecord(stages_ms, host_ms, dict(self.backends)))
+
+
+DEFAULT_CAMERAS = ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
