@@ -143,12 +143,14 @@ def load_checkpoint(model: PiModel, path: str | Path) -> PiModel:
             missing += absent
             continue
         used.update(entry.sources)
-        t = torch.cat([src[k] for k in entry.sources], dim=0) if len(entry.sources) > 1 else src[entry.sources[0]]
-        if tuple(t.shape) != tuple(params[dst].shape):
-            shapes = ", ".join(f"{k} {tuple(src[k].shape)}" for k in entry.sources)
-            misshaped.append(f"{shapes} -> expected {tuple(params[dst].shape)} in total")
+        shape = tuple(params[dst].shape)
+        expected = [(n, *shape[1:]) for n in entry.sizes] if entry.sizes else [shape]
+        bad = [f"{k} {tuple(src[k].shape)}, expected {e}" for k, e in zip(entry.sources, expected, strict=True)
+               if tuple(src[k].shape) != e]
+        if bad:
+            misshaped += bad
             continue
-        staged[dst] = t
+        staged[dst] = torch.cat([src[k] for k in entry.sources]) if entry.sizes else src[entry.sources[0]]
     unexpected = sorted(set(src) - used)
     if missing or unexpected or misshaped:
         raise CheckpointError(describe_mismatch(model.cfg, path, missing, unexpected, misshaped))

@@ -79,10 +79,10 @@ PRESETS: dict[str, PiConfig] = {
         llm=GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16),
         expert=GemmaConfig(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16),
         vocab_size=512,
-        max_token_len=32,
+        max_token_len=48,
     ),
 }
-PRESETS["tiny05"] = replace(PRESETS["tiny"], name="tiny05", pi05=True, max_token_len=48)
+PRESETS["tiny05"] = replace(PRESETS["tiny"], name="tiny05", pi05=True, max_token_len=96)
 
 
 def get_config(name: str, **overrides) -> PiConfig:

@@ -161,6 +161,9 @@ def init_random(model: PiModel, seed: int = 0) -> PiModel:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
             if ".dense." in name:  # adaptive norms: small, non-zero modulation so pi0.5 paths are exercised
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
     return model
 
 

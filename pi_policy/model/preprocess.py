@@ -1,0 +1,113 @@
+"""Camera images -> model input: validate, resize with pad to 224, scale to [-1, 1], mask missing cameras."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_warned_unknown: set[frozenset[str]] = set()
+
+
+def to_rgb_uint8(img: np.ndarray, name: str = "image") -> np.ndarray:
+    """Validate an image and return it as HxWx3 uint8 RGB.
+
+    Accepted: uint8 HxW (mono, replicated to RGB), HxWx1, HxWx3, HxWx4 (alpha dropped); float HxW[xC] in [0, 1]
+    (scaled by 255 and rounded, as openpi-client's convert_to_uint8 does, but out-of-range values are an error
+    rather than clipped, because they usually mean 0..255 floats or [-1, 1] data). Channel order is not
+    checked: images are assumed RGB (a ROS bgr8 image must be converted by the caller).
+    """
+    if not isinstance(img, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(img).__name__}")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{name}: expected HxW, HxWx1, HxWx3 or HxWx4 (channels last), got shape {img.shape}")
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"{name}: empty image, shape {img.shape}")
+    if img.dtype == np.uint8:
+        pass
+    elif np.issubdtype(img.dtype, np.floating):
+        bad = ~np.isfinite(img)
+        if bad.any():
+            raise ValueError(f"{name}: {int(bad.sum())} NaN/inf pixel values")
+        lo, hi = float(img.min()), float(img.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"{name}: float images must be in [0, 1], got values in [{lo:g}, {hi:g}] "
+                             "(pass uint8 for 0..255 data)")
+        img = np.round(img * 255.0).astype(np.uint8)
+    else:
+        raise ValueError(f"{name}: unsupported dtype {img.dtype}; pass uint8 RGB or float in [0, 1]")
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    elif img.shape[2] == 4:
+        img = img[:, :, :3]
+    return img
+
+
+def resize_with_pad(img: np.ndarray, size: int = 224) -> np.ndarray:
+    """Resize keeping the aspect ratio so the longer side is `size`, then pad with black to size x size, centered.
+
+    Geometry matches openpi's image_tools.resize_with_pad (same resized size, same centering, the odd pixel
+    of padding at the bottom/right). openpi interpolates with PIL/JAX antialiased bilinear; here cv2 INTER_AREA
+    is used when shrinking (also antialiased; differs by a few gray levels) and INTER_LINEAR when enlarging.
+    """
+    if int(size) != size or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    img = to_rgb_uint8(img)
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(img)
+    ratio = max(w / size, h / size)
+    # max(1, .) only matters for extreme aspect ratios, where openpi would produce an empty image.
+    rh, rw = max(1, int(h / ratio)), max(1, int(w / ratio))
+    interp = cv2.INTER_AREA if ratio > 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(np.ascontiguousarray(img), (rw, rh), interpolation=interp)
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - rh) // 2, (size - rw) // 2
+    out[top:top + rh, left:left + rw] = resized
+    return out
+
+
+def image_to_model(img: np.ndarray) -> np.ndarray:
+    """HxWx3 image (validated as in to_rgb_uint8) -> float32 3xHxW in [-1, 1]; no resizing."""
+    img = to_rgb_uint8(img)
+    # / 127.5 rather than * (2 / 255): keeps 255 -> exactly 1.0 in float32.
+    return img.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def prepare_images(images: dict[str, np.ndarray | None], camera_names: list[str],
+                   size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """Images per camera -> (float32 (N, 3, size, size) in [-1, 1], bool (N,) mask), in camera_names order.
+
+    A camera that is absent (or None) becomes a black image (-1 everywhere, like openpi's zero uint8 images and
+    LeRobot's empty cameras) with mask False. Cameras not in camera_names are ignored, with a warning logged
+    once per distinct set of unknown names.
+    """
+    if not isinstance(images, Mapping):
+        raise TypeError(f"images must be a dict camera name -> image, got {type(images).__name__}")
+    if not camera_names:
+        raise ValueError("camera_names is empty: the model needs at least one camera slot")
+    if len(set(camera_names)) != len(camera_names):
+        raise ValueError(f"camera_names has duplicates: {camera_names}")
+    unknown = frozenset(images) - set(camera_names)
+    if unknown and unknown not in _warned_unknown:
+        _warned_unknown.add(unknown)
+        log.warning("ignoring images from cameras the model does not use: %s (model cameras: %s)",
+                    sorted(unknown), camera_names)
+    pixels = np.full((len(camera_names), 3, size, size), -1.0, dtype=np.float32)
+    mask = np.zeros(len(camera_names), dtype=bool)
+    for i, cam in enumerate(camera_names):
+        img = images.get(cam)
+        if img is None:
+            continue
+        try:
+            pixels[i] = image_to_model(resize_with_pad(img, size))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"camera {cam!r}: {e}") from e
+        mask[i] = True
+    return pixels, mask

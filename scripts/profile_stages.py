@@ -1,0 +1,28 @@
+"""Profile one inference per stage (eager) and print the top CUDA kernels: where the time goes."""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pi_policy.bench import synthetic_observation
+from pi_policy.runtime import DEFAULT_CAMERAS, build_runner
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--preset", default="pi0")
+parser.add_argument("--rows", type=int, default=12)
+args = parser.parse_args()
+
+runner = build_runner(args.preset, device="cuda", backend="eager", progress=False)
+obs = synthetic_observation(DEFAULT_CAMERAS, 224)
+runner.infer(obs)
+for name, fn in runner.stages.items():
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events) / 1e3
+    launches = sum(e.count for e in events if e.device_time_total > 0)
+    print(f"\n== {name}: {total:.2f} ms of kernels, {launches} kernel launches")
+    print(events.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60))
