@@ -48,7 +48,7 @@ def machine_info(device: torch.device) -> dict:
 
 def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), cameras: int = 3, iters: int = 200,
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
-              engine: str | None = None) -> dict:
+              engine: str | None = None, compile_stages: tuple[str, ...] = ()) -> dict:
     model = build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     if not 0 <= cameras <= cfg.num_cameras:
@@ -62,7 +62,7 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
               "machine": machine_info(model.time_freqs.device), "backends": {}}
     for backend in backends:
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
-                              engine_path=engine, checkpoint=checkpoint)
+                              engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages)
         actions = runner.infer(obs, noise=noise).actions
         records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {backend}", disable=not progress,
                                                            leave=False)]
@@ -110,12 +110,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", help="TensorRT engine for --backend tensorrt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--compile", default="", help="comma-separated stages to torch.compile (vision,prefill,denoise)")
     p.set_defaults(func=run)
+
+
+def parse_stages(text: str) -> tuple[str, ...]:
+    from .observation import STAGES
+
+    stages = tuple(s for s in text.split(",") if s)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ValueError(f"unknown stage(s) {bad} for --compile; choose from {STAGES}")
+    return stages
 
 
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
-                       args.checkpoint, args.seed, sys.stderr.isatty() or True, args.engine)
+                       args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

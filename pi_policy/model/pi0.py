@@ -123,15 +123,19 @@ class PiModel(nn.Module):
         return self.action_out(x[:, -self.cfg.horizon:]).float()
 
     def denoise(self, cache: KVCache, prefix_pad: Tensor, state: Tensor, noise: Tensor,
-                num_steps: int | None = None) -> Tensor:
-        """Integrate from t=1 (noise) to t=0 (actions) with Euler steps; returns float32 (B, H, A)."""
+                num_steps: int | None = None, velocity=None) -> Tensor:
+        """Integrate from t=1 (noise) to t=0 (actions) with Euler steps; returns float32 (B, H, A).
+
+        `velocity` may be a compiled version of self.velocity.
+        """
         n = num_steps or self.cfg.num_steps
+        velocity = velocity or self.velocity
         mask, cos, sin = self.suffix_attention(prefix_pad)
         x = noise.float()
         dt = -1.0 / n
         for step in range(n):
             t = torch.full((x.shape[0],), 1.0 + step * dt, device=x.device)
-            x = x + dt * self.velocity(x, t, state, cache, mask, cos, sin)
+            x = x + dt * velocity(x, t, state, cache, mask, cos, sin)
         return x
 
     # -- all stages -----------------------------------------------------------------------------
@@ -152,15 +156,14 @@ def prefix_attention_mask(pad: Tensor) -> Tensor:
 
 def init_random(model: PiModel, seed: int = 0) -> PiModel:
     """Deterministic random weights (std 0.02 matrices, zero biases) for demos, tests and benchmarks."""
-    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)  # values depend on the device type, not the run
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or p.ndim == 1:
+            if (name.endswith("bias") or p.ndim == 1) and ".dense." not in name:
                 p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            if ".dense." in name:  # adaptive norms: small, non-zero modulation so pi0.5 paths are exercised
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            else:  # adaptive-norm dense layers too: small, non-zero modulation so pi0.5 paths are exercised
+                p.normal_(0.0, 0.02, generator=gen)
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)

@@ -28,7 +28,8 @@ def build_model(preset: str = "tiny", checkpoint: str | None = None, device: str
     """The model on `device`: bf16 on GPUs, float32 on CPU; random weights (fixed seed) without a checkpoint."""
     cfg = get_config(preset)
     dev = resolve_device(device)
-    model = PiModel(cfg)
+    with torch.device(dev):
+        model = PiModel(cfg)
     if checkpoint:
         load_checkpoint(model, checkpoint)
     else:
@@ -41,7 +42,8 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  tokenizer: str | None = None, device: str = "cpu", backend: str = "bf16",
                  camera_names: list[str] | None = None, seed: int = 0, progress: bool = True,
                  engine_path: str | None = None, action_dim: int | None = None,
-                 model: PiModel | None = None, warmup: bool = True) -> PolicyRunner:
+                 model: PiModel | None = None, warmup: bool = True,
+                 compile_stages: tuple[str, ...] = ()) -> PolicyRunner:
     model = model or build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
@@ -52,7 +54,8 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
     if choice.note:
         log.warning("prefill backend: %s", choice.note)
     runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=backend != "eager",
-                          prefill=choice.fn, prefill_backend=choice.name, seed=seed)
+                          prefill=choice.fn, prefill_backend=choice.name, seed=seed,
+                          compile_stages=compile_stages)
     runner.backend_note = choice.note
     if warmup:
         runner.warmup(progress=progress)

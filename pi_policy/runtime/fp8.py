@@ -36,7 +36,7 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 def fp8_scale(amax: Tensor) -> Tensor:
-    """amax -> float32 scale with amax / scale <= 448, rounded up to a bfloat16 value (a bf16 ONNX graph holds it exactly)."""
+    """amax -> float32 scale, amax / scale <= 448, rounded up to a bfloat16 value (exact in a bf16 ONNX graph)."""
     s = amax.float().clamp(min=1e-12) / E4M3_MAX
     r = s.to(torch.bfloat16)
     # Positive bf16 values: the next representable value is the bit pattern plus one.
@@ -330,13 +330,13 @@ def probe_fp8_shapes(model: PiModel, m: int | None = None, iters: int = 50) -> d
         k, n = lin.in_features, lin.out_features
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
         w = lin.weight.to(torch.bfloat16)
-        row = {"name": name, "m": m, "k": k, "n": n, "bf16_ms": _time_graph(lambda: F.linear(x, w), iters)}
+        row = {"name": name, "m": m, "k": k, "n": n, "bf16_ms": _time_graph(lambda x=x, w=w: F.linear(x, w), iters)}
         for fast in (True, False):
             q = FP8Linear(lin, kernel="scaled_mm", fast_accum=fast)
             tag = "fast" if fast else "exact"
-            row[f"fp8_dynamic_{tag}_ms"] = _time_graph(lambda q=q: q(x), iters)
+            row[f"fp8_dynamic_{tag}_ms"] = _time_graph(lambda q=q, x=x: q(x), iters)
             q.act_scale = fp8_scale(x.abs().amax())
-            row[f"fp8_static_{tag}_ms"] = _time_graph(lambda q=q: q(x), iters)
+            row[f"fp8_static_{tag}_ms"] = _time_graph(lambda q=q, x=x: q(x), iters)
             xq = quantize_fp8(x, q.act_scale)
             row[f"fp8_gemm_only_{tag}_ms"] = _time_graph(
                 lambda q=q, xq=xq: torch._scaled_mm(xq, q.weight.t(), scale_a=q.act_scale, scale_b=q.weight_scale,

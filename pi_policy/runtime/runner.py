@@ -58,7 +58,7 @@ class PolicyRunner:
 
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, camera_names: list[str] | None = None, *,
                  cuda_graphs: bool = True, prefill: PrefillFn | None = None, prefill_backend: str = "bf16",
-                 seed: int = 0, required_cameras: list[str] | None = None):
+                 seed: int = 0, required_cameras: list[str] | None = None, compile_stages: tuple[str, ...] = ()):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
@@ -70,10 +70,21 @@ class PolicyRunner:
         self.horizon, self.action_dim = cfg.horizon, normalizer.action_dim
         self.buf = StaticBuffers(model, self.device)
         self.prefill_fn = prefill or model.prefill
+        self.velocity_fn = model.velocity
+        self.vision_fn = model.embed_images
+        self.compiled = tuple(compile_stages) if self.device.type == "cuda" else ()
+        if "vision" in self.compiled:
+            self.vision_fn = torch.compile(model.embed_images, dynamic=False)
+        if "prefill" in self.compiled:
+            self.prefill_fn = torch.compile(self.prefill_fn, dynamic=False)
+        if "denoise" in self.compiled:  # one step compiled; the 10-step loop is captured in one CUDA graph
+            self.velocity_fn = torch.compile(model.velocity, dynamic=False)
         base = "bf16" if model.dtype == torch.bfloat16 else str(model.dtype).removeprefix("torch.")
         mode = "graph" if cuda_graphs and self.device.type == "cuda" else "eager"
         self.backends = {s: f"{base}-{mode}" for s in STAGES}
         self.backends["prefill"] = f"{prefill_backend}-{mode}" if prefill else self.backends["prefill"]
+        for s in compile_stages if self.device.type == "cuda" else ():
+            self.backends[s] += "-compiled"
         self.stages: dict[str, Callable[[], None]] = {
             "vision": self._vision, "embed_prefix": self._embed_prefix, "prefill": self._prefill,
             "denoise": self._denoise}
@@ -91,7 +102,7 @@ class PolicyRunner:
     def _vision(self) -> None:
         b = self.buf
         images = b.images.permute(0, 1, 4, 2, 3).float() * (2.0 / 255.0) - 1.0
-        b.image_tokens.copy_(self.model.embed_images(images))
+        b.image_tokens.copy_(self.vision_fn(images))
 
     @torch.no_grad()
     def _embed_prefix(self) -> None:
@@ -107,7 +118,7 @@ class PolicyRunner:
     @torch.no_grad()
     def _denoise(self) -> None:
         b = self.buf
-        b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise))
+        b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise, velocity=self.velocity_fn))
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, iters: int = 3, progress: bool = True) -> dict[str, float]:
