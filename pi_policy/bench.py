@@ -6,7 +6,6 @@ import argparse
 import importlib.metadata
 import json
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -5,8 +5,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pi_policy.model import PiModel, get_config, init_random
-from pi_policy.model.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, to_checkpoint_layout,
-                                        weights_fingerprint)
+from pi_policy.model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    to_checkpoint_layout,
+    weights_fingerprint,
+)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny05"])

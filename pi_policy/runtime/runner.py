@@ -124,8 +124,8 @@ class PolicyRunner:
     def warmup(self, iters: int = 3, progress: bool = True) -> dict[str, float]:
         """Run every stage a few times on a dummy observation, then capture one CUDA graph per stage."""
         t0 = time.perf_counter()
-        dummy = Observation(images={}, state=np.zeros(self.normalizer.state_dim or self.normalizer.action_dim, np.float32),
-                            prompt="warm up")
+        state_dim = self.normalizer.state_dim or self.normalizer.action_dim
+        dummy = Observation(images={}, state=np.zeros(state_dim, np.float32), prompt="warm up")
         self._load_inputs(dummy, None)
         steps = iters + (len(STAGES) if self.use_graphs else 0)
         with tqdm(total=steps, desc="warm-up", disable=not progress, leave=False) as bar:

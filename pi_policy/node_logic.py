@@ -1,0 +1,325 @@
+"""What the ROS node decides, without ROS: inputs -> ObservationAssembler -> Policy -> output messages.
+
+Public API:
+    @dataclass class MessageClasses     the ROS message classes to build (rclpy's, or a rosbags typestore's)
+        .from_typestore(typestore) -> MessageClasses
+    class MessageFactory(classes)       builds Time/Duration/Header, JointTrajectory, Float32MultiArray,
+                                        DiagnosticStatus and DiagnosticArray
+    @dataclass class TickResult: level ("OK" | "WARN" | "ERROR" | "DROPPED"), message, trajectory, raw,
+                                 diagnostics, output
+    class PolicyNodeLogic(policy, assembler, factory, joint_names, output_joint_names, control_period_s,
+                          latency_budget_ms, ...)
+        .on_image(camera, msg, compressed=False) -> str | None   error text, or None when accepted
+        .on_joint_state(msg) -> str | None
+        .on_prompt(msg_or_str) -> str | None
+        .tick(now, require_new=False) -> TickResult              never raises
+
+Decisions:
+- Action step k (0-based) gets time_from_start = (k + 1) * control_period_s: action k is the target the robot
+  reaches one control period after it is commanded, and no point asks to be reached instantly.
+- The trajectory's header stamp is the observation's stamp (the oldest input used; see pi_policy.sync).
+- Point positions = the first len(output_joint_names) action dims; no trajectory when that list is empty.
+- The diagnostic's level is ERROR when the tick was skipped or inference failed (message says why), WARN when
+  total_ms exceeds the latency budget, an optional camera was masked, or an input message was rejected since
+  the last tick; OK otherwise. Latency keys appear only when inference ran.
+- A tick that finds inference still running is DROPPED (counted, no diagnostics): ticks never queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pi_policy.messages import (
+    MessageError,
+    compressed_image_to_rgb,
+    header_stamp_sec,
+    image_to_rgb,
+    joint_state_to_vector,
+    sec_to_stamp,
+)
+from pi_policy.observation import STAGES, Policy, PolicyOutput
+from pi_policy.sync import ObservationAssembler
+
+OK, WARN, ERROR, DROPPED = "OK", "WARN", "ERROR", "DROPPED"
+
+
+def numpy_array(values: np.ndarray, typecode: str) -> np.ndarray:
+    """How a rosbags message wants a float64[] ('d') or float32[] ('f') field."""
+    return np.ascontiguousarray(values, dtype=np.float64 if typecode == "d" else np.float32).reshape(-1)
+
+
+@dataclass
+class MessageClasses:
+    Time: type
+    Duration: type
+    Header: type
+    JointTrajectory: type
+    JointTrajectoryPoint: type
+    DiagnosticArray: type
+    DiagnosticStatus: type
+    KeyValue: type
+    Float32MultiArray: type
+    MultiArrayLayout: type
+    MultiArrayDimension: type
+    float_array: Callable[[np.ndarray, str], Any] = numpy_array  # rclpy wants array.array instead
+
+    @classmethod
+    def from_typestore(cls, typestore) -> MessageClasses:
+        t = typestore.types
+        return cls(
+            Time=t["builtin_interfaces/msg/Time"],
+            Duration=t["builtin_interfaces/msg/Duration"],
+            Header=t["std_msgs/msg/Header"],
+            JointTrajectory=t["trajectory_msgs/msg/JointTrajectory"],
+            JointTrajectoryPoint=t["trajectory_msgs/msg/JointTrajectoryPoint"],
+            DiagnosticArray=t["diagnostic_msgs/msg/DiagnosticArray"],
+            DiagnosticStatus=t["diagnostic_msgs/msg/DiagnosticStatus"],
+            KeyValue=t["diagnostic_msgs/msg/KeyValue"],
+            Float32MultiArray=t["std_msgs/msg/Float32MultiArray"],
+            MultiArrayLayout=t["std_msgs/msg/MultiArrayLayout"],
+            MultiArrayDimension=t["std_msgs/msg/MultiArrayDimension"],
+        )
+
+
+class MessageFactory:
+    """Builds output messages with every field given by keyword, so both rclpy and rosbags classes work."""
+
+    def __init__(self, classes: MessageClasses):
+        self.c = classes
+
+    def time(self, t: float):
+        sec, nanosec = sec_to_stamp(t)
+        return self.c.Time(sec=sec, nanosec=nanosec)
+
+    def duration(self, t: float):
+        sec, nanosec = sec_to_stamp(t)
+        return self.c.Duration(sec=sec, nanosec=nanosec)
+
+    def header(self, t: float, frame_id: str = ""):
+        return self.c.Header(stamp=self.time(t), frame_id=frame_id)
+
+    def trajectory(self, positions: np.ndarray, joint_names: list[str], stamp: float, control_period_s: float,
+                   frame_id: str = ""):
+        """positions: (steps, len(joint_names)); point k is reached at (k + 1) * control_period_s."""
+        empty = self.c.float_array(np.zeros(0), "d")
+        points = [
+            self.c.JointTrajectoryPoint(
+                positions=self.c.float_array(row, "d"),
+                velocities=empty,
+                accelerations=empty,
+                effort=empty,
+                time_from_start=self.duration((k + 1) * control_period_s),
+            )
+            for k, row in enumerate(positions)
+        ]
+        return self.c.JointTrajectory(header=self.header(stamp, frame_id), joint_names=list(joint_names),
+                                      points=points)
+
+    def raw_chunk(self, actions: np.ndarray):
+        """(horizon, action_dim) -> Float32MultiArray, row-major, dims labelled 'horizon' and 'action_dim'."""
+        h, a = actions.shape
+        dims = [
+            self.c.MultiArrayDimension(label="horizon", size=h, stride=h * a),
+            self.c.MultiArrayDimension(label="action_dim", size=a, stride=a),
+        ]
+        return self.c.Float32MultiArray(layout=self.c.MultiArrayLayout(dim=dims, data_offset=0),
+                                        data=self.c.float_array(actions, "f"))
+
+    def status(self, level: str, name: str, message: str, hardware_id: str, values: dict[str, str]):
+        cls = self.c.DiagnosticStatus
+        kv = [self.c.KeyValue(key=k, value=v) for k, v in values.items()]
+        # rclpy's level is a one-byte `bytes`, rosbags' an int: take the class's own constant
+        return cls(level=getattr(cls, level), name=name, message=message, hardware_id=hardware_id, values=kv)
+
+    def diagnostics(self, t: float, statuses: list):
+        return self.c.DiagnosticArray(header=self.header(t), status=list(statuses))
+
+
+@dataclass
+class TickResult:
+    level: str
+    message: str
+    trajectory: Any = None  # JointTrajectory, when inference ran and output joints are configured
+    raw: Any = None  # Float32MultiArray, when inference ran and publish_raw
+    diagnostics: Any = None  # DiagnosticArray, on every tick that was not dropped
+    output: PolicyOutput | None = None
+
+
+def _ms(x: float) -> str:
+    return f"{x:.2f}"
+
+
+class PolicyNodeLogic:
+    def __init__(
+        self,
+        policy: Policy,
+        assembler: ObservationAssembler,
+        factory: MessageFactory,
+        joint_names: list[str],
+        output_joint_names: list[str],
+        control_period_s: float,
+        latency_budget_ms: float,
+        status_name: str = "pi_policy: inference",
+        hardware_id: str = "",
+        frame_id: str = "",
+        publish_raw: bool = True,
+    ):
+        unknown = [c for c in assembler.camera_names if c not in policy.camera_names]
+        if unknown:
+            raise ValueError(f"cameras {unknown} are not inputs of the model ({policy.camera_names})")
+        if not joint_names:
+            raise ValueError("joint_names is empty: the model needs the robot state")
+        for what, names in (("joint_names", joint_names), ("output_joint_names", output_joint_names)):
+            if len(names) > policy.action_dim:
+                raise ValueError(f"{what} has {len(names)} joints, more than the model's {policy.action_dim}")
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what} repeats a joint: {names}")
+        if not control_period_s > 0 or not latency_budget_ms > 0:
+            raise ValueError("control_period_s and latency_budget_ms must be > 0")
+        self.policy = policy
+        self.assembler = assembler
+        self.factory = factory
+        self.joint_names = list(joint_names)
+        self.output_joint_names = list(output_joint_names)
+        self.control_period_s = float(control_period_s)
+        self.latency_budget_ms = float(latency_budget_ms)
+        self.status_name = status_name
+        self.hardware_id = hardware_id
+        self.frame_id = frame_id
+        self.publish_raw = publish_raw
+        self.counts = dict(ticks=0, inferences=0, dropped_ticks=0, skipped_ticks=0, failed_ticks=0,
+                           rejected_messages=0)
+        self._input_errors: dict[str, str] = {}  # source -> latest rejection, until it sends a good message
+        self._busy = threading.Lock()
+        self._errors_lock = threading.Lock()
+
+    # -- inputs (subscription callbacks): convert, store, never raise --
+
+    def _accept(self, source: str, store: Callable[[], None]) -> str | None:
+        try:
+            store()
+        except Exception as e:  # noqa: BLE001 - any bad message becomes a diagnostic, never a crash
+            text = f"{source}: {e}" if isinstance(e, MessageError) else f"{source}: {type(e).__name__}: {e}"
+            with self._errors_lock:
+                self._input_errors[source] = text
+                self.counts["rejected_messages"] += 1
+            return text
+        with self._errors_lock:
+            self._input_errors.pop(source, None)
+        return None
+
+    def on_image(self, camera: str, msg, compressed: bool = False) -> str | None:
+        def store():
+            rgb = compressed_image_to_rgb(msg) if compressed else image_to_rgb(msg)
+            self.assembler.set_image(camera, header_stamp_sec(msg), rgb)
+
+        return self._accept(f"camera {camera}", store)
+
+    def on_joint_state(self, msg) -> str | None:
+        def store():
+            self.assembler.set_joints(header_stamp_sec(msg), joint_state_to_vector(msg, self.joint_names))
+
+        return self._accept("joint state", store)
+
+    def on_prompt(self, msg) -> str | None:
+        text = msg if isinstance(msg, str) else getattr(msg, "data", None)
+        return self._accept("prompt", lambda: self.assembler.set_prompt(text))
+
+    # -- the inference tick (timer or new-frame trigger) --
+
+    def tick(self, now: float, require_new: bool = False) -> TickResult:
+        if not self._busy.acquire(blocking=False):
+            self.counts["dropped_ticks"] += 1
+            return TickResult(DROPPED, "inference still running")
+        try:
+            if require_new and not self.assembler.has_new_data():
+                return TickResult(DROPPED, "no new input since the last inference")
+            self.counts["ticks"] += 1
+            return self._tick(now)
+        except Exception as e:  # noqa: BLE001 - last resort: the node must keep serving
+            self.counts["failed_ticks"] += 1
+            return self._safe_error(now, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self._busy.release()
+
+    def _tick(self, now: float) -> TickResult:
+        values: dict[str, str] = {}
+        with self._errors_lock:
+            input_errors = list(self._input_errors.values())
+            self._input_errors.clear()
+        assembled = self.assembler.assemble(now)
+        if not assembled.ok:
+            self.counts["skipped_ticks"] += 1
+            reasons = assembled.errors + assembled.warnings + input_errors
+            return self._result(ERROR, "skipped: " + "; ".join(reasons), now, values)
+        obs = assembled.observation
+        values["observation_age_ms"] = _ms(assembled.age_s * 1e3)
+        start = time.perf_counter()
+        try:
+            output = self.policy.infer(obs)
+            actions = self._check_output(output)
+        except Exception as e:  # noqa: BLE001 - a failing model is reported, and the next tick tries again
+            self.counts["failed_ticks"] += 1
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            detail = f"{type(e).__name__}: {e} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+            return self._result(ERROR, f"inference failed: {detail}", now, values)
+        values["infer_wall_ms"] = _ms((time.perf_counter() - start) * 1e3)
+        self.counts["inferences"] += 1
+        lat = output.latency
+        for stage in STAGES:
+            values[f"{stage}_ms"] = _ms(lat.stages_ms[stage]) if stage in lat.stages_ms else "n/a"
+        values["total_ms"] = _ms(lat.total_ms)
+        values["hz"] = _ms(lat.hz)
+        values["host_ms"] = _ms(lat.host_ms)
+        for stage in STAGES:
+            values[f"backend_{stage}"] = lat.backends.get(stage, "unknown")
+
+        problems = []
+        if lat.total_ms > self.latency_budget_ms:
+            problems.append(f"over budget: total {lat.total_ms:.1f} ms > {self.latency_budget_ms:.1f} ms")
+        problems += assembled.warnings + input_errors
+        level = WARN if problems else OK
+        summary = f"{lat.total_ms:.1f} ms ({lat.hz:.1f} Hz), {len(obs.images)} cameras"
+        result = self._result(level, "; ".join(problems) if problems else f"ok: {summary}", now, values)
+        result.output = output
+        n = len(self.output_joint_names)
+        if n:
+            result.trajectory = self.factory.trajectory(actions[:, :n], self.output_joint_names, obs.stamp,
+                                                        self.control_period_s, self.frame_id)
+        if self.publish_raw:
+            result.raw = self.factory.raw_chunk(actions)
+        return result
+
+    def _check_output(self, output: PolicyOutput) -> np.ndarray:
+        actions = getattr(output, "actions", None)
+        if not isinstance(actions, np.ndarray) or actions.ndim != 2 or actions.shape[0] == 0:
+            desc = actions.shape if isinstance(actions, np.ndarray) else type(actions).__name__
+            raise ValueError(f"policy returned actions of shape {desc}, expected (horizon, action_dim)")
+        if actions.shape[1] < len(self.output_joint_names):
+            raise ValueError(f"policy returned {actions.shape[1]} action dims, fewer than the "
+                             f"{len(self.output_joint_names)} output joints")
+        if not np.isfinite(actions).all():
+            raise ValueError("policy returned non-finite actions")
+        if not hasattr(output, "latency"):
+            raise ValueError("policy output has no latency record")
+        return actions.astype(np.float32, copy=False)
+
+    def _result(self, level: str, message: str, now: float, values: dict[str, str]) -> TickResult:
+        values = dict(values)
+        values["prompt"] = self.assembler.prompt
+        values.update({k: str(v) for k, v in self.counts.items()})
+        status = self.factory.status(level, self.status_name, message, self.hardware_id, values)
+        return TickResult(level, message, diagnostics=self.factory.diagnostics(now, [status]))
+
+    def _safe_error(self, now: float, message: str) -> TickResult:
+        try:
+            return self._result(ERROR, message, now, {})
+        except Exception:  # noqa: BLE001 - even the diagnostic could not be built (e.g. now is NaN)
+            return TickResult(ERROR, message)

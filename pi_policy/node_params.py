@@ -1,0 +1,247 @@
+"""Every parameter of the pi_policy node, declared once as data, and a checker for ROS 2 parameter files.
+
+Public API:
+    @dataclass class NodeParams         one field per parameter: default, type, description (metadata["doc"])
+        .validate() -> NodeParams       cross-field checks; raises ParamError listing every problem
+        .cameras() -> list[tuple[str, str, bool]]   (camera name, topic, compressed)
+        .runner_kwargs() -> dict        keyword arguments for pi_policy.runtime.build_runner
+    PARAMS: list[Param]                 Param(name, default, type, description) for each field, in order
+    class ParamError(ValueError)
+    load_params_yaml(path, node_name=NODE_NAME) -> NodeParams   defaults overlaid with the file, type-checked
+    params_from_dict(values) -> NodeParams
+
+Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array". As in ROS, a double
+parameter written as an integer (`1` instead of `1.0`) is an error, and so is an unknown name (a typo).
+Empty lists cannot be written in a parameter file; leave the parameter out to keep its default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NODE_NAME = "pi_policy_node"
+_ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
+              "list[str]": "string_array"}
+
+
+def _p(default, doc: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class NodeParams:
+    # model
+    preset: str = _p("pi0", "Model preset: pi0, pi05, or tiny (CPU demo).")
+    checkpoint: str = _p("", "Model weights (safetensors); empty = random, for preset tiny only.")
+    norm_stats: str = _p("", "Normalization statistics JSON for state and actions; empty = none.")
+    tokenizer: str = _p("", "PaliGemma SentencePiece model; empty = built-in byte tokenizer (tiny only).")
+    device: str = _p("cuda", "Torch device: cuda, cuda:N or cpu.")
+    backend: str = _p("bf16", "Prefill backend: bf16, eager (no CUDA graphs), fp8 or tensorrt; the other "
+                              "stages run bf16 with CUDA graphs.")
+    engine_path: str = _p("", "TensorRT engine for the prefill when backend is tensorrt.")
+    model_camera_names: list[str] = _p([], "Camera names the model was trained with; empty = the preset's.")
+    action_dim: int = _p(0, "Robot action dims (unpadded); 0 = the model's.")
+    seed: int = _p(0, "Seed for random weights and the denoising noise.")
+    warmup: bool = _p(True, "Warm up (and capture CUDA graphs) while configuring, before serving.")
+    # inputs
+    camera_names: list[str] = _p(["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"],
+                                 "Model camera name of each subscribed camera (parallel to camera_topics).")
+    camera_topics: list[str] = _p(["cameras/base/image_raw", "cameras/left_wrist/image_raw",
+                                   "cameras/right_wrist/image_raw"],
+                                  "Image topic of each camera. A topic ending in /compressed is subscribed "
+                                  "as sensor_msgs/CompressedImage, any other as sensor_msgs/Image.")
+    required_cameras: list[str] = _p([], "Cameras without which a tick is skipped; empty = all. Others are "
+                                         "masked out when missing or stale.")
+    joint_names: list[str] = _p([], "Joint names in the model's state order, looked up by name.")
+    joint_state_topic: str = _p("joint_states", "sensor_msgs/JointState topic.")
+    prompt: str = _p("", "Task instruction given to the policy.")
+    prompt_topic: str = _p("policy/prompt", "std_msgs/String topic that replaces the prompt live.")
+    inference_rate_hz: float = _p(10.0, "Inference ticks per second; 0 = run whenever a new frame arrives.")
+    max_observation_age_s: float = _p(0.2, "Inputs older than this (by header stamp) are stale.")
+    max_future_skew_s: float = _p(0.05, "Stamps further than this in the future are rejected (clock skew).")
+    # outputs
+    action_topic: str = _p("policy/joint_trajectory", "trajectory_msgs/JointTrajectory output topic.")
+    raw_action_topic: str = _p("policy/action_chunk", "std_msgs/Float32MultiArray of the whole chunk "
+                                                       "(horizon x action_dim); empty = not published.")
+    output_joint_names: list[str] = _p([], "Joint names of the first action dims; empty = joint_names.")
+    control_period_s: float = _p(0.02, "Time between action steps: point k is at (k + 1) * control_period_s.")
+    frame_id: str = _p("", "header.frame_id of the published trajectory.")
+    latency_topic: str = _p("policy/latency", "diagnostic_msgs/DiagnosticArray published every tick.")
+    latency_budget_ms: float = _p(100.0, "Total latency above which the tick's diagnostic is WARN.")
+    autostart: bool = _p(True, "Configure and activate at startup (lifecycle node), as a plain node always.")
+
+    def validate(self) -> NodeParams:
+        problems = []
+        if len(self.camera_names) != len(self.camera_topics):
+            problems.append(f"camera_names has {len(self.camera_names)} entries but camera_topics has "
+                            f"{len(self.camera_topics)}; they are parallel lists")
+        if not self.camera_names:
+            problems.append("camera_names is empty")
+        for what in ("camera_names", "camera_topics", "joint_names", "output_joint_names"):
+            names = getattr(self, what)
+            if len(set(names)) != len(names):
+                problems.append(f"{what} has repeated entries: {names}")
+            if any(not n for n in names):
+                problems.append(f"{what} has an empty entry")
+        unknown = [c for c in self.required_cameras if c not in self.camera_names]
+        if unknown:
+            problems.append(f"required_cameras {unknown} are not in camera_names {self.camera_names}")
+        if self.model_camera_names:
+            extra = [c for c in self.camera_names if c not in self.model_camera_names]
+            if extra:
+                problems.append(f"camera_names {extra} are not in model_camera_names "
+                                f"{self.model_camera_names}")
+        if not self.joint_names:
+            problems.append("joint_names is empty: list the robot's joints in the model's state order")
+        if not self.checkpoint and not self.preset.startswith("tiny"):
+            problems.append(f"checkpoint is empty: a {self.preset} with random weights must not drive a "
+                            "robot (set checkpoint, or use preset tiny for a demo)")
+        if self.backend not in ("bf16", "eager", "fp8", "tensorrt"):
+            problems.append(f"backend '{self.backend}' is not one of bf16, eager, fp8, tensorrt")
+        if self.backend == "tensorrt" and not self.engine_path:
+            problems.append("backend tensorrt needs engine_path")
+        positive = ("max_observation_age_s", "control_period_s", "latency_budget_ms")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("inference_rate_hz", "max_future_skew_s", "action_dim", "seed"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("action_topic", "joint_state_topic", "latency_topic"):
+            if not getattr(self, name):
+                problems.append(f"{name} is empty")
+        if problems:
+            raise ParamError("invalid pi_policy parameters:\n  " + "\n  ".join(problems))
+        return self
+
+    def cameras(self) -> list[tuple[str, str, bool]]:
+        return [(n, t, t.rstrip("/").endswith("/compressed")) for n, t in zip(self.camera_names,
+                                                                             self.camera_topics, strict=True)]
+
+    def outputs(self) -> list[str]:
+        return self.output_joint_names or self.joint_names
+
+    def runner_kwargs(self) -> dict[str, Any]:
+        return dict(preset=self.preset, checkpoint=self.checkpoint or None,
+                    norm_stats=self.norm_stats or None, tokenizer=self.tokenizer or None,
+                    device=self.device, backend=self.backend, camera_names=self.model_camera_names or None,
+                    seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
+                    warmup=self.warmup)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    type: str  # ROS parameter type name
+    description: str
+
+
+PARAMS: list[Param] = [
+    Param(f.name, getattr(NodeParams(), f.name), _ROS_TYPES[f.type], f.metadata["doc"])
+    for f in fields(NodeParams)
+]
+_BY_NAME = {p.name: p for p in PARAMS}
+
+
+class ParamError(ValueError):
+    pass
+
+
+def _check_type(p: Param, value: Any) -> Any:
+    def bad(expected: str) -> ParamError:
+        return ParamError(f"parameter '{p.name}' must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if p.type == "string":
+        if not isinstance(value, str):
+            raise bad("a string (quote it in YAML)")
+    elif p.type == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif p.type == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif p.type == "double":
+        if isinstance(value, bool) or not isinstance(value, float):
+            hint = f" (write {value}.0: ROS reads {value} as an integer)" if isinstance(value, int) else ""
+            raise bad("a floating-point number" + hint)
+        if not math.isfinite(value):
+            raise bad("a finite number")
+    elif p.type == "string_array":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        if not value:
+            raise ParamError(f"parameter '{p.name}' is an empty list, which ROS parameter files cannot hold; "
+                             "leave it out to keep its default")
+        value = list(value)
+    return value
+
+
+def params_from_dict(values: dict[str, Any]) -> NodeParams:
+    """Defaults overlaid with `values` (parameter name -> value), type-checked, then validated."""
+    errors = []
+    checked = {}
+    for name, value in values.items():
+        if name not in _BY_NAME:
+            close = difflib.get_close_matches(name, _BY_NAME, n=1)
+            errors.append(f"unknown parameter '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            continue
+        try:
+            checked[name] = _check_type(_BY_NAME[name], value)
+        except ParamError as e:
+            errors.append(str(e))
+    if errors:
+        raise ParamError("invalid pi_policy parameters:\n  " + "\n  ".join(errors))
+    return NodeParams(**checked).validate()
+
+
+def _flatten(prefix: str, d: dict, out: dict) -> None:
+    # nested mappings under ros__parameters are dotted parameter names in ROS
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flatten(name + ".", v, out)
+        else:
+            out[name] = v
+
+
+def _matches(key: str, node_name: str) -> bool:
+    key = key.strip()
+    return key in ("/**", node_name) or key.endswith("/" + node_name)
+
+
+def load_params_yaml(path: str | Path, node_name: str = NODE_NAME) -> NodeParams:
+    """Read a ROS 2 parameter file (`/**:` or `<node_name>:` with `ros__parameters:`) for this node."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ParamError(f"cannot read parameter file {path}: {e}") from None
+    if not isinstance(doc, dict):
+        raise ParamError(f"{path}: expected a mapping of node names to 'ros__parameters'")
+    values: dict[str, Any] = {}
+    found = False
+    # wildcard sections first, so that a section naming the node wins, as in ROS
+    for key in sorted(doc, key=lambda k: "*" not in str(k)):
+        section = doc[key]
+        if not _matches(str(key), node_name):
+            continue
+        if not isinstance(section, dict) or not isinstance(section.get("ros__parameters"), dict):
+            raise ParamError(f"{path}: section '{key}' needs a 'ros__parameters' mapping")
+        _flatten("", section["ros__parameters"], values)
+        found = True
+    if not found:
+        raise ParamError(f"{path}: no section for node '{node_name}' (use '/**:' or '{node_name}:')")
+    try:
+        return params_from_dict(values)
+    except ParamError as e:
+        raise ParamError(f"{path}: {e}") from None
+

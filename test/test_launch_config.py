@@ -1,0 +1,203 @@
+"""The shipped parameter files and launch file: parameters present and typed, launch arguments declared."""
+
+import ast
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pi_policy.node_params import (
+    NODE_NAME,
+    PARAMS,
+    NodeParams,
+    ParamError,
+    load_params_yaml,
+    params_from_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["thor.yaml", "two_camera.yaml"]
+PY_TYPES = {"string": str, "integer": int, "double": float, "bool": bool, "string_array": list}
+
+
+def write(tmp_path, text, name="p.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_and_every_parameter_is_typed(name):
+    params = load_params_yaml(ROOT / "config" / name)
+    assert isinstance(params, NodeParams)
+    for p in PARAMS:
+        value = getattr(params, p.name)
+        assert type(value) is PY_TYPES[p.type], (p.name, value)
+        if p.type == "string_array":
+            assert all(isinstance(v, str) for v in value), p.name
+    assert params.joint_names, "a robot config must name its joints"
+    assert params.checkpoint, "a robot config must name its weights"
+
+
+def test_thor_config_is_three_camera_pi0_with_fp8_engine():
+    params = load_params_yaml(ROOT / "config" / "thor.yaml")
+    assert params.preset == "pi0" and len(params.camera_names) == 3
+    assert params.backend == "tensorrt" and params.engine_path.endswith(".engine")
+    assert [c[2] for c in params.cameras()] == [False, True, True]  # /compressed suffix
+
+
+def test_two_camera_config():
+    params = load_params_yaml(ROOT / "config" / "two_camera.yaml")
+    assert len(params.camera_names) == 2 and params.inference_rate_hz == 0.0
+    assert params.raw_action_topic == ""
+    assert params.outputs() == params.output_joint_names
+
+
+def test_params_are_declared_once_with_descriptions():
+    names = [p.name for p in PARAMS]
+    assert len(names) == len(set(names))
+    for p in PARAMS:
+        assert p.description.strip(), p.name
+        assert p.type in PY_TYPES
+    expected = {"checkpoint", "norm_stats", "tokenizer", "preset", "backend", "engine_path", "camera_names",
+                "camera_topics", "joint_names", "joint_state_topic", "prompt", "prompt_topic",
+                "inference_rate_hz", "max_observation_age_s", "action_topic", "raw_action_topic",
+                "output_joint_names", "control_period_s", "latency_budget_ms", "device", "latency_topic"}
+    assert expected <= set(names)
+
+
+def test_node_name_section_overrides_wildcard(tmp_path):
+    path = write(tmp_path, f"""
+        {NODE_NAME}:
+          ros__parameters:
+            prompt: "specific"
+        /**:
+          ros__parameters:
+            preset: tiny
+            prompt: "wildcard"
+            joint_names: [a, b]
+            control:
+              period: 1.0
+        other_node:
+          ros__parameters:
+            bogus: 1
+        """)
+    with pytest.raises(ParamError, match=r"unknown parameter 'control.period'"):
+        load_params_yaml(path)
+    path = write(tmp_path, f"""
+        /**:
+          ros__parameters:
+            preset: tiny
+            prompt: "wildcard"
+            joint_names: [a, b]
+        /robot1/{NODE_NAME}:
+          ros__parameters:
+            prompt: "specific"
+        other_node:
+          ros__parameters:
+            bogus: 1
+        """)
+    params = load_params_yaml(path)
+    assert params.prompt == "specific" and params.joint_names == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ("inference_rate_hz: 10", r"write 10.0: ROS reads 10 as an integer"),
+        ("seed: 1.5", "'seed' must be an integer"),
+        ("warmup: 1", "true or false"),
+        ("prompt: 3", "a string"),
+        ("joint_names: a", "a list of strings"),
+        ("joint_names: [a, 1]", "a list of strings"),
+        ("joint_names: []", "empty list"),
+        ("joint_name: [a]", "unknown parameter 'joint_name' \\(did you mean 'joint_names'\\?\\)"),
+        ("camera_topics: [a, b]", "parallel lists"),
+        ("required_cameras: [top]", "not in camera_names"),
+        ("backend: int4", "backend 'int4'"),
+        ("backend: tensorrt", "needs engine_path"),
+        ("control_period_s: -0.1", "control_period_s must be > 0"),
+        ("max_observation_age_s: .nan", "finite"),
+        ("preset: pi0", "checkpoint is empty"),
+    ],
+)
+def test_bad_parameter_files(tmp_path, body, match):
+    base = {"preset": "preset: tiny", "joint_names": "joint_names: [j0]"}
+    base[body.split(":")[0]] = body  # the line under test replaces a base line of the same name
+    path = write(tmp_path, "/**:\n  ros__parameters:\n" + "".join(f"    {line}\n" for line in base.values()))
+    with pytest.raises(ParamError, match=match):
+        load_params_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("- a\n- b\n", "mapping of node names"),
+        ("other:\n  ros__parameters: {a: 1}\n", "no section for node"),
+        ("/**:\n  params: {}\n", "needs a 'ros__parameters' mapping"),
+        ("/**: [unclosed\n", "cannot read"),
+    ],
+)
+def test_malformed_files(tmp_path, text, match):
+    with pytest.raises(ParamError, match=match):
+        load_params_yaml(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamError, match="cannot read"):
+        load_params_yaml(tmp_path / "nope.yaml")
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ParamError) as e:
+        params_from_dict({"preset": "tiny", "joint_names": ["a"], "seed": "x", "prompt": 1})
+    assert "'seed'" in str(e.value) and "'prompt'" in str(e.value)
+
+
+def test_runner_kwargs_match_build_runner():
+    import inspect
+
+    runtime = pytest.importorskip("pi_policy.runtime")
+    params = load_params_yaml(ROOT / "config" / "thor.yaml")
+    accepted = inspect.signature(runtime.build_runner).parameters
+    kwargs = params.runner_kwargs()
+    assert set(kwargs) <= set(accepted)
+    assert kwargs["checkpoint"] == params.checkpoint and kwargs["engine_path"] == params.engine_path
+    assert load_params_yaml(ROOT / "config" / "two_camera.yaml").runner_kwargs()["engine_path"] is None
+
+
+def _launch_arguments(tree: ast.Module) -> dict[str, ast.Call]:
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "DeclareLaunchArgument":
+            out[node.args[0].value] = node
+    return out
+
+
+def test_launch_file_declares_its_arguments():
+    source = (ROOT / "launch" / "thor.launch.py").read_text()
+    tree = ast.parse(source)
+    args = _launch_arguments(tree)
+    assert set(args) == {"config", "checkpoint", "engine", "namespace"}
+    for name, call in args.items():
+        keywords = {k.arg for k in call.keywords}
+        assert {"default_value", "description"} <= keywords, name
+    assert "thor.yaml" in ast.unparse(args["config"])
+    assert "generate_launch_description" in {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
+    # the overrides it passes are real parameters
+    overrides = [c.value for c in ast.walk(tree) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+    names = {p.name for p in PARAMS}
+    assert {"checkpoint", "engine_path", "backend"} <= names & set(overrides)
+    assert '"pi_policy_node"' in source
+
+
+def test_launch_file_with_ros_launch():
+    pytest.importorskip("launch_ros")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("thor_launch", ROOT / "launch" / "thor.launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    description = module.generate_launch_description()
+    names = {a.name for a in description.get_launch_arguments()}
+    assert names == {"config", "checkpoint", "engine", "namespace"}
