@@ -6,14 +6,15 @@ import argparse
 import logging
 import sys
 
-from . import bench, demo
+from . import bench, demo, engine_cli
+from .bag import cli as bag_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pi-policy", description="Run pi0 / pi0.5 policies in real time.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, bench):
+    for module in (demo, bench, bag_cli, engine_cli):
         module.add_parser(sub)
     return parser
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +16,10 @@ from .latency import action_stats, stage_table, summarize
 from .runtime import DEFAULT_CAMERAS, build_runner
 
 
-def run_demo(preset: str = "tiny", device: str = "cpu", iters: int = 20, seed: int = 0, progress: bool = True) -> dict:
+def run_demo(preset: str = "tiny", device: str = "cpu", iters: int = 20, seed: int = 0, progress: bool = True,
+             out: str | Path | None = "reports/demo") -> dict:
+    """Synthetic observations through every stage (latency table, action statistics); then, with `out`,
+    a generated rosbag replayed through the node's own logic into an evaluation report."""
     t0 = time.perf_counter()
     runner = build_runner(preset, device=device, seed=seed, progress=progress)
     cfg = runner.cfg
@@ -29,13 +34,38 @@ def run_demo(preset: str = "tiny", device: str = "cpu", iters: int = 20, seed: i
         # A robot arm drifting through a slow sinusoid, seen by all cameras.
         obs = synthetic_observation(names, 240, 14, seed + i)
         obs.state = (0.5 * np.sin(0.1 * i + np.arange(14)) + 0.01 * rng.standard_normal(14)).astype(np.float32)
-        out = runner.infer(obs)
-        records.append(out.latency)
-        actions = out.actions
+        output = runner.infer(obs)
+        records.append(output.latency)
+        actions = output.actions
     summary = summarize(records[1:] if len(records) > 1 else records)
     print(stage_table(summary, f"per-stage latency over {summary['iters']} inferences"))
     print(action_stats(actions))
-    return {"summary": summary, "actions": actions}
+    result = {"summary": summary, "actions": actions}
+    if out is not None:
+        result["bag_metrics"] = replay_demo_bag(runner, Path(out), preset, device, seed, progress)
+    return result
+
+
+def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, progress: bool) -> dict:
+    from .bag.cli import _print_summary
+    from .bag.demo_bag import ACTION_TOPIC, DemoSpec, demo_params, write_demo_bag
+    from .bag.replay import ReplaySettings, evaluate
+    from .bag.report import write_report
+    from .node_params import params_from_dict
+
+    bag = out / "demo_bag"
+    if bag.exists():
+        shutil.rmtree(bag)
+    out.mkdir(parents=True, exist_ok=True)
+    write_demo_bag(bag, "mcap", DemoSpec(seed=seed))
+    print(f"\nwrote a synthetic rosbag2 (3 cameras, joint states, prompt, recorded actions): {bag}")
+    params = params_from_dict(demo_params(preset, device))
+    settings = ReplaySettings.from_params(params, action_topic=ACTION_TOPIC)
+    ev = evaluate(bag, settings, lambda backend: runner, [runner.backends["prefill"]], progress=progress)
+    metrics = write_report(ev, out / "report", meta={"command": "pi-policy demo", "preset": preset,
+                                                     "device": device, "seed": seed})
+    _print_summary(metrics, str(out / "report"))
+    return metrics
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +74,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="reports/demo", help="where the generated bag and its report go")
+    p.add_argument("--no-bag", action="store_true", help="skip the rosbag replay")
     p.set_defaults(func=run)
 
 
@@ -51,5 +83,5 @@ def run(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no GPU")
         return 2
-    run_demo(args.preset, args.device, args.iters, args.seed)
+    run_demo(args.preset, args.device, args.iters, args.seed, out=None if args.no_bag else args.out)
     return 0

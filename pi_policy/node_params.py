@@ -218,8 +218,11 @@ def _matches(key: str, node_name: str) -> bool:
     return key in ("/**", node_name) or key.endswith("/" + node_name)
 
 
-def load_params_yaml(path: str | Path, node_name: str = NODE_NAME) -> NodeParams:
-    """Read a ROS 2 parameter file (`/**:` or `<node_name>:` with `ros__parameters:`) for this node."""
+def read_param_values(path: str | Path, node_name: str = NODE_NAME) -> dict[str, Any]:
+    """The values a ROS 2 parameter file (`/**:` or `<node_name>:` with `ros__parameters:`) sets, unvalidated.
+
+    Callers that apply overrides first (eval-bag's --checkpoint, say) validate afterwards.
+    """
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text())
@@ -240,8 +243,13 @@ def load_params_yaml(path: str | Path, node_name: str = NODE_NAME) -> NodeParams
         found = True
     if not found:
         raise ParamError(f"{path}: no section for node '{node_name}' (use '/**:' or '{node_name}:')")
+    return values
+
+
+def load_params_yaml(path: str | Path, node_name: str = NODE_NAME) -> NodeParams:
+    """Read and validate a ROS 2 parameter file for this node."""
+    values = read_param_values(path, node_name)
     try:
         return params_from_dict(values)
     except ParamError as e:
         raise ParamError(f"{path}: {e}") from None
-

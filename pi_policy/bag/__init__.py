@@ -1,0 +1,1 @@
+"""Rosbag replay evaluation: a demo bag, replay through the node logic, metrics, report, output bag."""

@@ -1,0 +1,175 @@
+"""`pi-policy make-demo-bag` and `pi-policy eval-bag`: argument parsing and the one-line error boundary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from pi_policy import node_params
+from pi_policy.bag.demo_bag import ACTION_TOPIC, STORAGES, DemoSpec, write_demo_bag
+from pi_policy.bag.reader import BagError
+from pi_policy.bag.replay import ACTION_SOURCES, ReplaySettings, evaluate, resolve_topic
+from pi_policy.node_params import NodeParams, ParamError, params_from_dict
+
+
+def add_parser(subparsers) -> None:
+    """Register both subcommands; each sets `func` to its run function."""
+    p = subparsers.add_parser("make-demo-bag", help="write a small synthetic rosbag2 for demos and tests",
+                              description="Write a small synthetic rosbag2: three cameras (raw and jpeg), "
+                                          "joint states, a prompt and recorded actions.")
+    p.add_argument("out", help="output bag directory (must not exist)")
+    p.add_argument("--storage", choices=sorted(STORAGES), default="mcap")
+    p.add_argument("--duration", type=float, default=DemoSpec.duration_s, help="seconds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_make_demo_bag)
+
+    e = subparsers.add_parser("eval-bag", help="replay a rosbag2 through the policy and score it",
+                              description="Replay a rosbag2 (mcap or sqlite3) through the node's observation "
+                                          "logic and the policy; compare chunks with the recorded actions.")
+    e.add_argument("bag", help="rosbag2 directory (or a single .mcap / .db3 file)")
+    e.add_argument("--config", required=True,
+                   help="the node's ROS 2 parameter file, e.g. config/thor.yaml (config/demo_bag.yaml for the demo)")
+    e.add_argument("--backend", action="append", default=None,
+                   help="backend to evaluate; repeat to compare (the first is the baseline). Default: the config's")
+    e.add_argument("--preset", help="override the config's model preset (e.g. tiny)")
+    e.add_argument("--device", help="override the config's device (e.g. cpu)")
+    e.add_argument("--checkpoint", help="override the config's checkpoint")
+    e.add_argument("--rate", type=float, help="inference ticks per second (default: the config's)")
+    e.add_argument("--camera-topic", action="append", default=[], metavar="CAMERA=TOPIC",
+                   help="override one camera's topic")
+    e.add_argument("--joint-state-topic", help="override the joint state topic")
+    e.add_argument("--prompt-topic", help="override the prompt topic")
+    e.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="overrides",
+                   help="override any node parameter (value in YAML syntax, e.g. max_observation_age_s=0.3)")
+    e.add_argument("--action-source", choices=ACTION_SOURCES, default="topic",
+                   help="recorded actions: an action topic, or future joint positions (default: %(default)s)")
+    e.add_argument("--action-topic", default=ACTION_TOPIC,
+                   help="topic of the recorded actions: JointTrajectory, JointState or Float32/64MultiArray "
+                        "(default: %(default)s)")
+    e.add_argument("--namespace", default="/", help="the node's namespace, for its relative topic names "
+                                                     "(default: %(default)s)")
+    e.add_argument("--first-k", type=int, default=10, help="steps for the first-k metrics (default: %(default)s)")
+    e.add_argument("--max-ticks", type=int, help="stop after this many ticks")
+    e.add_argument("--out", default="reports/eval-bag", help="report folder (default: %(default)s)")
+    e.add_argument("--write-bag", metavar="OUT", help="also write the published chunks and latency to a new bag")
+    e.add_argument("--write-bag-storage", choices=sorted(STORAGES), default="mcap")
+    e.set_defaults(func=run_eval_bag)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.func(args)
+
+
+def run_make_demo_bag(args: argparse.Namespace) -> int:
+    try:
+        path = write_demo_bag(args.out, args.storage, DemoSpec(duration_s=args.duration, seed=args.seed))
+    except (ValueError, OSError) as exc:
+        return _fail(exc)
+    print(f"wrote {path} ({args.storage}, {args.duration:g} s)")
+    return 0
+
+
+def load_params(args: argparse.Namespace) -> NodeParams:
+    """The config file with the command line's overrides applied, type-checked and validated as the node does."""
+    values = node_params.read_param_values(args.config)
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ParamError(f"--set {item!r}: expected PARAM=VALUE")
+        values[key.strip()] = yaml.safe_load(raw)
+    if args.camera_topic:
+        names = values.get("camera_names", NodeParams().camera_names)
+        topics = dict(zip(names, values.get("camera_topics", NodeParams().camera_topics), strict=False))
+        for item in args.camera_topic:
+            cam, sep, topic = item.partition("=")
+            if not sep or cam not in topics:
+                raise ParamError(f"--camera-topic {item!r}: expected CAMERA=TOPIC, CAMERA one of {list(topics)}")
+            topics[cam] = topic
+        values["camera_topics"] = list(topics.values())
+    for flag, name in (("preset", "preset"), ("device", "device"), ("checkpoint", "checkpoint"),
+                       ("rate", "inference_rate_hz"), ("joint_state_topic", "joint_state_topic"),
+                       ("prompt_topic", "prompt_topic")):
+        if getattr(args, flag) is not None:
+            values[name] = getattr(args, flag)
+    try:
+        return params_from_dict(values)
+    except ParamError as exc:
+        raise ParamError(f"{args.config} with the command line's overrides: {exc}") from None
+
+
+def run_eval_bag(args: argparse.Namespace) -> int:
+    from pi_policy.bag.report import write_report
+    from pi_policy.bag.writer import write_output_bag
+
+    try:
+        params = load_params(args)
+        settings = ReplaySettings.from_params(params, args.action_source, args.action_topic, args.max_ticks,
+                                              args.namespace)
+        if args.write_bag and Path(args.write_bag).exists():
+            raise FileExistsError(f"--write-bag {args.write_bag} exists already")
+        backends = args.backend or [params.backend]
+
+        def make_policy(backend: str):
+            from pi_policy.runtime import build_runner
+
+            return build_runner(**(params.runner_kwargs() | {"backend": backend, "progress": True}))
+
+        ev = evaluate(args.bag, settings, make_policy, backends, keep_outputs=bool(args.write_bag))
+    except (BagError, ValueError, OSError, RuntimeError) as exc:  # ParamError is a ValueError
+        return _fail(exc)
+    meta = {"command": " ".join(sys.argv), "config": args.config, "backends": backends} | {
+        k: v for k, v in params.runner_kwargs().items() if k in ("preset", "checkpoint", "device", "seed")}
+    metrics = write_report(ev, args.out, args.first_k, meta)
+    _print_summary(metrics, args.out)
+    if args.write_bag:
+        counts = write_output_bag(ev, args.write_bag, resolve_topic(params.action_topic, args.namespace),
+                                  resolve_topic(params.latency_topic, args.namespace), args.write_bag_storage)
+        print(f"wrote {args.write_bag}: " + ", ".join(f"{t} ({n})" for t, n in counts.items()))
+    return 0
+
+
+def _print_summary(m: dict, out: str) -> None:
+    t = m["ticks"]
+    print(f"ticks: {t['scheduled']} scheduled, {t['evaluated']} scored, {t['skipped']} skipped")
+    for reason, n in t["skipped_by_reason"].items():
+        print(f"  skipped {n:4d}: {reason}")
+    inputs = m["inputs"]
+    for topic in inputs["missing_topics"]:
+        print(f"  missing topic: {topic}")
+    for topic, r in [*inputs["topics"].items(), (inputs["actions"]["topic"], inputs["actions"])]:
+        if r["undecodable"] or r["invalid"]:
+            print(f"  {topic}: {r['undecodable']} undecodable, {r['invalid']} invalid of {r['messages']} messages")
+    for topic, gaps in inputs["gaps"].items():
+        print(f"  {topic}: {len(gaps)} gap(s), longest {max(g['duration_s'] for g in gaps):.2f} s")
+    print(f"{'backend':<12}{'MAE':>10}{'MSE':>10}{'MAE@k':>10}{'jump p50':>10}{'total ms p50':>14}")
+    for name, b in m["backends"].items():
+        total = b["latency_ms"].get("total", {}).get("p50")
+        cells = [b["mae"], b["mse"], b["mae_first_k"], b["discontinuity"]["p50"], total]
+        print(f"{name:<12}" + "".join(f"{'-' if v is None else f'{v:.4g}':>10}" for v in cells[:4])
+              + f"{'-' if total is None else f'{total:.2f}':>14}")
+    for c in m["comparison"]:
+        a = c["actions"]
+        rel = "-" if a["rel_err"] is None else f"{a['rel_err']:.4g}"
+        print(f"{c['candidate']} vs {c['baseline']} on {c['common_ticks']} ticks: max |diff| "
+              f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative error {rel}")
+    print(f"report: {Path(out) / 'index.html'}")
+
+
+def _fail(exc: Exception) -> int:
+    print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, also for multi-line messages
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (python -m pi_policy.bag.cli), for use before the main CLI wires these in."""
+    parser = argparse.ArgumentParser(prog="pi-policy")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

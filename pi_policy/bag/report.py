@@ -1,0 +1,270 @@
+"""The report folder of an evaluation: metrics.json, ticks.csv, PNG plots and an index.html showing them."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure  # Figure.savefig renders with Agg; no pyplot, no display needed
+
+from pi_policy.bag.metrics import compare, discontinuity, percentiles, summarize, tick_errors
+from pi_policy.bag.replay import Evaluation, reason_key, skip_counts
+
+PLOTS = {
+    "joints.png": "Predicted vs recorded actions per joint",
+    "horizon_error.png": "Error over the horizon",
+    "tick_error.png": "Error per tick",
+    "latency.png": "Latency per stage",
+}
+REPORT_FILES = ("metrics.json", "ticks.csv", *PLOTS, "index.html")
+
+
+def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dict:
+    info, first = ev.info, ev.first
+    t0 = info.start_ns / 1e9
+    warnings = {}
+    for reasons in first.warnings.values():
+        for r in reasons:
+            warnings[reason_key(r)] = warnings.get(reason_key(r), 0) + 1
+    settings = dataclasses.asdict(ev.settings) | {"step_offset": ev.settings.step_offset}
+    return {
+        "run": meta or {},
+        "bag": {
+            "path": str(info.path), "storage": info.storage, "duration_s": info.duration_s,
+            "topics": {t: {"type": info.topics[t], "messages": info.counts.get(t, 0)} for t in sorted(info.topics)},
+        },
+        "settings": settings,
+        "ticks": {
+            "scheduled": int(len(first.tick_times)),
+            "evaluated": len(first.evaluated),
+            "skipped": len(first.skipped),
+            "skipped_by_reason": skip_counts(first.skipped),
+            "warnings_by_reason": dict(sorted(warnings.items(), key=lambda kv: -kv[1])),
+        },
+        "inputs": {
+            "missing_topics": ev.missing_topics,
+            "topics": {t: dataclasses.asdict(r) for t, r in first.topics.items()},
+            "actions": {"source": ev.settings.action_source, "topic": ev.settings.action_series_topic,
+                        "samples": int(len(ev.actions.times))} | dataclasses.asdict(ev.action_report),
+            "gaps": {t: [{"start_s": a - t0, "end_s": b - t0, "duration_s": b - a} for a, b in g]
+                     for t, g in ev.gaps.items()},
+            "observation_age_ms": percentiles(first.obs_age_s * 1e3),
+        },
+        "backends": {r.backend: summarize(r.trace, first_k) | {"stage_backends": r.stage_backends}
+                     for r in ev.replays},
+        "comparison": [compare(r.trace, first.trace) for r in ev.replays[1:]],
+    }
+
+
+def write_ticks_csv(ev: Evaluation, path: Path, first_k: int) -> None:
+    first, t0 = ev.first, ev.info.start_ns / 1e9
+    per_backend = []
+    for r in ev.replays:
+        mae, mse = tick_errors(r.trace)
+        k = max(1, min(first_k, r.trace.predicted.shape[1]))
+        sub = dataclasses.replace(r.trace, predicted=r.trace.predicted[:, :k], recorded=r.trace.recorded[:, :k],
+                                  valid=r.trace.valid[:, :k])
+        mae_k, _ = tick_errors(sub)
+        jumps = np.concatenate([[np.nan], discontinuity(r.trace)])
+        per_backend.append((r, {"mae": mae, "mse": mse, "mae_first_k": mae_k, "jump": jumps}))
+    header = ["tick", "time_s", "status", "reasons", "obs_stamp_s", "obs_age_ms", "valid_steps"]
+    for r, cols in per_backend:
+        header += [f"{r.backend}_{c}" for c in cols] + [f"{r.backend}_{s}_ms" for s in r.trace.latency_ms]
+    row_of = {tick: n for n, tick in enumerate(first.evaluated)}
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i, t in enumerate(first.tick_times):
+            n = row_of.get(i)
+            reasons = first.skipped.get(i, []) + first.warnings.get(i, [])
+            row = [i, f"{t - t0:.4f}", "skipped" if n is None else "evaluated", "; ".join(reasons)]
+            if n is None:
+                w.writerow(row + [""] * (len(header) - len(row)))
+                continue
+            row += [f"{first.trace.times[n] - t0:.4f}", f"{first.obs_age_s[n] * 1e3:.2f}",
+                    int(first.trace.valid[n].sum())]
+            for r, cols in per_backend:
+                row += [_num(v[n]) for v in cols.values()] + [_num(v[n]) for v in r.trace.latency_ms.values()]
+            w.writerow(row)
+
+
+def _num(x: float) -> str:
+    return "" if not np.isfinite(x) else f"{x:.6g}"
+
+
+def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> None:
+    """Recorded actions, the executed part of each backend's chunks, and a few whole chunks, per joint."""
+    s, t0 = ev.settings, ev.info.start_ns / 1e9
+    names = s.joint_names
+    height = 1.5 * len(names) + 1.0
+    fig = Figure(figsize=(10, height))
+    fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.45 / height, bottom=0.55 / height, hspace=0.12)
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    per_tick = max(1, int(round(1.0 / (s.rate_hz * s.control_period_s))))
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for j, ax in enumerate(axes):
+        if len(ev.actions.times):
+            ax.plot(ev.actions.times - t0, ev.actions.values[:, j], color="black", lw=1.2, label="recorded")
+        for b, r in enumerate(ev.replays):
+            tr, c = r.trace, colors[b % len(colors)]
+            if not len(tr.times):
+                continue
+            steps = (np.arange(tr.predicted.shape[1]) + tr.step_offset) * tr.control_period_s
+            chosen = np.linspace(0, len(tr.times) - 1, min(max_chunks, len(tr.times))).astype(int) if b == 0 else []
+            for i in chosen:
+                ax.plot(tr.times[i] + steps - t0, tr.predicted[i, :, j], color=c, lw=0.6, alpha=0.35)
+            # The part of each chunk the robot would execute before the next tick replaces it.
+            xs = (tr.times[:, None] + steps[None, :per_tick] - t0).reshape(-1)
+            ys = tr.predicted[:, :per_tick, j].reshape(-1)
+            ax.plot(xs, ys, ".", color=c, ms=2.5, label=f"{r.backend} (executed part)")
+        ax.set_ylabel(names[j], fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("time since bag start (s)")
+    fig.suptitle(f"{ev.info.path.name}: predicted chunks (thin: whole chunks) vs recorded actions", fontsize=10)
+    fig.savefig(path, dpi=90)
+
+
+def plot_horizon_error(ev: Evaluation, path: Path) -> None:
+    fig = Figure(figsize=(7, 3.5))
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.14)
+    ax = fig.subplots()
+    for r in ev.replays:
+        tr = r.trace
+        err = np.abs(tr.predicted - tr.recorded)
+        mask = np.broadcast_to(tr.valid[:, :, None], err.shape)
+        count = mask.sum(axis=(0, 2))
+        mae = np.where(count > 0, np.where(mask, err, 0).sum(axis=(0, 2)) / np.maximum(count, 1), np.nan)
+        ax.plot(np.arange(len(mae)), mae, marker=".", label=r.backend)
+    ax.set_xlabel("chunk step")
+    ax.set_ylabel("MAE (robot units)")
+    ax.set_title("Error over the horizon (mean over ticks and joints)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+
+
+def plot_tick_error(ev: Evaluation, path: Path) -> None:
+    fig = Figure(figsize=(7, 3.5))
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.14)
+    ax = fig.subplots()
+    t0 = ev.info.start_ns / 1e9
+    for r in ev.replays:
+        mae, _ = tick_errors(r.trace)
+        ax.plot(r.trace.times - t0, mae, marker=".", label=r.backend)
+    skipped = [ev.first.tick_times[i] - t0 for i in ev.first.skipped]
+    if skipped:
+        ax.plot(skipped, np.zeros(len(skipped)), "x", color="gray", label="skipped tick")
+    ax.set_xlabel("observation stamp since bag start (s)")
+    ax.set_ylabel("MAE over the chunk")
+    ax.set_title("Error per tick", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+
+
+def plot_latency(ev: Evaluation, path: Path) -> None:
+    stages = list(dict.fromkeys(k for r in ev.replays for k in r.trace.latency_ms))
+    cols = min(3, max(len(stages), 1))
+    rows = max(1, -(-len(stages) // cols))
+    fig = Figure(figsize=(3.6 * cols, 2.8 * rows))
+    fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.35 / (2.8 * rows), bottom=0.55 / (2.8 * rows),
+                        wspace=0.25, hspace=0.45)
+    axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
+    for ax in axes[len(stages):]:
+        ax.set_visible(False)
+    for ax, stage in zip(axes, stages, strict=False):
+        for r in ev.replays:
+            v = r.trace.latency_ms.get(stage, np.zeros(0))
+            v = v[np.isfinite(v)]
+            if v.size:
+                ax.hist(v, bins=30, alpha=0.55, label=f"{r.backend} p50 {np.median(v):.2f}")
+        ax.set_title(stage, fontsize=9)
+        ax.set_xlabel("ms")
+        ax.legend(fontsize=7)
+    if not stages:
+        axes[0].set_visible(True)
+        axes[0].text(0.5, 0.5, "no evaluated ticks", ha="center", va="center")
+    fig.savefig(path, dpi=90)
+
+
+def write_html(metrics: dict, path: Path) -> None:
+    e = html.escape
+    ticks = metrics["ticks"]
+    rows = []
+    keys = ("mae", "mse", "mae_first_k", "mse_first_k")
+    for name, m in metrics["backends"].items():
+        total = m["latency_ms"].get("total", {}).get("p50")
+        disc = m["discontinuity"]["p50"]
+        cells = [name] + [_fmt(m[k]) for k in keys] + [_fmt(disc), _fmt(total)]
+        rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("backend", *keys, "jump p50", "total ms p50"))
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>eval-bag report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:2px 8px;"
+        "border-bottom:1px solid #ddd;text-align:left}img{max-width:100%}</style>",
+        f"<h1>eval-bag: {e(metrics['bag']['path'])}</h1>",
+        f"<p>{e(metrics['bag']['storage'])}, {metrics['bag']['duration_s']:.2f} s. Ticks: {ticks['scheduled']} "
+        f"scheduled, {ticks['evaluated']} evaluated, {ticks['skipped']} skipped. "
+        f"First k = {next(iter(metrics['backends'].values()))['first_k'] if metrics['backends'] else '-'} steps.</p>",
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>",
+    ]
+    for name, m in metrics["backends"].items():
+        if m.get("stage_backends"):
+            stages = ", ".join(f"{k}: {v}" for k, v in m["stage_backends"].items())
+            parts.append(f"<p>{e(name)} ran {e(stages)}</p>")
+    for c in metrics["comparison"]:
+        a = c["actions"]
+        parts.append(f"<p>{e(c['candidate'])} vs {e(c['baseline'])}: max |diff| {_fmt(a['max_abs_diff'])}, "
+                     f"mean |diff| {_fmt(a['mean_abs_diff'])}, relative error {_fmt(a['rel_err'])}, "
+                     f"MAE delta {_fmt(c['mae_delta'])}</p>")
+    parts.append(_list("Skipped ticks, by reason", ticks["skipped_by_reason"]))
+    parts.append(_list("Warnings, by reason", ticks["warnings_by_reason"]))
+    inputs = metrics["inputs"]
+    problems = {t: f"{r['undecodable']} undecodable, {r['invalid']} invalid of {r['messages']}: "
+                   + " | ".join(r["examples"])
+                for t, r in [*inputs["topics"].items(), (inputs["actions"]["topic"], inputs["actions"])]
+                if r["undecodable"] or r["invalid"]}
+    problems |= {t: "missing from the bag" for t in inputs["missing_topics"]}
+    problems |= {f"{t} (gaps)": ", ".join(f"{g['start_s']:.2f}-{g['end_s']:.2f} s" for g in gs)
+                 for t, gs in inputs["gaps"].items()}
+    parts.append(_list("Input problems", problems))
+    for name, title in PLOTS.items():
+        parts.append(f"<h2>{e(title)}</h2><img src='{name}' alt='{e(title)}'>")
+    parts.append("<p>All numbers: <a href='metrics.json'>metrics.json</a>, per tick: "
+                 "<a href='ticks.csv'>ticks.csv</a>.</p>")
+    path.write_text("\n".join(parts))
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _list(title: str, items: dict) -> str:
+    e = html.escape
+    if not items:
+        return f"<h3>{e(title)}</h3><p>none</p>"
+    lis = "".join(f"<li><b>{e(str(k))}</b>: {e(str(v))}</li>" for k, v in items.items())
+    return f"<h3>{e(title)}</h3><ul>{lis}</ul>"
+
+
+def write_report(ev: Evaluation, out: str | Path, first_k: int = 10, meta: dict | None = None) -> dict:
+    """Write every report file into `out` (created if needed); returns the metrics dict.
+
+    meta: how the run was made (command line, model), stored as metrics.json's "run".
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = build_metrics(ev, first_k, meta)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    write_ticks_csv(ev, out / "ticks.csv", first_k)
+    plot_joints(ev, out / "joints.png")
+    plot_horizon_error(ev, out / "horizon_error.png")
+    plot_tick_error(ev, out / "tick_error.png")
+    plot_latency(ev, out / "latency.png")
+    write_html(metrics, out / "index.html")
+    return metrics

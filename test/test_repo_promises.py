@@ -1,0 +1,54 @@
+"""The README's two commands, .ci/run, the import boundaries and ruff: the promises the repo makes."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    first = text.split("\n## ", 2)[1]  # the first section after the title
+    return [line.strip() for line in re.findall(r"```(?:bash|sh)?\n(.*?)```", first, re.S)]
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
+    cmds = readme_commands()
+    assert len(cmds) == 2, cmds
+    assert "pi-policy demo" in cmds[0] and "pytest" in cmds[1]
+    assert cmds[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_only_the_adapters_import_ros_or_tensorrt():
+    pattern = re.compile(r"^\s*(import|from)\s+(rclpy|tensorrt|cv_bridge|launch|launch_ros|sensor_msgs|"
+                         r"trajectory_msgs|diagnostic_msgs|std_msgs|builtin_interfaces|rcl_interfaces)\b", re.M)
+    offenders = []
+    for path in (ROOT / "pi_policy").rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("pi_policy/ros/") or rel == "pi_policy/runtime/tensorrt_backend.py":
+            continue
+        if pattern.search(path.read_text()):
+            offenders.append(rel)
+    assert not offenders
+
+
+def test_everything_outside_ros_imports_without_ros():
+    code = ("import importlib, pkgutil, pi_policy\n"
+            "for m in pkgutil.walk_packages(pi_policy.__path__, 'pi_policy.'):\n"
+            "    if not m.name.startswith('pi_policy.ros') and m.name != 'pi_policy.__main__':\n"
+            "        importlib.import_module(m.name)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_ruff_clean():
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff not installed")
+    result = subprocess.run([ruff, "check", "pi_policy", "test", "scripts", "launch"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
