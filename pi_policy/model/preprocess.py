@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +50,32 @@ def to_rgb_uint8(img: np.ndarray, name: str = "image") -> np.ndarray:
     return img
 
 
-def resize_with_pad(img: np.ndarray, size: int = 224) -> np.ndarray:
-    """Resize keeping the aspect ratio so the longer side is `size`, then pad with black to size x size, centered.
-
-    Geometry matches openpi's image_tools.resize_with_pad (same resized size, same centering, the odd pixel
-    of padding at the bottom/right). openpi interpolates with PIL/JAX antialiased bilinear; here cv2 INTER_AREA
-    is used when shrinking (also antialiased; differs by a few gray levels) and INTER_LINEAR when enlarging.
+def resize_with_pad_tensor(img: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """HxWx3 uint8 tensor (CPU or GPU) -> size x size x 3: the longer side scaled to `size`, aspect kept,
+    centered on black. Geometry as openpi's image_tools.resize_with_pad (the odd padding pixel at the
+    bottom/right); antialiased bilinear interpolation as openpi's PIL resize. On a GPU this moves the
+    resize of full-size camera frames off the robot's CPU.
     """
-    if int(size) != size or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    img = to_rgb_uint8(img)
     h, w = img.shape[:2]
     if (h, w) == (size, size):
-        return np.ascontiguousarray(img)
+        return img
     ratio = max(w / size, h / size)
     # max(1, .) only matters for extreme aspect ratios, where openpi would produce an empty image.
     rh, rw = max(1, int(h / ratio)), max(1, int(w / ratio))
-    interp = cv2.INTER_AREA if ratio > 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(np.ascontiguousarray(img), (rw, rh), interpolation=interp)
-    out = np.zeros((size, size, 3), dtype=np.uint8)
+    x = F.interpolate(img.permute(2, 0, 1)[None].float(), size=(rh, rw), mode="bilinear", antialias=True,
+                      align_corners=False)
+    out = img.new_zeros(size, size, 3)
     top, left = (size - rh) // 2, (size - rw) // 2
-    out[top:top + rh, left:left + rw] = resized
+    out[top:top + rh, left:left + rw] = x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
     return out
+
+
+def resize_with_pad(img: np.ndarray, size: int = 224) -> np.ndarray:
+    """numpy front end of resize_with_pad_tensor (validates the image first)."""
+    img = to_rgb_uint8(img)
+    if img.shape[:2] == (size, size):
+        return np.ascontiguousarray(img)
+    return resize_with_pad_tensor(torch.from_numpy(np.ascontiguousarray(img)), size).numpy()
 
 
 def image_to_model(img: np.ndarray) -> np.ndarray:

@@ -49,6 +49,17 @@ def quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
 
 
+_FUSED: dict[str, object] = {}
+
+
+def fused_quantize(x: Tensor, scale: Tensor) -> Tensor:
+    """quantize_fp8 as one generated kernel: eager it is four passes over an fp32 copy, which cost more than
+    the FP8 GEMM saves at prefill sizes (816x16384 activations: 0.15 ms eager vs a 0.04 ms GEMM on an H100)."""
+    if "q" not in _FUSED:
+        _FUSED["q"] = torch.compile(quantize_fp8, dynamic=False, fullgraph=True)
+    return _FUSED["q"](x, scale)
+
+
 def quantize_weight(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
     """(out, in) weight -> (fp8 weight, float32 scale of shape (out, 1) or ())."""
     w = w.detach()
@@ -88,7 +99,7 @@ class FP8Linear(nn.Module):
     """y = x W^T with W in float8_e4m3fn and x quantized per tensor (static scale if calibrated, else dynamic)."""
 
     def __init__(self, linear: nn.Linear, *, per_channel: bool = False, kernel: str = "simulated",
-                 fast_accum: bool = True):
+                 fast_accum: bool = True, fuse_quant: bool = True):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown FP8 kernel {kernel!r}; choose one of {KERNELS}")
@@ -100,6 +111,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("act_scale", None)  # set by calibration; None -> dynamic per-call scale
         self.register_buffer("observed_amax", None)  # running max of |x| while calibrating
         self.per_channel, self.kernel, self.fast_accum = per_channel, kernel, fast_accum
+        self.fuse_quant = fuse_quant  # scaled_mm path only; compiled on first call
         self.observing = False
         self.exporting = False
 
@@ -133,7 +145,7 @@ class FP8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _scaled_mm(self, x2: Tensor, sa: Tensor) -> Tensor:
-        xq = quantize_fp8(x2, sa)
+        xq = (fused_quantize if self.fuse_quant else quantize_fp8)(x2, sa)
         sb = self.weight_scale
         if self.per_channel:  # row-wise scaling: scale_a (M, 1), scale_b (1, N)
             sa, sb = sa.reshape(1, 1).expand(x2.shape[0], 1).contiguous(), sb.reshape(1, -1)
@@ -161,7 +173,7 @@ def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def quantize_block(block: GemmaBlock, *, per_channel: bool, kernel: str, fast_accum: bool,
-                   keep_bf16: Sequence[str] = ()) -> GemmaBlock:
+                   keep_bf16: Sequence[str] = (), fuse_quant: bool = True) -> GemmaBlock:
     """A copy of `block` with FP8 linears. Names in keep_bf16 share the original nn.Linear (read only)."""
     originals = {name: get_module(block, name) for name in QUANTIZED}
     # Map the big linears to placeholders so deepcopy does not duplicate weights we replace anyway.
@@ -169,8 +181,8 @@ def quantize_block(block: GemmaBlock, *, per_channel: bool, kernel: str, fast_ac
     q = copy.deepcopy(block, memo)
     for name, lin in originals.items():
         fp8 = name not in keep_bf16
-        set_module(q, name, FP8Linear(lin, per_channel=per_channel, kernel=kernel, fast_accum=fast_accum)
-                   if fp8 else lin)
+        set_module(q, name, FP8Linear(lin, per_channel=per_channel, kernel=kernel, fast_accum=fast_accum,
+                                      fuse_quant=fuse_quant) if fp8 else lin)
     return q.eval()
 
 
@@ -179,9 +191,10 @@ class FP8Prefill:
 
     def __init__(self, model: PiModel, layers: list[GemmaBlock], kernel: str):
         self.model, self.layers, self.kernel = model, nn.ModuleList(layers), kernel
+        self.compiled: nn.ModuleList | None = None  # torch.compile'd wrappers of self.layers, if asked for
 
     def __call__(self, prefix_embs: Tensor, prefix_pad: Tensor, kv: tuple[Tensor, Tensor]):
-        return self.model.prefill(prefix_embs, prefix_pad, kv, layers=self.layers)
+        return self.model.prefill(prefix_embs, prefix_pad, kv, layers=self.compiled or self.layers)
 
     def linears(self) -> dict[str, FP8Linear]:
         return {f"layers.{i}.{name}": get_module(blk, name) for i, blk in enumerate(self.layers)
@@ -253,13 +266,15 @@ def load_calibration(path: str | Path) -> dict[str, float]:
 
 def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, bool] | None = None,
                       per_channel: bool = False, fast_accum: bool = True, kernel: str | None = None,
-                      progress: bool = False) -> PrefillChoice:
+                      fuse_quant: bool = True, compile_blocks: bool = False, progress: bool = False) -> PrefillChoice:
     """An FP8 prefill over quantized copies of the LLM blocks (the model itself is only read).
 
     calibration: None (dynamic per-call activation scales), a path to a calibration JSON, a dict of
     amax per linear, or an iterable of (prefix_embs, prefix_pad) samples to calibrate on.
     decisions: shape key "MxKxN" -> use FP8 (from probe_fp8_shapes); shapes it marks False stay bf16.
     kernel: "scaled_mm" or "simulated"; default: scaled_mm where the GPU supports it.
+    fuse_quant: activation quantization as one torch.compile'd kernel (scaled_mm path).
+    compile_blocks: torch.compile each FP8 block (fuses the shared norms, RoPE and GeGLU around the GEMMs).
     """
     device = next(model.parameters()).device
     notes = []
@@ -277,8 +292,10 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
             keep = [name for name in QUANTIZED if decisions is not None and not decisions.get(
                 shape_key(m, get_module(blk, name).in_features, get_module(blk, name).out_features), True)]
             layers.append(quantize_block(blk, per_channel=per_channel, kernel=kernel, fast_accum=fast_accum,
-                                         keep_bf16=keep))
+                                         keep_bf16=keep, fuse_quant=fuse_quant))
     prefill = FP8Prefill(model, layers, kernel)
+    if compile_blocks:
+        prefill.compiled = nn.ModuleList(torch.compile(blk, dynamic=False) for blk in layers)
     if calibration is not None:
         if isinstance(calibration, (str, Path)):
             prefill.set_amax(load_calibration(calibration))
