@@ -47,7 +47,8 @@ def machine_info(device: torch.device) -> dict:
 
 def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), cameras: int = 3, iters: int = 200,
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
-              engine: str | None = None, compile_stages: tuple[str, ...] = ()) -> dict:
+              engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
+              fp8_keep_bf16: tuple[str, ...] = ()) -> dict:
     model = build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     if not 0 <= cameras <= cfg.num_cameras:
@@ -61,7 +62,8 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
               "machine": machine_info(model.time_freqs.device), "backends": {}}
     for backend in backends:
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
-                              engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages)
+                              engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
+                              fp8_keep_bf16=fp8_keep_bf16)
         actions = runner.infer(obs, noise=noise).actions
         records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {backend}", disable=not progress,
                                                            leave=False)]
@@ -109,13 +111,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", help="TensorRT engine for --backend tensorrt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--compile", default="", help="comma-separated stages to torch.compile (vision,prefill,denoise)")
+    p.add_argument("--compile", default=None,
+                   help="comma-separated stages to torch.compile; default prefill,denoise on CUDA; 'none' for none")
+    p.add_argument("--fp8-keep-bf16", default="", help="fp8: linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
     p.set_defaults(func=run)
 
 
-def parse_stages(text: str) -> tuple[str, ...]:
+def parse_stages(text: str | None) -> tuple[str, ...] | None:
     from .observation import STAGES
 
+    if text is None:
+        return None
+    if text == "none":
+        return ()
     stages = tuple(s for s in text.split(",") if s)
     bad = [s for s in stages if s not in STAGES]
     if bad:
@@ -125,7 +133,8 @@ def parse_stages(text: str) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
-                       args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile))
+                       args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
+                       tuple(x for x in args.fp8_keep_bf16.split(",") if x))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

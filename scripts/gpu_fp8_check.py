@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pi_policy.model.checkpoint import weights_fingerprint  # noqa: E402
 from pi_policy.runtime import build_model  # noqa: E402
-from pi_policy.runtime.fp8 import build_fp8_prefill, fp8_supported, probe_fp8_shapes  # noqa: E402
+from pi_policy.runtime.fp8 import build_fp8_prefill, fp8_supported, probe_fp8_shapes, shape_key  # noqa: E402
 from pi_policy.verify import format_report, verify, write_report  # noqa: E402
 
 
@@ -63,6 +63,20 @@ def kv_rel(kv, ref) -> dict:
     return out
 
 
+def mlp_only(model) -> dict[str, bool]:
+    """Decisions that keep the attention projections (wqkv, wo) in bf16 and the MLP in FP8."""
+    cfg = model.cfg
+    m, w, q, kv = cfg.prefix_len, cfg.llm.width, cfg.llm.num_heads * cfg.llm.head_dim, cfg.llm.num_kv_heads
+    kv = kv * cfg.llm.head_dim
+    return {shape_key(m, w, q + 2 * kv): False, shape_key(m, q, w): False}
+
+
+def bf16_compiled_prefill(model):
+    """The bf16 prefill with torch.compile'd blocks: the fair baseline for compiled FP8 variants."""
+    layers = [torch.compile(blk, dynamic=False) for blk in model.llm.layers]
+    return lambda e, p, kv: model.prefill(e, p, kv, layers=layers)
+
+
 def prefill_section(model, iters: int, decisions: dict) -> dict:
     cfg = model.cfg
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -80,12 +94,23 @@ def prefill_section(model, iters: int, decisions: dict) -> dict:
     rows = {}
     ref = cache()
     rows["bf16"] = time_prefill(model.prefill, embs, pad, ref, iters)
+    try:
+        kv = cache()
+        r = rows["bf16_compiled_blocks"] = time_prefill(bf16_compiled_prefill(model), embs, pad, kv, iters)
+        r.update(kv_rel(kv, ref), speedup_vs_bf16=rows["bf16"]["p50_ms"] / r["p50_ms"])
+    except Exception as e:
+        rows["bf16_compiled_blocks"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
     variants = {
         "fp8_dynamic": dict(),
         "fp8_static": dict(calibration=[(embs, pad)]),
         "fp8_static_probe_decisions": dict(calibration=[(embs, pad)], decisions=decisions),
         "fp8_static_exact_accum": dict(calibration=[(embs, pad)], fast_accum=False),
         "fp8_static_per_channel": dict(calibration=[(embs, pad)], per_channel=True),
+        "fp8_static_unfused_quant": dict(calibration=[(embs, pad)], fuse_quant=False),
+        "fp8_static_mlp_only": dict(calibration=[(embs, pad)], decisions=mlp_only(model)),
+        "fp8_static_compiled_blocks": dict(calibration=[(embs, pad)], compile_blocks=True),
+        "fp8_static_compiled_blocks_probe_decisions": dict(calibration=[(embs, pad)], compile_blocks=True,
+                                                           decisions=decisions),
     }
     for name, kw in variants.items():
         try:

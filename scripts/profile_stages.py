@@ -11,9 +11,11 @@ from pi_policy.runtime import DEFAULT_CAMERAS, build_runner
 parser = argparse.ArgumentParser()
 parser.add_argument("--preset", default="pi0")
 parser.add_argument("--rows", type=int, default=12)
+parser.add_argument("--compile", default="", help="comma-separated stages to torch.compile")
 args = parser.parse_args()
 
-runner = build_runner(args.preset, device="cuda", backend="eager", progress=False)
+runner = build_runner(args.preset, device="cuda", backend="eager", progress=False,
+                      compile_stages=tuple(s for s in args.compile.split(",") if s))
 obs = synthetic_observation(DEFAULT_CAMERAS, 224)
 runner.infer(obs)
 for name, fn in runner.stages.items():

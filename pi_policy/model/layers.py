@@ -59,8 +59,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v)
     b, h, t, d = q.shape
-    kvh = k.shape[1]
+    kvh, s = k.shape[1], k.shape[2]
     g = h // kvh
+    if s % 8:  # an odd key count misaligns the score rows; cuBLAS then picks slow kernels (pi0: 816 + 51 keys)
+        pad = 8 - s % 8
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+        mask = F.pad(mask, (0, pad), value=False)
     scores = (q.reshape(b, kvh, g * t, d) @ k.transpose(-1, -2)).float() * d**-0.5
     scores = scores.masked_fill(~mask.repeat(1, g, 1)[:, None], float("-inf"))
     out = scores.softmax(dim=-1).to(v.dtype) @ v

@@ -80,11 +80,14 @@ class PiModel(nn.Module):
             b, p = prefix_pad.shape
             shape = (len(layers), b, cfg.num_kv_heads, p, cfg.head_dim)
             cache = (prefix_embs.new_empty(shape), prefix_embs.new_empty(shape))
-        cos, sin = rope_cos_sin(torch.cumsum(prefix_pad, dim=1) - 1, cfg.head_dim, cfg.rope_base)
+        cos, sin = rope_cos_sin(torch.cumsum(prefix_pad.long(), dim=1) - 1, cfg.head_dim, cfg.rope_base)
         mask = prefix_attention_mask(prefix_pad)
         x = prefix_embs
         for i, layer in enumerate(layers):
-            x, k, v = layer(x, cos, sin, mask)
+            if i == len(layers) - 1:  # only the last layer's K/V are ever read: skip its attention and MLP
+                _, k, v, _ = layer.qkv(x, cos, sin, None)
+            else:
+                x, k, v = layer(x, cos, sin, mask)
             cache[0][i].copy_(k)
             cache[1][i].copy_(v)
         return cache

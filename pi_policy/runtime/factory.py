@@ -15,6 +15,9 @@ from .runner import PolicyRunner
 
 log = logging.getLogger(__name__)
 
+# Measured on an H100 (docs/performance.md): compiling prefill and denoise halves them; vision is faster uncompiled.
+DEFAULT_COMPILE = ("prefill", "denoise")
+
 
 def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
@@ -43,14 +46,20 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  camera_names: list[str] | None = None, seed: int = 0, progress: bool = True,
                  engine_path: str | None = None, action_dim: int | None = None,
                  model: PiModel | None = None, warmup: bool = True,
-                 compile_stages: tuple[str, ...] = ()) -> PolicyRunner:
+                 compile_stages: tuple[str, ...] | None = None, calibration=None,
+                 fp8_keep_bf16: tuple[str, ...] = ()) -> PolicyRunner:
+    """A runner ready to serve. On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
+    reported in runner.startup_ms); calibration / fp8_keep_bf16 configure the fp8 prefill backend."""
     model = model or build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
     stats = load_norm_stats(norm_stats) if norm_stats else None
     normalizer = Normalizer(stats, default_mode(kind), cfg.action_dim, action_dim)
     tok = load_tokenizer(tokenizer, cfg.vocab_size, cfg.max_token_len, kind)
-    choice = make_prefill(backend, model, engine_path=engine_path, checkpoint=checkpoint)
+    choice = make_prefill(backend, model, engine_path=engine_path, checkpoint=checkpoint, calibration=calibration,
+                          fp8_keep_bf16=tuple(fp8_keep_bf16))
+    if compile_stages is None:
+        compile_stages = DEFAULT_COMPILE if model.time_freqs.device.type == "cuda" and backend != "eager" else ()
     if choice.note:
         log.warning("prefill backend: %s", choice.note)
     runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=backend != "eager",

@@ -60,6 +60,19 @@ def fused_quantize(x: Tensor, scale: Tensor) -> Tensor:
     return _FUSED["q"](x, scale)
 
 
+def dynamic_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor scale from this call's amax, then quantize."""
+    scale = fp8_scale(torch.linalg.vector_norm(x, math.inf, dtype=torch.float32))
+    return quantize_fp8(x, scale), scale
+
+
+def fused_dynamic_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """dynamic_quantize compiled: a reduction and one pointwise kernel instead of a dozen small launches."""
+    if "d" not in _FUSED:
+        _FUSED["d"] = torch.compile(dynamic_quantize, dynamic=False, fullgraph=True)
+    return _FUSED["d"](x)
+
+
 def quantize_weight(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
     """(out, in) weight -> (fp8 weight, float32 scale of shape (out, 1) or ())."""
     w = w.detach()
@@ -127,13 +140,14 @@ class FP8Linear(nn.Module):
             amax = x2.detach().abs().amax().float()
             self.observed_amax = amax if self.observed_amax is None else torch.maximum(self.observed_amax, amax)
         sa = self.act_scale
-        if sa is None:
-            if self.exporting:
-                raise RuntimeError("ONNX export needs static activation scales: calibrate the FP8 layers first")
-            sa = fp8_scale(torch.linalg.vector_norm(x2, math.inf, dtype=torch.float32))
         if self.kernel == "scaled_mm" and not self.exporting:
             y = self._scaled_mm(x2, sa)
+        elif sa is None and self.exporting:
+            raise ValueError("ONNX export needs a static activation scale for every FP8 linear the prefill runs "
+                             "(TensorRT's Q/DQ scales are constants): calibrate first (pi-policy calibrate)")
         else:
+            if sa is None:
+                sa = fp8_scale(torch.linalg.vector_norm(x2, math.inf, dtype=torch.float32))
             dt = x.dtype
             scale = sa.to(dt) if self.exporting else sa  # ONNX opset 19 wants x and its scale in one dtype
             ws = self.weight_scale
@@ -144,8 +158,11 @@ class FP8Linear(nn.Module):
                 y = y + self.bias.to(dt)
         return y.reshape(*lead, self.out_features)
 
-    def _scaled_mm(self, x2: Tensor, sa: Tensor) -> Tensor:
-        xq = (fused_quantize if self.fuse_quant else quantize_fp8)(x2, sa)
+    def _scaled_mm(self, x2: Tensor, sa: Tensor | None) -> Tensor:
+        if sa is None:
+            xq, sa = (fused_dynamic_quantize if self.fuse_quant else dynamic_quantize)(x2)
+        else:
+            xq = (fused_quantize if self.fuse_quant else quantize_fp8)(x2, sa)
         sb = self.weight_scale
         if self.per_channel:  # row-wise scaling: scale_a (M, 1), scale_b (1, N)
             sa, sb = sa.reshape(1, 1).expand(x2.shape[0], 1).contiguous(), sb.reshape(1, -1)
@@ -203,9 +220,9 @@ class FP8Prefill:
     def summary(self) -> str:
         n_fp8, total = len(self.linears()), len(self.layers) * len(QUANTIZED)
         fp8_layers = sum(all(isinstance(get_module(b, n), FP8Linear) for n in QUANTIZED) for b in self.layers)
-        static = all(lin.act_scale is not None for lin in self.linears().values())
+        static = sum(lin.act_scale is not None for lin in self.linears().values())
         return (f"{n_fp8}/{total} linears FP8, {fp8_layers}/{len(self.layers)} layers fully FP8, "
-                f"{'static' if static else 'dynamic'} activation scales, kernel {self.kernel}")
+                f"{static}/{n_fp8} static activation scales (others dynamic), kernel {self.kernel}")
 
     @torch.no_grad()
     def calibrate(self, samples: Iterable[tuple[Tensor, Tensor]], progress: bool = False) -> dict[str, float]:
@@ -221,7 +238,8 @@ class FP8Prefill:
                 n += 1
             if n == 0:
                 raise ValueError("FP8 calibration needs at least one (prefix_embs, prefix_pad) sample")
-            amax = {name: float(lin.observed_amax) for name, lin in lins.items()}
+            # A linear the prefill never runs (the last layer's attention output and MLP) observes nothing.
+            amax = {name: float(lin.observed_amax) for name, lin in lins.items() if lin.observed_amax is not None}
         except BaseException:
             for name, lin in lins.items():
                 lin.act_scale = saved[name]
@@ -234,15 +252,15 @@ class FP8Prefill:
 
     def set_amax(self, amax: dict[str, float]) -> None:
         lins = self.linears()
-        missing, extra = sorted(set(lins) - set(amax)), sorted(set(amax) - set(lins))
-        if missing or extra:
-            raise ValueError(f"calibration does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}"
-                             f" ({len(missing)} missing, {len(extra)} unexpected)")
+        extra = sorted(set(amax) - set(lins))
+        if extra or not amax:
+            raise ValueError(f"calibration does not fit this model: {len(extra)} unexpected linears {extra[:5]}"
+                             if extra else "calibration holds no scales")
         bad = [k for k, v in amax.items() if not (math.isfinite(v) and v > 0)]
         if bad:
             raise ValueError(f"calibration amax must be finite and > 0; bad entries: {bad[:5]}")
-        for name, lin in lins.items():
-            lin.act_scale = fp8_scale(torch.tensor(amax[name], device=lin.weight.device))
+        for name, lin in lins.items():  # linears without an entry keep dynamic scales
+            lin.act_scale = fp8_scale(torch.tensor(amax[name], device=lin.weight.device)) if name in amax else None
 
 
 def save_calibration(path: str | Path, amax: dict[str, float], info: dict | None = None) -> Path:
@@ -266,16 +284,22 @@ def load_calibration(path: str | Path) -> dict[str, float]:
 
 def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, bool] | None = None,
                       per_channel: bool = False, fast_accum: bool = True, kernel: str | None = None,
-                      fuse_quant: bool = True, compile_blocks: bool = False, progress: bool = False) -> PrefillChoice:
+                      fuse_quant: bool = True, compile_blocks: bool | None = None, progress: bool = False,
+                      keep_bf16: tuple[str, ...] = ()) -> PrefillChoice:
     """An FP8 prefill over quantized copies of the LLM blocks (the model itself is only read).
 
     calibration: None (dynamic per-call activation scales), a path to a calibration JSON, a dict of
     amax per linear, or an iterable of (prefix_embs, prefix_pad) samples to calibrate on.
     decisions: shape key "MxKxN" -> use FP8 (from probe_fp8_shapes); shapes it marks False stay bf16.
+    keep_bf16: linear names (wqkv, wo, mlp.gate_up, mlp.down) that stay bf16 in every block.
     kernel: "scaled_mm" or "simulated"; default: scaled_mm where the GPU supports it.
     fuse_quant: activation quantization as one torch.compile'd kernel (scaled_mm path).
-    compile_blocks: torch.compile each FP8 block (fuses the shared norms, RoPE and GeGLU around the GEMMs).
+    compile_blocks: torch.compile each FP8 block (fuses the shared norms, RoPE and GeGLU around the GEMMs);
+    default: on with the scaled_mm kernel (the first calls compile; the runner's warm-up makes them).
     """
+    unknown = set(keep_bf16) - set(QUANTIZED)
+    if unknown:
+        raise ValueError(f"unknown linear(s) {sorted(unknown)} to keep in bf16; choose from {QUANTIZED}")
     device = next(model.parameters()).device
     notes = []
     if kernel is None:
@@ -289,11 +313,13 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
     layers = []
     with torch.no_grad():
         for blk in tqdm(model.llm.layers, desc="fp8 quantize", disable=not progress, leave=False):
-            keep = [name for name in QUANTIZED if decisions is not None and not decisions.get(
+            keep = [name for name in QUANTIZED if name in keep_bf16 or decisions is not None and not decisions.get(
                 shape_key(m, get_module(blk, name).in_features, get_module(blk, name).out_features), True)]
             layers.append(quantize_block(blk, per_channel=per_channel, kernel=kernel, fast_accum=fast_accum,
                                          keep_bf16=keep, fuse_quant=fuse_quant))
     prefill = FP8Prefill(model, layers, kernel)
+    if compile_blocks is None:
+        compile_blocks = kernel == "scaled_mm"
     if compile_blocks:
         prefill.compiled = nn.ModuleList(torch.compile(blk, dynamic=False) for blk in layers)
     if calibration is not None:

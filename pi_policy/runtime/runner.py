@@ -7,6 +7,7 @@ All stage inputs and outputs live in preallocated device buffers, so each stage 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -73,12 +74,13 @@ class PolicyRunner:
         self.velocity_fn = model.velocity
         self.vision_fn = model.embed_images
         self.compiled = tuple(compile_stages) if self.device.type == "cuda" else ()
+        mode = os.environ.get("PI_POLICY_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
         if "vision" in self.compiled:
-            self.vision_fn = torch.compile(model.embed_images, dynamic=False)
+            self.vision_fn = torch.compile(model.embed_images, dynamic=False, mode=mode)
         if "prefill" in self.compiled:
-            self.prefill_fn = torch.compile(self.prefill_fn, dynamic=False)
+            self.prefill_fn = torch.compile(self.prefill_fn, dynamic=False, mode=mode)
         if "denoise" in self.compiled:  # one step compiled; the 10-step loop is captured in one CUDA graph
-            self.velocity_fn = torch.compile(model.velocity, dynamic=False)
+            self.velocity_fn = torch.compile(model.velocity, dynamic=False, mode=mode)
         base = "bf16" if model.dtype == torch.bfloat16 else str(model.dtype).removeprefix("torch.")
         mode = "graph" if cuda_graphs and self.device.type == "cuda" else "eager"
         self.backends = {s: f"{base}-{mode}" for s in STAGES}
