@@ -59,7 +59,8 @@ def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, prog
     out.mkdir(parents=True, exist_ok=True)
     write_demo_bag(bag, "mcap", DemoSpec(seed=seed))
     print(f"\nwrote a synthetic rosbag2 (3 cameras, joint states, prompt, recorded actions): {bag}")
-    params = params_from_dict(demo_params(preset, device))
+    # The replay's topics and timing; the model is `runner`, whatever its preset.
+    params = params_from_dict(demo_params("tiny", "cpu"))
     settings = ReplaySettings.from_params(params, action_topic=ACTION_TOPIC)
     ev = evaluate(bag, settings, lambda backend: runner, [runner.backends["prefill"]], progress=progress)
     metrics = write_report(ev, out / "report", meta={"command": "pi-policy demo", "preset": preset,

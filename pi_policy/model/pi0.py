@@ -157,8 +157,13 @@ def prefix_attention_mask(pad: Tensor) -> Tensor:
     return (pad[:, None, :] & pad[:, :, None]) | eye
 
 
+RESIDUAL_OUT = (".wo.", ".mlp.down.", ".out.", ".fc2.")  # projections that write into a residual stream
+
+
 def init_random(model: PiModel, seed: int = 0) -> PiModel:
-    """Deterministic random weights (std 0.02 matrices, zero biases) for demos, tests and benchmarks."""
+    """Deterministic random weights for demos, tests and benchmarks: std 0.02 matrices, zero biases, and
+    the projections that write into a residual stream scaled by 1/sqrt(2 * depth) (GPT-2's scheme), so each
+    layer updates the stream by a fraction of its size, as in trained models."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)  # values depend on the device type, not the run
     with torch.no_grad():
@@ -166,7 +171,9 @@ def init_random(model: PiModel, seed: int = 0) -> PiModel:
             if (name.endswith("bias") or p.ndim == 1) and ".dense." not in name:
                 p.zero_()
             else:  # adaptive-norm dense layers too: small, non-zero modulation so pi0.5 paths are exercised
-                p.normal_(0.0, 0.02, generator=gen)
+                depth = model.cfg.vision.depth if name.startswith("vision.") else model.cfg.llm.depth
+                std = 0.02 / math.sqrt(2 * depth) if any(k in name for k in RESIDUAL_OUT) else 0.02
+                p.normal_(0.0, std, generator=gen)
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)
