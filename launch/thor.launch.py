@@ -1,11 +1,10 @@
 """Launch the pi_policy node (lifecycle node, configures and activates itself) with a parameter file."""
 
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
-
-from launch import LaunchDescription
 
 
 def _policy_node(context):

@@ -16,6 +16,7 @@ def summarize(records: list[LatencyRecord]) -> dict:
     series = {s: [r.stages_ms[s] for r in records] for s in STAGES}
     series["total"] = [r.total_ms for r in records]
     series["host_e2e"] = [r.host_ms for r in records]
+    series["host_prep"] = [r.prep_ms for r in records]
     out = {k: {f"p{q}": float(np.percentile(v, q)) for q in (50, 95, 99)} | {"mean": float(np.mean(v))}
            for k, v in series.items()}
     out["hz"] = 1000.0 / out["total"]["p50"] if out["total"]["p50"] > 0 else 0.0
@@ -36,7 +37,7 @@ def stage_table(summary: dict, title: str = "") -> str:
     rows.append(f"| {'Total':<14} | {total:8.2f} | {summary['total']['p99']:8.2f} | {100.0:6.1f}% |")
     rows.append(f"| {'Hz':<14} | {summary['hz']:8.1f} |")
     rows.append(f"| {'Host e2e':<14} | {summary['host_e2e']['p50']:8.2f} | {summary['host_e2e']['p99']:8.2f} | "
-                f"{'':>7} | numpy in -> numpy out")
+                f"{'':>7} | numpy in -> numpy out (host prep p50 {summary['host_prep']['p50']:.2f} ms)")
     return "\n".join(r for r in rows if r != "")
 
 

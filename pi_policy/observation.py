@@ -32,6 +32,7 @@ class LatencyRecord:
     stages_ms: dict[str, float]
     host_ms: float = 0.0  # numpy in -> numpy out, as the robot sees it
     backends: dict[str, str] = field(default_factory=dict)
+    prep_ms: float = 0.0  # host work before the first stage: validation, tokenization, normalization, uploads
 
     @property
     def total_ms(self) -> float:

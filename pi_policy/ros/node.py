@@ -217,6 +217,10 @@ if LifecycleNode is not None:
             self.destroy_timer(self._autostart_timer)
             if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 self.trigger_activate()
+            else:  # with autostart nobody will retry: exit non-zero so that launch shows the failure
+                self.get_logger().fatal("autostart: configure failed; shutting down")
+                self.autostart_failed = True
+                rclpy.try_shutdown(context=self.context)
 
         def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
             try:
@@ -268,9 +272,10 @@ def main(args=None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        executor.shutdown()  # no inference callback may publish on a destroyed publisher
         node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return 1 if getattr(node, "autostart_failed", False) else 0
 
 
 if __name__ == "__main__":

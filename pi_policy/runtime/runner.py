@@ -222,11 +222,12 @@ class PolicyRunner:
     def infer(self, obs: Observation, noise: np.ndarray | None = None) -> PolicyOutput:
         t0 = time.perf_counter()
         self._load_inputs(obs, noise)
+        prep_ms = (time.perf_counter() - t0) * 1e3
         stages_ms = self.run_stages()
         self.buf.host_actions.copy_(self.buf.actions)
         actions = self.normalizer.unnormalize_actions(self.buf.host_actions[0].numpy())
         host_ms = (time.perf_counter() - t0) * 1e3
-        return PolicyOutput(actions, LatencyRecord(stages_ms, host_ms, dict(self.backends)))
+        return PolicyOutput(actions, LatencyRecord(stages_ms, host_ms, dict(self.backends), prep_ms))
 
 
 DEFAULT_CAMERAS = ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]

@@ -11,13 +11,16 @@ class StageTimer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self._marks: list[tuple[str, object, object]] = []
+        self._events: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
 
     def start(self) -> None:
         self._marks.clear()
 
     def run(self, name: str, fn) -> None:
         if self.cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if name not in self._events:  # created once: event creation/destruction per call costs host time
+                self._events[name] = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            begin, end = self._events[name]
             begin.record()
             fn()
             end.record()
