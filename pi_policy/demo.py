@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU")
+        print(f"pi-policy demo: error: --device {args.device} but torch sees no CUDA GPU (use --device cpu)",
+              file=sys.stderr)
         return 2
     run_demo(args.preset, args.device, args.iters, args.seed, out=None if args.no_bag else args.out)
     return 0

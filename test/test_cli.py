@@ -1,0 +1,58 @@
+"""What users type: `pi-policy demo` and `pi-policy bench` end to end on the tiny model."""
+
+import json
+
+import pytest
+
+from pi_policy.cli import main
+from pi_policy.observation import STAGES
+
+
+def test_demo_runs_the_pipeline_and_replays_a_bag(tmp_path, capsys):
+    assert main(["demo", "--iters", "3", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    for label in ("Vision", "Embed Prefix", "Prefill", "Denoise", "Total", "Hz", "Host e2e"):
+        assert f"| {label}" in out
+    assert "actions 50 x 32: range [" in out and "finite True" in out
+    assert "ticks:" in out and "0 skipped" in out
+    report = tmp_path / "demo" / "report"
+    for name in ("metrics.json", "ticks.csv", "index.html", "joints.png", "latency.png"):
+        assert (report / name).stat().st_size > 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["ticks"]["evaluated"] > 0
+
+
+def test_bench_writes_the_benchmarking_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    code = main(["bench", "--preset", "tiny", "--device", "cpu", "--iters", "3", "--backend", "eager",
+                 "--backend", "fp8", "--json", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "relative error" in out
+    result = json.loads(path.read_text())
+    assert result["machine"]["torch"] and "tensorrt" in result["machine"]
+    assert result["workload"]["preset"] == "tiny" and result["workload"]["iters"] == 3
+    for name in ("eager", "fp8"):
+        entry = result["backends"][name]
+        assert set(entry["backends"]) == set(STAGES)
+        for stage in (*STAGES, "total", "host_e2e"):
+            assert entry[stage]["p50"] > 0 and entry[stage]["p99"] >= entry[stage]["p50"]
+    acc = result["backends"]["fp8"]["accuracy_vs_eager"]
+    for key in ("baseline_range", "baseline_mean", "candidate_range", "candidate_mean", "max_diff", "mean_diff",
+                "relative_error"):
+        assert key in acc
+    assert 0 < acc["relative_error"] < 0.03  # simulated FP8 on CPU moves the actions, a little
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--preset", "pi2", "--device", "cpu"], "unknown preset"),
+    (["bench", "--preset", "tiny", "--device", "cpu", "--compile", "warp"], "unknown stage"),
+    (["demo", "--device", "cuda:7"], "no CUDA GPU"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    import torch
+
+    if argv[0] == "demo" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
