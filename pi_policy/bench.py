@@ -16,6 +16,7 @@ from .latency import action_accuracy, action_stats, comparison_table, stage_tabl
 from .observation import Observation
 from .runtime import DEFAULT_CAMERAS, build_model, build_runner
 from .runtime.backends import BACKENDS
+from .runtime.fp8 import add_fp8_arguments, fp8_options
 
 PROMPT = "pick up the red block and put it in the bin"
 
@@ -48,7 +49,7 @@ def machine_info(device: torch.device) -> dict:
 def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), cameras: int = 3, iters: int = 200,
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
-              fp8_keep_bf16: tuple[str, ...] = ()) -> dict:
+              fp8_options: dict | None = None) -> dict:
     model = build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     if not 0 <= cameras <= cfg.num_cameras:
@@ -63,7 +64,7 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
     for backend in backends:
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
                               engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
-                              fp8_keep_bf16=fp8_keep_bf16)
+                              fp8_options=fp8_options)
         actions = runner.infer(obs, noise=noise).actions
         records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {backend}", disable=not progress,
                                                            leave=False)]
@@ -113,7 +114,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--compile", default=None,
                    help="comma-separated stages to torch.compile; default prefill,denoise on CUDA; 'none' for none")
-    p.add_argument("--fp8-keep-bf16", default="", help="fp8: linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
+    add_fp8_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -134,7 +135,7 @@ def parse_stages(text: str | None) -> tuple[str, ...] | None:
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
-                       tuple(x for x in args.fp8_keep_bf16.split(",") if x))
+                       fp8_options(args))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .runtime.fp8 import add_fp8_arguments, fp8_options
+
 log = logging.getLogger(__name__)
 
 
@@ -37,8 +39,7 @@ def add_parser(subparsers) -> None:
     v.add_argument("--check-baseline", action="store_true",
                    help="rerun BF16 after the candidate and require bit-identical actions and KV")
     v.add_argument("--json", default=None, help="write the report here")
-    v.add_argument("--keep-bf16", default="",
-                   help="fp8: comma-separated linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
+    add_fp8_arguments(v)
     v.set_defaults(func=run_verify)
 
     c = subparsers.add_parser("calibrate", help="FP8 static activation scales from sample observations")
@@ -70,7 +71,7 @@ def run_verify(args: argparse.Namespace) -> int:
         report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
                         args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
                         progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                        fp8_keep_bf16=tuple(x for x in args.keep_bf16.split(",") if x))
+                        fp8_options=fp8_options(args))
     except VerifyError as e:
         print(f"verify: ERROR: {e}", file=sys.stderr)
         return 2

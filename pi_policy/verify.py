@@ -93,7 +93,7 @@ def compare(base: Captured, cand: Captured) -> dict:
 def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = None, device: str = "cpu",
            seed: int = 0, engine_path: str | None = None, max_rel_error: float = 0.03, scales: str = "dynamic",
            calibration_samples_n: int = 4, check_baseline: bool = False, progress: bool = True,
-           norm_stats: str | None = None, tokenizer: str | None = None, fp8_keep_bf16: tuple[str, ...] = ()) -> dict:
+           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None) -> dict:
     """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error)."""
     if backend not in CANDIDATES:
         raise VerifyError(f"unknown candidate backend {backend!r}; choose one of {CANDIDATES}")
@@ -120,7 +120,7 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     if weights_fingerprint(cand_model) != fp_before:
         raise VerifyError("the candidate's model instance does not hold the baseline's weights (non-deterministic "
                           "load?); the comparison would be meaningless")
-    extra = {"fp8_keep_bf16": tuple(fp8_keep_bf16)} if backend == "fp8" else {}
+    extra = {"fp8_options": dict(fp8_options or {})} if backend == "fp8" else {}
     if backend == "fp8" and scales == "static":
         extra["calibration"] = calibration_samples(base_runner, calib_obs, noise)
     cand_runner = build_runner(preset, checkpoint, device=device, backend=backend, model=cand_model,

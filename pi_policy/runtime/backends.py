@@ -20,14 +20,14 @@ class PrefillChoice:
 
 
 def make_prefill(backend: str, model: PiModel, engine_path: str | None = None,
-                 checkpoint: str | None = None, calibration=None, fp8_keep_bf16: tuple[str, ...] = ()
+                 checkpoint: str | None = None, calibration=None, fp8_options: dict | None = None
                  ) -> PrefillChoice:
     if backend in ("bf16", "eager"):
         return PrefillChoice(None, "bf16")
     if backend == "fp8":
         from .fp8 import build_fp8_prefill
 
-        return build_fp8_prefill(model, calibration=calibration, keep_bf16=fp8_keep_bf16)
+        return build_fp8_prefill(model, calibration=calibration, **(fp8_options or {}))
     if backend == "tensorrt":
         from .tensorrt_backend import load_tensorrt_prefill
 

@@ -47,9 +47,10 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  engine_path: str | None = None, action_dim: int | None = None,
                  model: PiModel | None = None, warmup: bool = True,
                  compile_stages: tuple[str, ...] | None = None, calibration=None,
-                 fp8_keep_bf16: tuple[str, ...] = ()) -> PolicyRunner:
+                 fp8_options: dict | None = None) -> PolicyRunner:
     """A runner ready to serve. On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
-    reported in runner.startup_ms); calibration / fp8_keep_bf16 configure the fp8 prefill backend."""
+    reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
+    configure the fp8 prefill."""
     model = model or build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
@@ -57,7 +58,7 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
     normalizer = Normalizer(stats, default_mode(kind), cfg.action_dim, action_dim)
     tok = load_tokenizer(tokenizer, cfg.vocab_size, cfg.max_token_len, kind)
     choice = make_prefill(backend, model, engine_path=engine_path, checkpoint=checkpoint, calibration=calibration,
-                          fp8_keep_bf16=tuple(fp8_keep_bf16))
+                          fp8_options=fp8_options)
     if compile_stages is None:
         compile_stages = DEFAULT_COMPILE if model.time_freqs.device.type == "cuda" and backend != "eager" else ()
     if choice.note:

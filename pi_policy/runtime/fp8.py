@@ -389,3 +389,17 @@ def probe_fp8_shapes(model: PiModel, m: int | None = None, iters: int = 50) -> d
         decisions[shape_key(m, k, n)] = row["fp8_wins"]
         rows.append(row)
     return {"device": torch.cuda.get_device_name(device), "iters": iters, "shapes": rows, "decisions": decisions}
+
+
+def add_fp8_arguments(parser) -> None:
+    """The fp8 backend's options, shared by `bench` and `verify`."""
+    parser.add_argument("--fp8-keep-bf16", default="",
+                        help="fp8: comma-separated linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
+    parser.add_argument("--fp8-exact-accum", action="store_true",
+                        help="fp8: exact accumulation in the FP8 GEMMs (use_fast_accum=False; slower)")
+    parser.add_argument("--fp8-per-channel", action="store_true", help="fp8: per-output-channel weight scales")
+
+
+def fp8_options(args) -> dict:
+    return {"keep_bf16": tuple(x for x in args.fp8_keep_bf16.split(",") if x),
+            "fast_accum": not args.fp8_exact_accum, "per_channel": args.fp8_per_channel}
