@@ -18,7 +18,7 @@ if [ "$part" = a ]; then
 else
   python -m pi_policy verify --preset pi0 --backend fp8 --check-baseline --json "$out/verify_fp8.json" \
     2>&1 | clean | tee "$out/verify_fp8.txt"
-  python -m pi_policy verify --preset pi0 --backend fp8 --keep-bf16 wqkv --json "$out/verify_fp8_wqkv_bf16.json" \
+  python -m pi_policy verify --preset pi0 --backend fp8 --fp8-keep-bf16 wqkv --json "$out/verify_fp8_wqkv_bf16.json" \
     2>&1 | clean | tail -12 | tee "$out/verify_fp8_wqkv_bf16.txt"
   bench pi05_bf16 --preset pi05 --backend bf16 --iters 200
   python -m pi_policy demo --preset pi0 --device cuda --out "$out/demo" 2>&1 | clean | tee "$out/demo_pi0.txt"
