@@ -61,6 +61,8 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                           fp8_options=fp8_options)
     if compile_stages is None:
         compile_stages = DEFAULT_COMPILE if model.time_freqs.device.type == "cuda" and backend != "eager" else ()
+    if choice.name == "tensorrt":  # the engine is already compiled; torch.compile would only graph-break on it
+        compile_stages = tuple(s for s in compile_stages if s != "prefill")
     if choice.note:
         log.warning("prefill backend: %s", choice.note)
     runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=backend != "eager",
