@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .config import PiConfig
 from .pi0 import PiModel
@@ -124,7 +125,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     for f in checkpoint_files(path):
         try:
             with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
+                for k in tqdm(st.keys(), desc=f"reading {f.name}", leave=False, mininterval=1.0):
                     tensors[canonical_key(k)] = st.get_tensor(k)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None

@@ -118,6 +118,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, meta: dict, wor
         raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n  {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if hasattr(trt, "IProgressMonitor"):  # TensorRT >= 10: show the build's phases (it takes minutes)
+        config.progress_monitor = build_progress(trt)
+    log.warning("building the TensorRT engine from %s (several minutes)", onnx_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
@@ -126,6 +129,27 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, meta: dict, wor
     engine_path.write_bytes(bytes(serialized))
     meta_path(engine_path).write_text(json.dumps(meta, indent=2))
     return engine_path
+
+
+def build_progress(trt):
+    """A TensorRT progress monitor printing each build phase with its step count."""
+
+    class Progress(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.t0 = time.perf_counter()
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            indent = "  " if parent_phase else ""
+            print(f"[{time.perf_counter() - self.t0:6.1f} s] {indent}{phase_name} ({num_steps} steps)", flush=True)
+
+        def step_complete(self, phase_name, step):
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Progress()
 
 
 class TensorRTPrefill:
