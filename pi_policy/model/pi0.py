@@ -153,8 +153,8 @@ class PiModel(nn.Module):
 
 def prefix_attention_mask(pad: Tensor) -> Tensor:
     """Bidirectional among valid prefix tokens; a padded token attends only to itself (keeps rows finite)."""
-    eye = torch.eye(pad.shape[1], dtype=torch.bool, device=pad.device)
-    return (pad[:, None, :] & pad[:, :, None]) | eye
+    idx = torch.arange(pad.shape[1], device=pad.device)
+    return (pad[:, None, :] & pad[:, :, None]) | (idx[:, None] == idx[None, :])
 
 
 RESIDUAL_OUT = (".wo.", ".mlp.down.", ".out.", ".fc2.")  # projections that write into a residual stream

@@ -37,47 +37,6 @@ class PrefillGraph(nn.Module):
         return self._prefill(prefix_embs, prefix_pad, None, layers=self.layers)
 
 
-def _cumsum(g, x, dim, dtype):
-    """aten::cumsum that casts a bool input to int64 first (ONNX CumSum has no bool; the positions come from the
-    cumulative sum of the bool pad mask)."""
-    from torch.onnx import symbolic_helper
-
-    if x.type().scalarType() == "Bool":
-        x = g.op("Cast", x, to_i=7)  # TensorProto.INT64, what torch.cumsum(bool) returns
-    axis = g.op("Constant", value_t=torch.tensor(symbolic_helper._get_const(dim, "i", "dim"), dtype=torch.int64))
-    return g.op("CumSum", x, axis)
-
-
-BOOL_SCALAR_TYPE = 11  # c10::ScalarType::Bool
-
-
-def _eye(g, *args):
-    """aten::eye for a bool result as EyeLike over float zeros then Cast (onnxruntime has no bool EyeLike)."""
-    from torch.onnx import symbolic_helper, symbolic_opset9
-
-    dtype = args[-4]
-    if symbolic_helper._maybe_get_const(dtype, "i") != BOOL_SCALAR_TYPE:
-        return symbolic_opset9.eye(g, *args)
-    n, m = args[0], args[1] if len(args) == 6 else args[0]
-    shape = g.op("Concat", symbolic_helper._unsqueeze_helper(g, n, [0]), symbolic_helper._unsqueeze_helper(g, m, [0]),
-                 axis_i=0)
-    zeros = g.op("ConstantOfShape", shape, value_t=torch.zeros(1, dtype=torch.float32))
-    return g.op("Cast", g.op("EyeLike", zeros), to_i=9)  # TensorProto.BOOL
-
-
-@contextlib.contextmanager
-def onnx_fixes(opset: int):
-    """Symbolics for two ops of the shared prefill code that the stock exporter emits in forms runtimes reject."""
-    fixes = {"aten::cumsum": _cumsum, "aten::eye": _eye}
-    for name, fn in fixes.items():
-        torch.onnx.register_custom_op_symbolic(name, fn, opset)
-    try:
-        yield
-    finally:
-        for name in fixes:
-            torch.onnx.unregister_custom_op_symbolic(name, opset)
-
-
 @contextlib.contextmanager
 def exporting(prefill: FP8Prefill):
     lins = prefill.linears().values()
@@ -111,8 +70,7 @@ def export_prefill_onnx(prefill: FP8Prefill, path: str | Path, *, opset: int = M
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = inputs or example_inputs(prefill)
     graph = PrefillGraph(prefill).eval()
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, exporting(prefill), onnx_fixes(opset), \
-            warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, exporting(prefill), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         raw = Path(tmp) / "prefill.onnx"
         torch.onnx.export(graph, inputs, str(raw), dynamo=False, opset_version=opset, input_names=list(INPUTS),
