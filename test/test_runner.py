@@ -85,3 +85,19 @@ def test_bad_inputs_get_a_clear_error(runner, bad, match):
 def test_wrong_noise_shape_is_refused(runner):
     with pytest.raises(ValueError, match="noise must have shape"):
         runner.infer(Observation({}, np.zeros(3), "x"), noise=np.zeros((3, 3), np.float32))
+
+
+def test_a_failing_compiler_falls_back_to_the_plain_stages_visibly():
+    r = build_runner("tiny", progress=False, warmup=False)
+    expected = r.infer(synthetic_observation(DEFAULT_CAMERAS, 56), noise=np.zeros((50, 32), np.float32)).actions
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no Triton on this platform")
+
+    r.velocity_fn, r.compiled = broken, ("denoise",)  # what a compiled stage looks like when the compiler fails
+    r.backends["denoise"] += "-compiled"
+    r.warmup(progress=False)
+    assert "torch.compile failed" in r.compile_note and "no Triton" in r.compile_note
+    assert not r.backends["denoise"].endswith("-compiled") and r.compiled == ()
+    got = r.infer(synthetic_observation(DEFAULT_CAMERAS, 56), noise=np.zeros((50, 32), np.float32)).actions
+    np.testing.assert_array_equal(got, expected)

@@ -103,6 +103,8 @@ class _PolicyServing:
         log.info(f"loading {params.preset} on {params.device}, prefill backend {params.backend}")
         runner = build_runner(**params.runner_kwargs(), progress=True)
         log.info(f"policy ready: cameras {runner.camera_names}, backends {getattr(runner, 'backends', {})}")
+        if getattr(runner, "backend_note", ""):  # a fallback (engine refused, compiler missing): say it loudly
+            log.warning(runner.backend_note)
         assembler = ObservationAssembler(
             params.camera_names, params.required_cameras or None, params.max_observation_age_s,
             params.max_future_skew_s, params.prompt)

@@ -71,4 +71,6 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
     runner.backend_note = choice.note
     if warmup:
         runner.warmup(progress=progress)
+        if runner.compile_note:
+            runner.backend_note = "; ".join(n for n in (choice.note, runner.compile_note) if n)
     return runner

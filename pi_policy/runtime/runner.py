@@ -73,6 +73,8 @@ class PolicyRunner:
         self.prefill_fn = prefill or model.prefill
         self.velocity_fn = model.velocity
         self.vision_fn = model.embed_images
+        self._plain = (self.vision_fn, self.prefill_fn, self.velocity_fn)
+        self.compile_note = ""
         self.compiled = tuple(compile_stages) if self.device.type == "cuda" else ()
         mode = os.environ.get("PI_POLICY_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
         if "vision" in self.compiled:
@@ -135,9 +137,16 @@ class PolicyRunner:
             stream = torch.cuda.Stream() if self.use_graphs else None
             ctx = torch.cuda.stream(stream) if stream is not None else _nullctx()
             with ctx:
-                for _ in range(iters):
-                    for fn in self.stages.values():
-                        fn()
+                for i in range(iters):
+                    try:
+                        for fn in self.stages.values():
+                            fn()
+                    except Exception as e:  # noqa: BLE001 - a compiler failure must not stop the robot
+                        if i > 0 or not self.compiled:
+                            raise
+                        self._uncompile(f"{type(e).__name__}: {e}")
+                        for fn in self.stages.values():
+                            fn()
                     bar.update()
             if stream is not None:
                 torch.cuda.current_stream().wait_stream(stream)
@@ -152,6 +161,15 @@ class PolicyRunner:
                 torch.cuda.synchronize()
         self.startup_ms["warmup_and_capture"] = (time.perf_counter() - t0) * 1e3
         return self.startup_ms
+
+    def _uncompile(self, reason: str) -> None:
+        """torch.compile failed (no Triton on this platform, say): run the same stages uncompiled, visibly."""
+        self.compile_note = f"torch.compile failed, stages run uncompiled: {reason.splitlines()[0][:300]}"
+        log.warning(self.compile_note)
+        self.vision_fn, self.prefill_fn, self.velocity_fn = self._plain
+        for s in self.compiled:
+            self.backends[s] = self.backends[s].removesuffix("-compiled")
+        self.compiled = ()
 
     # -- per call --------------------------------------------------------------------------------
     def _load_inputs(self, obs: Observation, noise: np.ndarray | None) -> None:
