@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:  # an optional dependency of this command
+        hint = ' (pip install -e ".[onnx]")' if e.name in ("onnx", "onnxruntime") else f" (pip install {e.name})"
+        print(f"pi-policy {args.command}: error: this command needs the {e.name} package{hint}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"pi-policy {args.command}: error: {e}", file=sys.stderr)
         return 2
