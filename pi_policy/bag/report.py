@@ -129,10 +129,23 @@ def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> None:
     fig.savefig(path, dpi=90)
 
 
-def plot_horizon_error(ev: Evaluation, path: Path) -> None:
+def _line_plot() -> tuple[Figure, object]:
     fig = Figure(figsize=(7, 3.5))
     fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.14)
-    ax = fig.subplots()
+    return fig, fig.subplots()
+
+
+def _finish_line_plot(fig: Figure, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+
+
+def plot_horizon_error(ev: Evaluation, path: Path) -> None:
+    fig, ax = _line_plot()
     for r in ev.replays:
         tr = r.trace
         err = np.abs(tr.predicted - tr.recorded)
@@ -140,18 +153,12 @@ def plot_horizon_error(ev: Evaluation, path: Path) -> None:
         count = mask.sum(axis=(0, 2))
         mae = np.where(count > 0, np.where(mask, err, 0).sum(axis=(0, 2)) / np.maximum(count, 1), np.nan)
         ax.plot(np.arange(len(mae)), mae, marker=".", label=r.backend)
-    ax.set_xlabel("chunk step")
-    ax.set_ylabel("MAE (robot units)")
-    ax.set_title("Error over the horizon (mean over ticks and joints)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=90)
+    _finish_line_plot(fig, ax, path, "chunk step", "MAE (robot units)",
+                      "Error over the horizon (mean over ticks and joints)")
 
 
 def plot_tick_error(ev: Evaluation, path: Path) -> None:
-    fig = Figure(figsize=(7, 3.5))
-    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.14)
-    ax = fig.subplots()
+    fig, ax = _line_plot()
     t0 = ev.info.start_ns / 1e9
     for r in ev.replays:
         mae, _ = tick_errors(r.trace)
@@ -159,12 +166,7 @@ def plot_tick_error(ev: Evaluation, path: Path) -> None:
     skipped = [ev.first.tick_times[i] - t0 for i in ev.first.skipped]
     if skipped:
         ax.plot(skipped, np.zeros(len(skipped)), "x", color="gray", label="skipped tick")
-    ax.set_xlabel("observation stamp since bag start (s)")
-    ax.set_ylabel("MAE over the chunk")
-    ax.set_title("Error per tick", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=90)
+    _finish_line_plot(fig, ax, path, "observation stamp since bag start (s)", "MAE over the chunk", "Error per tick")
 
 
 def plot_latency(ev: Evaluation, path: Path) -> None:
