@@ -6,6 +6,7 @@ All stage inputs and outputs live in preallocated device buffers, so each stage 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from ..model.normalize import Normalizer
 from ..model.pi0 import PiModel
 from ..model.preprocess import resize_with_pad_tensor, to_rgb_uint8
 from ..observation import STAGES, LatencyRecord, Observation, PolicyOutput
+from .timer import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,6 @@ class PolicyRunner:
         self.startup_ms: dict[str, float] = {}
         self._token_cache: tuple[str, np.ndarray, np.ndarray] | None = None
         self._to_resize: list[tuple[int, torch.Tensor]] = []
-        from .timer import StageTimer
-
         self.timer = StageTimer(self.device)
 
     # -- the four stages: static buffers in, static buffers out ---------------------------------
@@ -135,7 +135,7 @@ class PolicyRunner:
         steps = iters + (len(STAGES) if self.use_graphs else 0)
         with tqdm(total=steps, desc="warm-up", disable=not progress, leave=False) as bar:
             stream = torch.cuda.Stream() if self.use_graphs else None
-            ctx = torch.cuda.stream(stream) if stream is not None else _nullctx()
+            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
                 for i in range(iters):
                     try:
@@ -250,10 +250,3 @@ class PolicyRunner:
 
 DEFAULT_CAMERAS = ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
 
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
