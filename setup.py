@@ -40,7 +40,7 @@ setup(
     tests_require=["pytest"],
     entry_points={
         "console_scripts": [
-            "pi-policy = pi_policy.cli:main",
+            "pi-policy = pi_policy.tools.cli:main",
             "pi_policy_node = pi_policy.ros.node:main",
         ],
     },

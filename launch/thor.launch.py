@@ -34,7 +34,7 @@ def generate_launch_description():
         DeclareLaunchArgument(
             "config",
             default_value=PathJoinSubstitution([FindPackageShare("pi_policy"), "config", "thor.yaml"]),
-            description="ROS 2 parameter file for the node (see pi_policy/node_params.py)",
+            description="ROS 2 parameter file for the node (see pi_policy/node/params.py)",
         ),
         DeclareLaunchArgument("checkpoint", default_value="",
                               description="Model weights; overrides the config's checkpoint when set"),

@@ -1,3 +1,3 @@
-from .cli import main
+from pi_policy.tools.cli import main
 
 raise SystemExit(main())

@@ -8,6 +8,8 @@ from typing import Protocol
 import numpy as np
 
 STAGES = ("vision", "embed_prefix", "prefill", "denoise")
+# The camera slots pi0 / pi0.5 were trained with (openpi's names), in the model's order.
+DEFAULT_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 
 
 @dataclass

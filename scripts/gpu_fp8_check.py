@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pi_policy.model.checkpoint import weights_fingerprint  # noqa: E402
 from pi_policy.runtime import build_model  # noqa: E402
-from pi_policy.runtime.fp8 import build_fp8_prefill, fp8_supported, probe_fp8_shapes, shape_key  # noqa: E402
-from pi_policy.verify import format_report, verify, write_report  # noqa: E402
+from pi_policy.runtime.prefill.fp8 import build_fp8_prefill, fp8_supported, shape_key  # noqa: E402
+from pi_policy.runtime.prefill.fp8_probe import probe_fp8_shapes  # noqa: E402
+from pi_policy.tools.verify import format_report, verify, write_report  # noqa: E402
 
 
 def log(msg: str) -> None:

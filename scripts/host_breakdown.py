@@ -6,8 +6,9 @@ import time
 import numpy as np
 import torch
 
-from pi_policy.bench import synthetic_observation
-from pi_policy.runtime import DEFAULT_CAMERAS, build_runner
+from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.runtime import build_runner
+from pi_policy.tools.synthetic import synthetic_observation
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--preset", default="pi0")
@@ -21,7 +22,7 @@ obs = synthetic_observation(DEFAULT_CAMERAS, 224, seed=0)
 parts = {"prep": [], "launch": [], "wait": [], "post": [], "gpu_total": []}
 for i in range(args.iters + 5):
     t0 = time.perf_counter()
-    runner._load_inputs(obs, None)
+    runner.load_inputs(obs, None)
     t1 = time.perf_counter()
     runner.timer.start()
     for name, fn in runner.stages.items():

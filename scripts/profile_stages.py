@@ -5,8 +5,9 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pi_policy.bench import synthetic_observation
-from pi_policy.runtime import DEFAULT_CAMERAS, build_runner
+from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.runtime import build_runner
+from pi_policy.tools.synthetic import synthetic_observation
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--preset", default="pi0")

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from pi_policy.bag.cli import main
 from pi_policy.bag.demo_bag import (
     ACTION_TOPIC,
     DEMO_CAMERAS,
@@ -15,7 +14,8 @@ from pi_policy.bag.demo_bag import (
     write_demo_bag,
 )
 from pi_policy.bag.reader import BagError, inspect_bag, read_messages
-from pi_policy.messages import compressed_image_to_rgb, image_to_rgb, joint_state_to_vector
+from pi_policy.node.inputs import compressed_image_to_rgb, image_to_rgb, joint_state_to_vector
+from pi_policy.tools.cli import main
 
 
 @pytest.mark.parametrize("storage", ["mcap", "sqlite3"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
-from pi_policy.bag.cli import main
+from pi_policy.bag.actions import build_action_series
 from pi_policy.bag.demo_bag import (
     ACTION_TOPIC,
     DEMO_CAMERAS,
@@ -15,23 +15,25 @@ from pi_policy.bag.demo_bag import (
     JOINT_STATES_TOPIC,
     PROMPT_TOPIC,
     DemoSpec,
+    demo_params,
     write_demo_bag,
 )
-from pi_policy.bag.reader import TYPESTORE, BagError, build_action_series, inspect_bag, read_messages
-from pi_policy.bag.replay import NO_ACTIONS, ReplaySettings, evaluate, load_actions, skip_counts
+from pi_policy.bag.reader import TYPESTORE, BagError, inspect_bag, read_messages
+from pi_policy.bag.replay import NO_ACTIONS, ReplaySetup, evaluate, load_actions, skip_counts
 from pi_policy.bag.report import REPORT_FILES, build_metrics, write_html, write_report
 from pi_policy.bag.writer import write_output_bag
+from pi_policy.node.params import params_from_dict
 from pi_policy.observation import STAGES, LatencyRecord, PolicyOutput
+from pi_policy.tools.cli import main
 
 CONFIG = "config/demo_bag.yaml"
 HORIZON, ACTION_DIM = 20, 32
 
 
-def settings(source="topic", **kw):
-    kw = dict(rate_hz=10.0, control_period_s=0.02, max_age_s=0.2) | kw
-    return ReplaySettings(cameras=dict(DEMO_CAMERAS), joint_names=list(DEMO_JOINTS),
-                          joint_states_topic=JOINT_STATES_TOPIC, prompt_topic=PROMPT_TOPIC, action_source=source,
-                          action_topic=ACTION_TOPIC, **kw)
+def settings(source="topic", max_ticks=None, **params):
+    """The demo bag's node parameters (what config/demo_bag.yaml holds), with overrides."""
+    return ReplaySetup(params_from_dict(demo_params() | {"prompt": ""} | params), source, ACTION_TOPIC,
+                       max_ticks=max_ticks)
 
 
 class ReplayPolicy:
@@ -47,7 +49,7 @@ class ReplayPolicy:
 
     def infer(self, obs):
         self.prompts.append(obs.prompt)
-        t = obs.stamp + (np.arange(self.horizon) + self.s.step_offset) * self.s.control_period_s
+        t = obs.stamp + (np.arange(self.horizon) + self.s.step_offset) * self.s.params.control_period_s
         values, _ = self.actions.sample(t)
         out = np.zeros((self.horizon, self.action_dim), np.float32)
         out[:, : values.shape[1]] = values + self.offset
@@ -272,7 +274,7 @@ def test_action_series_gap_and_trajectory_replacement():
 
 
 def test_rate_zero_ticks_on_every_accepted_frame(bags):
-    ev, _ = run(bags["mcap"], settings(rate_hz=0.0))
+    ev, _ = run(bags["mcap"], settings(inference_rate_hz=0.0))
     r = ev.first
     frames = sum(len(r.arrival[t]) for t in DEMO_CAMERAS.values())
     assert len(r.tick_times) == frames == 72  # 3 cameras x 12 Hz x 2 s
@@ -293,7 +295,7 @@ def test_robot_config_replays_with_command_line_overrides():
     # config/thor.yaml names files that exist only on the robot; overrides make it usable here
     import argparse
 
-    from pi_policy.bag.cli import add_parser, load_params
+    from pi_policy.tools.bag import add_parser, load_params
 
     parser_args = ["eval-bag", "bag", "--config", "config/thor.yaml", "--preset", "tiny", "--device", "cpu",
                    "--checkpoint", "", "--set", "norm_stats=''", "--set", "tokenizer=''", "--set",
@@ -303,9 +305,9 @@ def test_robot_config_replays_with_command_line_overrides():
     args = parser.parse_args(parser_args)
     params = load_params(args)
     assert params.preset == "tiny" and params.checkpoint == "" and len(params.joint_names) == 14
-    s = ReplaySettings.from_params(params, "joints", None, namespace=args.namespace)
+    s = ReplaySetup(params, "joints", None, namespace=args.namespace)
     assert s.cameras["base_0_rgb"] == "/robot1/cameras/base/image_raw"
-    assert s.joint_states_topic == "/robot1/joint_states" and s.required_cameras == ["base_0_rgb"]
+    assert s.joint_states_topic == "/robot1/joint_states" and s.params.required_cameras == ["base_0_rgb"]
 
 
 def test_tiny_model_end_to_end(bags):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pi_policy.cli import main
 from pi_policy.observation import STAGES
+from pi_policy.tools.cli import main
 
 
 def test_demo_runs_the_pipeline_and_replays_a_bag(tmp_path, capsys):

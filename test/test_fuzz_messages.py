@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 from rosbags.typesys import Stores, get_typestore
 
-from pi_policy.messages import (
+from pi_policy.node.assembler import ObservationAssembler
+from pi_policy.node.inputs import (
     SUPPORTED_ENCODINGS,
     MessageError,
     compressed_image_to_rgb,
@@ -12,9 +13,9 @@ from pi_policy.messages import (
     joint_state_to_vector,
     stamp_to_sec,
 )
-from pi_policy.node_logic import MessageClasses, MessageFactory, PolicyNodeLogic
+from pi_policy.node.logic import PolicyNodeLogic
+from pi_policy.node.outputs import MessageClasses, MessageFactory
 from pi_policy.observation import STAGES, LatencyRecord, PolicyOutput
-from pi_policy.sync import ObservationAssembler
 
 TS = get_typestore(Stores.ROS2_HUMBLE)
 T = TS.types

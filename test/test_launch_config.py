@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pi_policy.node_params import (
+from pi_policy.node.params import (
     NODE_NAME,
     PARAMS,
     NodeParams,

@@ -29,7 +29,7 @@ from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
-from pi_policy.node_params import load_params_yaml  # noqa: E402
+from pi_policy.node.params import load_params_yaml  # noqa: E402
 
 LAUNCH_FILE = Path(__file__).resolve().parents[1] / "launch" / "thor.launch.py"
 NAMESPACE = "pi_policy_launch_test"  # the node's relative topics resolve under /pi_policy_launch_test/

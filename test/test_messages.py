@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from rosbags.typesys import Stores, get_typestore
 
-from pi_policy.messages import (
+from pi_policy.node.inputs import (
     MessageError,
     compressed_image_to_rgb,
     header_stamp_sec,

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from rosbags.typesys import Stores, get_typestore
 
-from pi_policy.messages import sec_to_stamp, stamp_to_sec
-from pi_policy.node_logic import MessageClasses, MessageFactory, PolicyNodeLogic
+from pi_policy.node.assembler import ObservationAssembler
+from pi_policy.node.inputs import sec_to_stamp, stamp_to_sec
+from pi_policy.node.logic import PolicyNodeLogic
+from pi_policy.node.outputs import MessageClasses, MessageFactory
 from pi_policy.observation import STAGES, LatencyRecord, PolicyOutput
-from pi_policy.sync import ObservationAssembler
 
 TS = get_typestore(Stores.ROS2_HUMBLE)
 T = TS.types

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pi_policy.runtime import build_model
-from pi_policy.runtime.fp8 import build_fp8_prefill
-from pi_policy.runtime.onnx_export import export_prefill_onnx, run_onnxruntime
+from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
+from pi_policy.runtime.prefill.onnx_export import export_prefill_onnx, run_onnxruntime
 
 pytest.importorskip("onnxruntime")
 

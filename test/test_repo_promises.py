@@ -30,7 +30,7 @@ def test_only_the_adapters_import_ros_or_tensorrt():
     offenders = []
     for path in (ROOT / "pi_policy").rglob("*.py"):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith("pi_policy/ros/") or rel == "pi_policy/runtime/tensorrt_backend.py":
+        if rel.startswith("pi_policy/ros/") or rel == "pi_policy/runtime/prefill/tensorrt.py":
             continue
         if pattern.search(path.read_text()):
             offenders.append(rel)
@@ -52,3 +52,20 @@ def test_ruff_clean():
     result = subprocess.run([ruff, "check", "pi_policy", "test", "scripts", "launch"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+# Each package may import only from the layers below it: tools -> bag, ros -> node -> runtime -> model.
+LAYERS = {"model": set(), "runtime": {"model"}, "node": {"runtime", "model"},
+          "bag": {"node", "runtime", "model"}, "ros": {"node", "runtime", "model"},
+          "tools": {"bag", "node", "runtime", "model"}}
+
+
+def test_imports_run_down_the_layers():
+    pattern = re.compile(r"^\s*(?:from|import)\s+pi_policy\.(\w+)", re.M)
+    offenders = []
+    for layer, allowed in LAYERS.items():
+        for path in (ROOT / "pi_policy" / layer).rglob("*.py"):
+            for target in pattern.findall(path.read_text()):
+                if target in LAYERS and target != layer and target not in allowed:
+                    offenders.append(f"{path.relative_to(ROOT)} imports pi_policy.{target}")
+    assert not offenders

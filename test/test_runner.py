@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pi_policy.bench import synthetic_observation
 from pi_policy.model.preprocess import resize_with_pad
-from pi_policy.observation import STAGES, Observation
-from pi_policy.runtime import DEFAULT_CAMERAS, build_runner
+from pi_policy.observation import DEFAULT_CAMERAS, STAGES, Observation
+from pi_policy.runtime import build_runner
+from pi_policy.tools.synthetic import synthetic_observation
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny05"])

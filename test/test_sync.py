@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pi_policy.messages import MessageError
-from pi_policy.sync import ObservationAssembler
+from pi_policy.node.assembler import ObservationAssembler
+from pi_policy.node.inputs import MessageError
 
 CAMS = ["base", "left", "right"]
 

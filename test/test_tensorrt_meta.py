@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pi_policy.runtime import build_model
-from pi_policy.runtime.tensorrt_backend import (
+from pi_policy.runtime.prefill.tensorrt import (
     META_FORMAT,
     EngineMismatch,
     check_engine_meta,
@@ -84,6 +84,6 @@ def test_engine_runtime_needs_tensorrt():
 
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU")
-    from pi_policy.runtime.tensorrt_backend import import_tensorrt
+    from pi_policy.runtime.prefill.tensorrt import import_tensorrt
 
     assert hasattr(import_tensorrt(), "Builder")

@@ -1,13 +1,12 @@
 """`pi-policy verify`: the report has every field, the baseline is protected, bad requests fail clearly."""
 
-import argparse
 import importlib.util
 import json
 
 import pytest
 
-from pi_policy import engine_cli
-from pi_policy.verify import VerifyError, format_report, verify
+from pi_policy.tools.cli import main
+from pi_policy.tools.verify import VerifyError, format_report, verify
 
 FIELDS = {"backend", "baseline_backend", "candidate_backend", "candidate_note", "preset", "checkpoint", "device",
           "gpu", "torch", "seed", "weights_fingerprint_before", "weights_fingerprint_after", "bf16", "candidate",
@@ -39,9 +38,7 @@ def test_printed_block(report):
 
 
 def cli(*argv):
-    p = argparse.ArgumentParser()
-    engine_cli.add_parser(p.add_subparsers(dest="command", required=True))
-    return engine_cli.run(p.parse_args(list(argv)))
+    return main(list(argv))
 
 
 def test_cli_exit_status_and_json(tmp_path, capsys):

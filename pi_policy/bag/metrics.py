@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-PERCENTILES = (50, 95, 99)
+from pi_policy.runtime.stats import percentiles, relative_error
 
 
 @dataclass
@@ -43,16 +43,6 @@ def _masked_mean(x: np.ndarray, mask: np.ndarray, axis) -> np.ndarray:
     total = np.where(mask, x, 0.0).sum(axis=axis)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
-def percentiles(x: np.ndarray) -> dict[str, float | None]:
-    """p50/p95/p99, mean and count of the finite values of x; None where there are none."""
-    x = np.asarray(x, np.float64)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return {f"p{p}": None for p in PERCENTILES} | {"mean": None, "n": 0}
-    out = {f"p{p}": float(np.percentile(x, p)) for p in PERCENTILES}
-    return out | {"mean": float(x.mean()), "n": int(x.size)}
 
 
 def tick_errors(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +110,6 @@ def compare(candidate: Trace, baseline: Trace) -> dict:
     a = candidate.predicted.astype(np.float64)
     b = baseline.predicted.astype(np.float64)
     diff = np.abs(a - b)
-    norm_b = float(np.linalg.norm(b))
     cand_sum, base_sum = summarize(candidate, 1), summarize(baseline, 1)
     latency = {}
     for stage in baseline.latency_ms:
@@ -135,7 +124,7 @@ def compare(candidate: Trace, baseline: Trace) -> dict:
         "actions": {
             "max_abs_diff": float(diff.max()) if diff.size else 0.0,
             "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-            "rel_err": float(np.linalg.norm(a - b) / norm_b) if norm_b > 0 else None,
+            "rel_err": relative_error(a, b),
             "per_joint_mean_abs_diff": {name: float(diff[..., j].mean()) if diff.size else 0.0
                                         for j, name in enumerate(baseline.joint_names)},
         },

@@ -1,4 +1,4 @@
-"""Replay a bag tick by tick through the node's own logic (pi_policy.node_logic) and record every chunk."""
+"""Replay a bag tick by tick through the node's own logic (pi_policy.node.logic) and record every chunk."""
 
 from __future__ import annotations
 
@@ -11,22 +11,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pi_policy.bag.actions import ActionSeries, find_gaps, load_action_series
 from pi_policy.bag.metrics import Trace
-from pi_policy.bag.reader import (
-    TYPESTORE,
-    ActionSeries,
-    BagInfo,
-    BagMessage,
-    TopicReport,
-    find_gaps,
-    inspect_bag,
-    load_action_series,
-    read_messages,
-)
-from pi_policy.node_logic import DROPPED, MessageClasses, MessageFactory, PolicyNodeLogic
-from pi_policy.node_params import NODE_NAME, NodeParams
+from pi_policy.bag.reader import TYPESTORE, BagInfo, BagMessage, TopicReport, inspect_bag, read_messages
+from pi_policy.node.logic import DROPPED, PolicyNodeLogic
+from pi_policy.node.outputs import MessageClasses, MessageFactory
+from pi_policy.node.params import NODE_NAME, NodeParams, is_compressed_topic
 from pi_policy.observation import STAGES, Policy
-from pi_policy.sync import Assembled, ObservationAssembler
 
 FACTORY = MessageFactory(MessageClasses.from_typestore(TYPESTORE))
 ACTION_SOURCES = ("topic", "joints")
@@ -44,32 +35,15 @@ def resolve_topic(name: str, namespace: str = "/", node: str = NODE_NAME) -> str
     return f"{ns}/{name}"
 
 
-def is_compressed(topic: str) -> bool:
-    # the node's rule (NodeParams.cameras): a topic ending in /compressed carries CompressedImage
-    return topic.rstrip("/").endswith("/compressed")
-
-
 @dataclass
-class ReplaySettings:
-    """What the node's parameters say about inputs and timing, plus the evaluation's own choices.
+class ReplaySetup:
+    """The node's parameters, plus the evaluation's own choices: where the recorded actions come from, the
+    namespace the node's relative topics resolve in, and a tick limit."""
 
-    Topics here are absolute, as they appear in a bag.
-    """
-
-    cameras: dict[str, str]  # camera name (as the policy knows it) -> image topic
-    joint_names: list[str]
-    joint_states_topic: str
-    rate_hz: float  # inference ticks per second; 0 = a tick after every accepted camera frame
-    control_period_s: float  # time between two steps of an action chunk
-    max_age_s: float
-    max_future_s: float = 0.05
-    required_cameras: list[str] | None = None
-    prompt: str = ""
-    prompt_topic: str | None = None
-    output_joint_names: list[str] | None = None  # joints of the published trajectory; default joint_names
-    latency_budget_ms: float = 100.0
+    params: NodeParams
     action_source: str = "topic"
     action_topic: str | None = None  # the recorded actions, when action_source is "topic"
+    namespace: str = "/"
     max_ticks: int | None = None
 
     def __post_init__(self) -> None:
@@ -77,30 +51,26 @@ class ReplaySettings:
             raise ValueError(f"action source must be one of {ACTION_SOURCES}, got {self.action_source!r}")
         if self.action_source == "topic" and not self.action_topic:
             raise ValueError("action source 'topic' needs an action topic (--action-topic)")
-        if not self.rate_hz >= 0 or not self.control_period_s > 0:
-            raise ValueError(f"rate ({self.rate_hz} Hz) must be >= 0 and control period "
-                             f"({self.control_period_s} s) > 0")
-        if not self.joint_names:
-            raise ValueError("no joint names configured")
 
-    @classmethod
-    def from_params(cls, params: NodeParams, action_source: str = "topic", action_topic: str | None = None,
-                    max_ticks: int | None = None, namespace: str = "/") -> ReplaySettings:
-        """The node's parameters (pi_policy.node_params), its topics resolved in `namespace`."""
-        def res(name: str) -> str:
-            return resolve_topic(name, namespace)
+    def topic(self, name: str) -> str:
+        return resolve_topic(name, self.namespace)
 
-        return cls(
-            cameras={name: res(topic) for name, topic, _ in params.cameras()},
-            joint_names=list(params.joint_names), joint_states_topic=res(params.joint_state_topic),
-            rate_hz=params.inference_rate_hz, control_period_s=params.control_period_s,
-            max_age_s=params.max_observation_age_s, max_future_s=params.max_future_skew_s,
-            required_cameras=list(params.required_cameras) or None, prompt=params.prompt,
-            prompt_topic=res(params.prompt_topic) if params.prompt_topic else None,
-            output_joint_names=params.outputs(), latency_budget_ms=params.latency_budget_ms,
-            action_source=action_source, action_topic=res(action_topic) if action_topic else None,
-            max_ticks=max_ticks,
-        )
+    @property
+    def cameras(self) -> dict[str, str]:
+        """Camera name (as the policy knows it) -> absolute image topic, as it appears in a bag."""
+        return {name: self.topic(topic) for name, topic, _ in self.params.cameras()}
+
+    @property
+    def joint_states_topic(self) -> str:
+        return self.topic(self.params.joint_state_topic)
+
+    @property
+    def prompt_topic(self) -> str | None:
+        return self.topic(self.params.prompt_topic) if self.params.prompt_topic else None
+
+    @property
+    def rate_hz(self) -> float:
+        return self.params.inference_rate_hz
 
     @property
     def step_offset(self) -> int:
@@ -113,17 +83,29 @@ class ReplaySettings:
 
     @property
     def action_series_topic(self) -> str:
-        return self.action_topic if self.action_source == "topic" else self.joint_states_topic
+        return self.topic(self.action_topic) if self.action_source == "topic" else self.joint_states_topic
 
     @property
     def input_topics(self) -> list[str]:
         topics = list(self.cameras.values()) + [self.joint_states_topic]
         return topics + ([self.prompt_topic] if self.prompt_topic else [])
 
+    def describe(self) -> dict:
+        """What the report records about the replay."""
+        p = self.params
+        return {"cameras": self.cameras, "joint_names": list(p.joint_names),
+                "joint_states_topic": self.joint_states_topic, "prompt_topic": self.prompt_topic,
+                "rate_hz": p.inference_rate_hz, "control_period_s": p.control_period_s,
+                "max_age_s": p.max_observation_age_s, "max_future_s": p.max_future_skew_s,
+                "required_cameras": list(p.required_cameras) or list(p.camera_names), "prompt": p.prompt,
+                "latency_budget_ms": p.latency_budget_ms, "action_source": self.action_source,
+                "action_topic": self.action_series_topic, "namespace": self.namespace,
+                "max_ticks": self.max_ticks, "step_offset": self.step_offset}
 
-def load_actions(bag: str | Path, settings: ReplaySettings) -> tuple[ActionSeries, TopicReport]:
+
+def load_actions(bag: str | Path, setup: ReplaySetup) -> tuple[ActionSeries, TopicReport]:
     """The recorded actions the chunks are compared with (action topic or future joint positions)."""
-    return load_action_series(bag, settings.action_series_topic, settings.action_source, settings.joint_names)
+    return load_action_series(bag, setup.action_series_topic, setup.action_source, setup.params.joint_names)
 
 
 @dataclass
@@ -163,20 +145,10 @@ def skip_counts(skipped: dict[int, list[str]]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-class _RecordingAssembler(ObservationAssembler):
-    """The node's assembler, unchanged, keeping the last assemble() result so skips can be itemized."""
-
-    last: Assembled | None = None
-
-    def assemble(self, now: float) -> Assembled:
-        self.last = super().assemble(now)
-        return self.last
-
-
 class _Feeder:
     """Hands bag messages to the node logic's subscription callbacks and counts what they reject."""
 
-    def __init__(self, settings: ReplaySettings, logic: PolicyNodeLogic):
+    def __init__(self, settings: ReplaySetup, logic: PolicyNodeLogic):
         self.s, self.logic = settings, logic
         self.cam_of = {topic: cam for cam, topic in settings.cameras.items()}
         self.topics = {t: TopicReport() for t in settings.input_topics}
@@ -196,7 +168,7 @@ class _Feeder:
             report.problem("invalid", f"{bm.topic} carries {bm.msgtype}; the node subscribes {expected}")
             return False
         if bm.topic in self.cam_of:
-            error = self.logic.on_image(self.cam_of[bm.topic], bm.msg, compressed=is_compressed(bm.topic))
+            error = self.logic.on_image(self.cam_of[bm.topic], bm.msg, compressed=is_compressed_topic(bm.topic))
         elif bm.topic == self.s.joint_states_topic:
             error = self.logic.on_joint_state(bm.msg)
         else:
@@ -207,13 +179,13 @@ class _Feeder:
 
     def _expected(self, topic: str) -> str:
         if topic in self.cam_of:
-            return "sensor_msgs/msg/CompressedImage" if is_compressed(topic) else "sensor_msgs/msg/Image"
+            return "sensor_msgs/msg/CompressedImage" if is_compressed_topic(topic) else "sensor_msgs/msg/Image"
         if topic == self.s.joint_states_topic:
             return "sensor_msgs/msg/JointState"
         return "std_msgs/msg/String"
 
 
-def _ticks(stream: Iterator[BagMessage], feeder: _Feeder, info: BagInfo, s: ReplaySettings) -> Iterator[int]:
+def _ticks(stream: Iterator[BagMessage], feeder: _Feeder, info: BagInfo, s: ReplaySetup) -> Iterator[int]:
     """Feed the messages in recorded order and yield each tick time (ns) as the node's timer would fire.
 
     With a rate, ticks fall every period from one period after the first message to the last message.
@@ -234,17 +206,15 @@ def _ticks(stream: Iterator[BagMessage], feeder: _Feeder, info: BagInfo, s: Repl
             yield bm.log_ns
 
 
-def replay(bag: str | Path, settings: ReplaySettings, policy: Policy, actions: ActionSeries,
+def replay(bag: str | Path, settings: ReplaySetup, policy: Policy, actions: ActionSeries,
            backend: str = "policy", info: BagInfo | None = None, progress: bool = True,
            keep_outputs: bool = False) -> Replay:
     """One pass over the bag with one policy, through the node's logic."""
     info = info or inspect_bag(bag)
-    s = settings
-    if policy.action_dim < len(s.joint_names):
-        raise ValueError(f"policy action_dim {policy.action_dim} < {len(s.joint_names)} configured joints")
-    assembler = _RecordingAssembler(list(s.cameras), s.required_cameras, s.max_age_s, s.max_future_s, s.prompt)
-    logic = PolicyNodeLogic(policy, assembler, FACTORY, s.joint_names, s.output_joint_names or s.joint_names,
-                            s.control_period_s, s.latency_budget_ms)
+    s, params = settings, settings.params
+    if policy.action_dim < len(params.joint_names):
+        raise ValueError(f"policy action_dim {policy.action_dim} < {len(params.joint_names)} configured joints")
+    logic = PolicyNodeLogic.from_params(params, policy, FACTORY, NODE_NAME, hardware_id="")
     feeder = _Feeder(s, logic)
     stream = read_messages(bag, [t for t in s.input_topics if t in info.topics])
     if s.rate_hz > 0:
@@ -252,8 +222,8 @@ def replay(bag: str | Path, settings: ReplaySettings, policy: Policy, actions: A
     else:
         total = sum(info.counts.get(t, 0) for t in s.cameras.values())
     total = min(total, s.max_ticks) if s.max_ticks is not None else total
-    horizon, n_joints = policy.horizon, len(s.joint_names)
-    steps = (np.arange(horizon) + s.step_offset) * s.control_period_s
+    horizon, n_joints = policy.horizon, len(params.joint_names)
+    steps = (np.arange(horizon) + s.step_offset) * params.control_period_s
     tick_times, evaluated, skipped, warnings, outputs = [], [], {}, {}, []
     stamps, ages, predicted, recorded, valid = [], [], [], [], []
     latency: dict[str, list[float]] = {}
@@ -265,17 +235,15 @@ def replay(bag: str | Path, settings: ReplaySettings, policy: Policy, actions: A
         i = len(tick_times)
         tick_times.append(tick_ns / 1e9)
         bar.update()
-        assembler.last = None
         result = logic.tick(tick_ns / 1e9, require_new=s.rate_hz == 0)
-        assembled = assembler.last
+        assembled = result.assembled
         if keep_outputs and result.level != DROPPED:
             done_ns = tick_ns + (round(result.output.latency.host_ms * 1e6) if result.output else 0)
             outputs.append(Output(done_ns, result.trajectory, result.diagnostics))
         if assembled is not None and assembled.warnings:
             warnings[i] = assembled.warnings
         if result.output is None:  # skipped by the node, or inference failed
-            observed = assembled is not None and assembled.ok
-            skipped[i] = assembled.errors if assembled is not None and not observed else [result.message]
+            skipped[i] = result.skip_reasons
             continue
         obs = assembled.observation
         target, ok = actions.sample(obs.stamp + steps)
@@ -301,7 +269,7 @@ def replay(bag: str | Path, settings: ReplaySettings, policy: Policy, actions: A
     stream.close()  # messages after the last tick cannot change any tick
     order = [k for k in STAGES if k in latency] + sorted(k for k in latency if k not in STAGES)
     trace = Trace(
-        backend=backend, joint_names=list(s.joint_names), control_period_s=s.control_period_s,
+        backend=backend, joint_names=list(params.joint_names), control_period_s=params.control_period_s,
         step_offset=s.step_offset, ticks=np.asarray(evaluated, np.int64), times=np.asarray(stamps, np.float64),
         predicted=np.asarray(predicted).reshape(-1, horizon, n_joints),
         recorded=np.asarray(recorded).reshape(-1, horizon, n_joints),
@@ -315,7 +283,7 @@ def replay(bag: str | Path, settings: ReplaySettings, policy: Policy, actions: A
 @dataclass
 class Evaluation:
     info: BagInfo
-    settings: ReplaySettings
+    settings: ReplaySetup
     actions: ActionSeries
     action_report: TopicReport
     replays: list[Replay]
@@ -327,7 +295,7 @@ class Evaluation:
         return self.replays[0]
 
 
-def evaluate(bag: str | Path, settings: ReplaySettings, make_policy: PolicyFactory, backends: list[str],
+def evaluate(bag: str | Path, settings: ReplaySetup, make_policy: PolicyFactory, backends: list[str],
              progress: bool = True, keep_outputs: bool = False) -> Evaluation:
     """Replay the bag once per backend, each pass with a fresh policy built by make_policy(backend).
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # Figure.savefig renders with Agg; no pyplot, no display needed
 
-from pi_policy.bag.metrics import compare, discontinuity, percentiles, summarize, tick_errors
+from pi_policy.bag.metrics import compare, discontinuity, summarize, tick_errors
 from pi_policy.bag.replay import Evaluation, reason_key, skip_counts
+from pi_policy.runtime.stats import percentiles
 
 PLOTS = {
     "joints.png": "Predicted vs recorded actions per joint",
@@ -30,14 +31,13 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
     for reasons in first.warnings.values():
         for r in reasons:
             warnings[reason_key(r)] = warnings.get(reason_key(r), 0) + 1
-    settings = dataclasses.asdict(ev.settings) | {"step_offset": ev.settings.step_offset}
     return {
         "run": meta or {},
         "bag": {
             "path": str(info.path), "storage": info.storage, "duration_s": info.duration_s,
             "topics": {t: {"type": info.topics[t], "messages": info.counts.get(t, 0)} for t in sorted(info.topics)},
         },
-        "settings": settings,
+        "settings": ev.settings.describe(),
         "ticks": {
             "scheduled": int(len(first.tick_times)),
             "evaluated": len(first.evaluated),
@@ -98,13 +98,13 @@ def _num(x: float) -> str:
 
 def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> None:
     """Recorded actions, the executed part of each backend's chunks, and a few whole chunks, per joint."""
-    s, t0 = ev.settings, ev.info.start_ns / 1e9
-    names = s.joint_names
+    p, t0 = ev.settings.params, ev.info.start_ns / 1e9
+    names = p.joint_names
     height = 1.5 * len(names) + 1.0
     fig = Figure(figsize=(10, height))
     fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.45 / height, bottom=0.55 / height, hspace=0.12)
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
-    per_tick = max(1, int(round(1.0 / (s.rate_hz * s.control_period_s))))
+    per_tick = max(1, int(round(1.0 / (p.inference_rate_hz * p.control_period_s)))) if p.inference_rate_hz else 1
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for j, ax in enumerate(axes):
         if len(ev.actions.times):
@@ -270,3 +270,34 @@ def write_report(ev: Evaluation, out: str | Path, first_k: int = 10, meta: dict 
     plot_latency(ev, out / "latency.png")
     write_html(metrics, out / "index.html")
     return metrics
+
+
+def format_summary(m: dict, out: str | Path) -> str:
+    """The terminal summary of a report's metrics."""
+    lines = []
+    t = m["ticks"]
+    lines.append(f"ticks: {t['scheduled']} scheduled, {t['evaluated']} scored, {t['skipped']} skipped")
+    for reason, n in t["skipped_by_reason"].items():
+        lines.append(f"  skipped {n:4d}: {reason}")
+    inputs = m["inputs"]
+    for topic in inputs["missing_topics"]:
+        lines.append(f"  missing topic: {topic}")
+    for topic, r in [*inputs["topics"].items(), (inputs["actions"]["topic"], inputs["actions"])]:
+        if r["undecodable"] or r["invalid"]:
+            lines.append(f"  {topic}: {r['undecodable']} undecodable, {r['invalid']} invalid of "
+                         f"{r['messages']} messages")
+    for topic, gaps in inputs["gaps"].items():
+        lines.append(f"  {topic}: {len(gaps)} gap(s), longest {max(g['duration_s'] for g in gaps):.2f} s")
+    lines.append(f"{'backend':<12}{'MAE':>10}{'MSE':>10}{'MAE@k':>10}{'jump p50':>10}{'total ms p50':>14}")
+    for name, b in m["backends"].items():
+        total = b["latency_ms"].get("total", {}).get("p50")
+        cells = [b["mae"], b["mse"], b["mae_first_k"], b["discontinuity"]["p50"], total]
+        lines.append(f"{name:<12}" + "".join(f"{'-' if v is None else f'{v:.4g}':>10}" for v in cells[:4])
+              + f"{'-' if total is None else f'{total:.2f}':>14}")
+    for c in m["comparison"]:
+        a = c["actions"]
+        rel = "-" if a["rel_err"] is None else f"{a['rel_err']:.4g}"
+        lines.append(f"{c['candidate']} vs {c['baseline']} on {c['common_ticks']} ticks: max |diff| "
+              f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative error {rel}")
+    lines.append(f"report: {Path(out) / 'index.html'}")
+    return "\n".join(lines)

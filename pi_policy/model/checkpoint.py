@@ -205,8 +205,13 @@ def save_checkpoint(model: PiModel, path: str | Path) -> Path:
 
 def file_fingerprint(path: str | Path) -> str:
     """sha256 over the checkpoint file(s); identifies the weights an engine was built from."""
+    return sha256_of_files(checkpoint_files(path))
+
+
+def sha256_of_files(files) -> str:
+    """sha256 over the bytes of the files, in the order given."""
     h = hashlib.sha256()
-    for f in checkpoint_files(path):
+    for f in files:
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)

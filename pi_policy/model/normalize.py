@@ -219,12 +219,6 @@ class Normalizer:
             a = a * scale + shift
         return a.astype(np.float32)
 
-    def describe(self) -> str:
-        if self.stats is None:
-            return f"identity (no stats), action_dim {self.action_dim}"
-        return (f"{self.mode}, state {self.stats['state'].dim} dims, actions {self.stats['actions'].dim} dims "
-                f"(returning {self.action_dim}), model dim {self.model_dim}")
-
 
 def identity_stats(dim: int) -> dict[str, NormStats]:
     """Stats that (up to the 1e-6 epsilon) change nothing, in both modes; for tests and the demo."""

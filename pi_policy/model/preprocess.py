@@ -78,11 +78,17 @@ def resize_with_pad(img: np.ndarray, size: int = 224) -> np.ndarray:
     return resize_with_pad_tensor(torch.from_numpy(np.ascontiguousarray(img)), size).numpy()
 
 
+def pixels_to_model(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]: the one pixel scaling, on any device.
+
+    / 127.5 rather than * (2 / 255): keeps 255 -> exactly 1.0 in float32.
+    """
+    return images.movedim(-1, -3).float() / 127.5 - 1.0
+
+
 def image_to_model(img: np.ndarray) -> np.ndarray:
     """HxWx3 image (validated as in to_rgb_uint8) -> float32 3xHxW in [-1, 1]; no resizing."""
-    img = to_rgb_uint8(img)
-    # / 127.5 rather than * (2 / 255): keeps 255 -> exactly 1.0 in float32.
-    return img.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return pixels_to_model(torch.from_numpy(np.ascontiguousarray(to_rgb_uint8(img)))).numpy()
 
 
 def prepare_images(images: dict[str, np.ndarray | None], camera_names: list[str],

@@ -1,9 +1,8 @@
 """The pi_policy ROS 2 node: thin wiring of subscriptions, timers and publishers around PolicyNodeLogic.
 
-A lifecycle (managed) node where rclpy has one: `configure` reads the parameters, loads the model (and the
-TensorRT engine) and warms it up, capturing CUDA graphs; `activate` subscribes and starts serving;
-`deactivate` stops; `cleanup` drops the model. With autostart (default) the node walks itself to active.
-Without rclpy.lifecycle it is a plain node that configures and activates at startup.
+A lifecycle (managed) node: `configure` reads the parameters, loads the model (and the TensorRT engine) and
+warms it up, capturing CUDA graphs; `activate` subscribes and starts serving; `deactivate` stops; `cleanup`
+drops the model. With autostart (default) the node walks itself to active.
 
 Threads: subscriptions run in a Reentrant callback group and only convert and store the latest message;
 inference runs in its own MutuallyExclusive group, from a timer (inference_rate_hz > 0) or from a guard
@@ -24,6 +23,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.logging import LoggingSeverity
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -32,14 +32,9 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Float32MultiArray, Header, MultiArrayDimension, MultiArrayLayout, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from pi_policy.node_logic import ERROR, WARN, MessageClasses, MessageFactory, PolicyNodeLogic
-from pi_policy.node_params import NODE_NAME, PARAMS, NodeParams, ParamError, params_from_dict
-from pi_policy.sync import ObservationAssembler
-
-try:
-    from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-except ImportError:  # rclpy older than Humble
-    LifecycleNode = None
+from pi_policy.node.logic import ERROR, WARN, PolicyNodeLogic
+from pi_policy.node.outputs import MessageClasses, MessageFactory
+from pi_policy.node.params import NODE_NAME, PARAMS, NodeParams, ParamError, params_from_dict
 
 _PARAM_TYPES = {
     "string": Parameter.Type.STRING,
@@ -83,7 +78,7 @@ def read_parameters(node: Node) -> NodeParams:
 
 
 class _PolicyServing:
-    """configure / activate / deactivate / cleanup, shared by the lifecycle and the plain node."""
+    """configure / activate / deactivate / cleanup: the serving half of the lifecycle node."""
 
     def _setup(self) -> None:
         declare_parameters(self)
@@ -105,13 +100,7 @@ class _PolicyServing:
         log.info(f"policy ready: cameras {runner.camera_names}, backends {getattr(runner, 'backends', {})}")
         if getattr(runner, "backend_note", ""):  # a fallback (engine refused, compiler missing): say it loudly
             log.warning(runner.backend_note)
-        assembler = ObservationAssembler(
-            params.camera_names, params.required_cameras or None, params.max_observation_age_s,
-            params.max_future_skew_s, params.prompt)
-        self.logic = PolicyNodeLogic(
-            runner, assembler, MessageFactory(RCLPY_CLASSES), params.joint_names, params.outputs(),
-            params.control_period_s, params.latency_budget_ms, status_name=f"{self.get_name()}: inference",
-            hardware_id=params.device, frame_id=params.frame_id, publish_raw=bool(params.raw_action_topic))
+        self.logic = PolicyNodeLogic.from_params(params, runner, MessageFactory(RCLPY_CLASSES), self.get_name())
         make = getattr(self, "create_lifecycle_publisher", None) or self.create_publisher
         latest = QoSProfile(depth=1)
         self.action_pub = make(JointTrajectory, params.action_topic, latest)
@@ -205,58 +194,47 @@ class _PolicyServing:
         self.get_logger().log(message, severity, throttle_duration_sec=2.0)
 
 
-if LifecycleNode is not None:
+class PolicyNode(_PolicyServing, LifecycleNode):
+    def __init__(self, **kwargs):
+        super().__init__(NODE_NAME, **kwargs)
+        self._setup()
+        if self.get_parameter("autostart").value:
+            self._autostart_timer = self.create_timer(0.0, self._autostart,
+                                                      callback_group=self.inference_group)
 
-    class PolicyNode(_PolicyServing, LifecycleNode):
-        def __init__(self, **kwargs):
-            super().__init__(NODE_NAME, **kwargs)
-            self._setup()
-            if self.get_parameter("autostart").value:
-                self._autostart_timer = self.create_timer(0.0, self._autostart,
-                                                          callback_group=self.inference_group)
+    def _autostart(self) -> None:
+        self.destroy_timer(self._autostart_timer)
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+        else:  # with autostart nobody will retry: exit non-zero so that launch shows the failure
+            self.get_logger().fatal("autostart: configure failed; shutting down")
+            self.autostart_failed = True
+            rclpy.try_shutdown(context=self.context)
 
-        def _autostart(self) -> None:
-            self.destroy_timer(self._autostart_timer)
-            if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-                self.trigger_activate()
-            else:  # with autostart nobody will retry: exit non-zero so that launch shows the failure
-                self.get_logger().fatal("autostart: configure failed; shutting down")
-                self.autostart_failed = True
-                rclpy.try_shutdown(context=self.context)
-
-        def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-            try:
-                self._configure()
-            except Exception as e:  # noqa: BLE001 - a failed configure is reported, the node stays up
-                self.get_logger().error(f"configure failed: {type(e).__name__}: {e}")
-                return TransitionCallbackReturn.FAILURE
-            return TransitionCallbackReturn.SUCCESS
-
-        def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-            self._activate()
-            return super().on_activate(state)
-
-        def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-            self._deactivate()
-            return super().on_deactivate(state)
-
-        def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-            self._cleanup()
-            return TransitionCallbackReturn.SUCCESS
-
-        def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-            if self.logic is not None:
-                self._deactivate()
-            return TransitionCallbackReturn.SUCCESS
-
-else:
-
-    class PolicyNode(_PolicyServing, Node):
-        def __init__(self, **kwargs):
-            super().__init__(NODE_NAME, **kwargs)
-            self._setup()
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
             self._configure()
-            self._activate()
+        except Exception as e:  # noqa: BLE001 - a failed configure is reported, the node stays up
+            self.get_logger().error(f"configure failed: {type(e).__name__}: {e}")
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._activate()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.logic is not None:
+            self._deactivate()
+        return TransitionCallbackReturn.SUCCESS
 
 
 def main(args=None) -> int:

@@ -6,17 +6,15 @@ import logging
 
 import torch
 
-from ..model import PiModel, cast_for_inference, get_config, init_random
-from ..model.checkpoint import load_checkpoint
-from ..model.normalize import Normalizer, default_mode, load_norm_stats
-from ..model.tokenizer import load_tokenizer
-from .backends import make_prefill
-from .runner import PolicyRunner
+from pi_policy.model import PiModel, cast_for_inference, get_config, init_random
+from pi_policy.model.checkpoint import load_checkpoint
+from pi_policy.model.normalize import Normalizer, default_mode, load_norm_stats
+from pi_policy.model.tokenizer import load_tokenizer
+from pi_policy.runtime.options import DEFAULT_COMPILE, resolve_backend
+from pi_policy.runtime.prefill import make_prefill
+from pi_policy.runtime.runner import PolicyRunner
 
 log = logging.getLogger(__name__)
-
-# Measured on an H100 (docs/performance.md): compiling prefill and denoise halves them; vision is faster uncompiled.
-DEFAULT_COMPILE = ("prefill", "denoise")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -47,25 +45,28 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  engine_path: str | None = None, action_dim: int | None = None,
                  model: PiModel | None = None, warmup: bool = True,
                  compile_stages: tuple[str, ...] | None = None, calibration=None,
-                 fp8_options: dict | None = None) -> PolicyRunner:
-    """A runner ready to serve. On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
+                 fp8_options: dict | None = None, cuda_graphs: bool = True) -> PolicyRunner:
+    """A runner ready to serve. `backend` names the prefill (pi_policy.runtime.options; `eager` = bf16 without
+    graphs or compilation). On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
     reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
     configure the fp8 prefill."""
+    mode = resolve_backend(backend, cuda_graphs, compile_stages)
     model = model or build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
     stats = load_norm_stats(norm_stats) if norm_stats else None
     normalizer = Normalizer(stats, default_mode(kind), cfg.action_dim, action_dim)
     tok = load_tokenizer(tokenizer, cfg.vocab_size, cfg.max_token_len, kind)
-    choice = make_prefill(backend, model, engine_path=engine_path, checkpoint=checkpoint, calibration=calibration,
+    choice = make_prefill(mode.prefill, model, engine_path=engine_path, checkpoint=checkpoint, calibration=calibration,
                           fp8_options=fp8_options)
+    compile_stages = mode.compile_stages
     if compile_stages is None:
-        compile_stages = DEFAULT_COMPILE if model.time_freqs.device.type == "cuda" and backend != "eager" else ()
+        compile_stages = DEFAULT_COMPILE if model.time_freqs.device.type == "cuda" else ()
     if choice.name == "tensorrt":  # the engine is already compiled; torch.compile would only graph-break on it
         compile_stages = tuple(s for s in compile_stages if s != "prefill")
     if choice.note:
         log.warning("prefill backend: %s", choice.note)
-    runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=backend != "eager",
+    runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=mode.cuda_graphs,
                           prefill=choice.fn, prefill_backend=choice.name, seed=seed,
                           compile_stages=compile_stages)
     runner.backend_note = choice.note

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..model.normalize import Normalizer
-from ..model.pi0 import PiModel
-from ..model.preprocess import resize_with_pad_tensor, to_rgb_uint8
-from ..observation import STAGES, LatencyRecord, Observation, PolicyOutput
-from .timer import StageTimer
+from pi_policy.model.normalize import Normalizer
+from pi_policy.model.pi0 import PiModel
+from pi_policy.model.preprocess import pixels_to_model, resize_with_pad_tensor, to_rgb_uint8
+from pi_policy.observation import DEFAULT_CAMERAS, STAGES, LatencyRecord, Observation, PolicyOutput
+from pi_policy.runtime.timer import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class PolicyRunner:
 
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, camera_names: list[str] | None = None, *,
                  cuda_graphs: bool = True, prefill: PrefillFn | None = None, prefill_backend: str = "bf16",
-                 seed: int = 0, required_cameras: list[str] | None = None, compile_stages: tuple[str, ...] = ()):
+                 seed: int = 0, compile_stages: tuple[str, ...] = ()):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
@@ -69,7 +69,6 @@ class PolicyRunner:
         self.camera_names = list(camera_names or DEFAULT_CAMERAS[: cfg.num_cameras])
         if len(self.camera_names) != cfg.num_cameras:
             raise ValueError(f"preset {cfg.name!r} takes {cfg.num_cameras} cameras, got {self.camera_names}")
-        self.required_cameras = set(required_cameras or [])
         self.horizon, self.action_dim = cfg.horizon, normalizer.action_dim
         self.buf = StaticBuffers(model, self.device)
         self.prefill_fn = prefill or model.prefill
@@ -106,8 +105,7 @@ class PolicyRunner:
     @torch.no_grad()
     def _vision(self) -> None:
         b = self.buf
-        images = b.images.permute(0, 1, 4, 2, 3).float() * (2.0 / 255.0) - 1.0
-        b.image_tokens.copy_(self.vision_fn(images))
+        b.image_tokens.copy_(self.vision_fn(pixels_to_model(b.images)))
 
     @torch.no_grad()
     def _embed_prefix(self) -> None:
@@ -131,7 +129,7 @@ class PolicyRunner:
         t0 = time.perf_counter()
         state_dim = self.normalizer.state_dim or self.normalizer.action_dim
         dummy = Observation(images={}, state=np.zeros(state_dim, np.float32), prompt="warm up")
-        self._load_inputs(dummy, None)
+        self.load_inputs(dummy, None)
         steps = iters + (len(STAGES) if self.use_graphs else 0)
         with tqdm(total=steps, desc="warm-up", disable=not progress, leave=False) as bar:
             stream = torch.cuda.Stream() if self.use_graphs else None
@@ -172,14 +170,12 @@ class PolicyRunner:
         self.compiled = ()
 
     # -- per call --------------------------------------------------------------------------------
-    def _load_inputs(self, obs: Observation, noise: np.ndarray | None) -> None:
+    def load_inputs(self, obs: Observation, noise: np.ndarray | None = None) -> None:
+        """Validate the observation and stage it in the device buffers (what infer does before the stages)."""
         cfg, h = self.cfg, self.buf.host
         unknown = set(obs.images) - set(self.camera_names)
         if unknown:
             raise ValueError(f"unknown camera(s) {sorted(unknown)}; this policy takes {self.camera_names}")
-        missing = self.required_cameras - set(obs.images)
-        if missing:
-            raise ValueError(f"required camera(s) missing: {sorted(missing)}")
         size = cfg.vision.image_size
         self._to_resize = []
         for i, name in enumerate(self.camera_names):
@@ -239,14 +235,10 @@ class PolicyRunner:
 
     def infer(self, obs: Observation, noise: np.ndarray | None = None) -> PolicyOutput:
         t0 = time.perf_counter()
-        self._load_inputs(obs, noise)
+        self.load_inputs(obs, noise)
         prep_ms = (time.perf_counter() - t0) * 1e3
         stages_ms = self.run_stages()
         self.buf.host_actions.copy_(self.buf.actions)
         actions = self.normalizer.unnormalize_actions(self.buf.host_actions[0].numpy())
         host_ms = (time.perf_counter() - t0) * 1e3
         return PolicyOutput(actions, LatencyRecord(stages_ms, host_ms, dict(self.backends), prep_ms))
-
-
-DEFAULT_CAMERAS = ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
-

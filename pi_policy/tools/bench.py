@@ -12,25 +12,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .latency import action_accuracy, action_stats, comparison_table, stage_table, summarize
-from .observation import Observation
-from .runtime import DEFAULT_CAMERAS, build_model, build_runner
-from .runtime.backends import BACKENDS
-from .runtime.fp8 import add_fp8_arguments, fp8_options
-
-PROMPT = "pick up the red block and put it in the bin"
-
-
-def synthetic_observation(camera_names: list[str], size: int = 224, state_dim: int = 14, seed: int = 0,
-                          prompt: str = PROMPT) -> Observation:
-    """The benchmark observation: smooth random RGB images at `size`, a random state; same for every backend."""
-    rng = np.random.default_rng(seed)
-    images = {}
-    for name in camera_names:
-        low = rng.integers(0, 256, (size // 8, size // 8, 3)).astype(np.float32)
-        img = np.kron(low, np.ones((8, 8, 1), np.float32))[:size, :size]
-        images[name] = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-    return Observation(images, rng.uniform(-1, 1, state_dim).astype(np.float32), prompt, 0.0)
+from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.runtime import build_model, build_runner
+from pi_policy.runtime.options import BACKEND_CHOICES, parse_stages
+from pi_policy.runtime.stats import action_accuracy, action_stats, comparison_table, stage_table, summarize
+from pi_policy.tools.flags import add_fp8_arguments, fp8_options
+from pi_policy.tools.synthetic import synthetic_observation
 
 
 def machine_info(device: torch.device) -> dict:
@@ -103,7 +90,7 @@ def format_result(result: dict) -> str:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time each stage on the fixed benchmark workload")
     p.add_argument("--preset", default="pi0")
-    p.add_argument("--backend", action="append", choices=BACKENDS,
+    p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
                    help="repeat to compare (the first is the baseline); default bf16")
     p.add_argument("--cameras", type=int, default=3)
     p.add_argument("--iters", type=int, default=200)
@@ -116,20 +103,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated stages to torch.compile; default prefill,denoise on CUDA; 'none' for none")
     add_fp8_arguments(p)
     p.set_defaults(func=run)
-
-
-def parse_stages(text: str | None) -> tuple[str, ...] | None:
-    from .observation import STAGES
-
-    if text is None:
-        return None
-    if text == "none":
-        return ()
-    stages = tuple(s for s in text.split(",") if s)
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise ValueError(f"unknown stage(s) {bad} for --compile; choose from {STAGES}")
-    return stages
 
 
 def run(args: argparse.Namespace) -> int:

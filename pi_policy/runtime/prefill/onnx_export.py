@@ -8,8 +8,6 @@ rewritten, as QuantizeLinear -> DequantizeLinear on activations and DequantizeLi
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .fp8 import FP8Prefill
+from pi_policy.model.checkpoint import sha256_of_files
+from pi_policy.runtime.prefill.fp8 import FP8Prefill
 
 INPUTS = ("prefix_embs", "prefix_pad")
 OUTPUTS = ("k_cache", "v_cache")
@@ -93,7 +92,7 @@ def export_prefill_onnx(prefill: FP8Prefill, path: str | Path, *, opset: int = M
         onnx.checker.check_model(str(path), full_check=not large)
     ops = [n.op_type for n in proto.graph.node]
     return {"path": str(path), "external_data": str(data) if large else None, "opset": opset,
-            "sha256": file_sha256(path), "nodes": len(ops), "quantize_linear": ops.count("QuantizeLinear"),
+            "sha256": sha256_of_files([path]), "nodes": len(ops), "quantize_linear": ops.count("QuantizeLinear"),
             "dequantize_linear": ops.count("DequantizeLinear"), "matmul": ops.count("MatMul"),
             "inputs": {n: list(t.shape) for n, t in zip(INPUTS, inputs, strict=True)},
             "outputs": {n: [len(prefill.layers), inputs[0].shape[0], cfg.llm.num_kv_heads, inputs[0].shape[1],
@@ -105,14 +104,6 @@ def _per_channel(prefill: FP8Prefill) -> bool:
     return any(lin.per_channel for lin in prefill.linears().values())
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_onnxruntime(path: str | Path, prefix_embs: Tensor, prefix_pad: Tensor) -> tuple[Tensor, Tensor]:
     """Run the exported graph on CPU with onnxruntime (float32 graphs; ORT's CPU kernels lack bf16)."""
     import onnxruntime as ort
@@ -121,12 +112,3 @@ def run_onnxruntime(path: str | Path, prefix_embs: Tensor, prefix_pad: Tensor) -
     feeds = {"prefix_embs": prefix_embs.detach().cpu().numpy(), "prefix_pad": prefix_pad.detach().cpu().numpy()}
     k, v = sess.run(list(OUTPUTS), feeds)
     return torch.from_numpy(k), torch.from_numpy(v)
-
-
-def copy_onnx(src: str | Path, dst: str | Path) -> None:
-    """Copy an exported graph and its external-data file, if any."""
-    src, dst = Path(src), Path(dst)
-    shutil.copyfile(src, dst)
-    data = src.with_name(src.name + ".data")
-    if data.exists():
-        shutil.copyfile(data, dst.with_name(dst.name + ".data"))

@@ -1,19 +1,7 @@
 """The latest-message / max-age policy that turns camera, joint and prompt inputs into one Observation.
 
-Shared by the ROS node and the bag evaluator, so both select inputs the same way.
-
-Public API:
-    @dataclass class Assembled: observation: Observation | None; errors: list[str]; warnings: list[str];
-                                age_s: float | None; .ok -> bool; .reasons -> list[str] (errors + warnings)
-    class ObservationAssembler(camera_names, required_cameras=None, max_age_s=0.5, max_future_s=0.05,
-                               prompt="")
-        .set_image(camera, stamp, rgb)      keep the latest image of a camera (stamp in seconds)
-        .set_joints(stamp, state)           keep the latest joint vector
-        .set_prompt(prompt)
-        .assemble(now) -> Assembled         the observation for this tick, or why the tick is skipped
-        .has_new_data() -> bool             something arrived since the last successful assemble
-
-Setters raise pi_policy.messages.MessageError (a ValueError) on bad input and keep the previous value.
+Shared by the ROS node and the bag evaluator (through PolicyNodeLogic), so both select inputs the same way.
+Setters raise pi_policy.node.inputs.MessageError (a ValueError) on bad input and keep the previous value.
 
 Rules, applied at `assemble(now)` (all times in seconds on the clock the stamps use):
 - Only the latest message per input is kept; nothing is queued.
@@ -35,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pi_policy.messages import MessageError
+from pi_policy.node.inputs import MessageError
+from pi_policy.node.params import NodeParams
 from pi_policy.observation import Observation
 
 
@@ -49,10 +38,6 @@ class Assembled:
     @property
     def ok(self) -> bool:
         return self.observation is not None
-
-    @property
-    def reasons(self) -> list[str]:
-        return self.errors + self.warnings
 
 
 def _check_stamp(stamp: float, what: str) -> float:
@@ -68,8 +53,8 @@ class ObservationAssembler:
         self,
         camera_names: list[str],
         required_cameras: list[str] | None = None,
-        max_age_s: float = 0.5,
-        max_future_s: float = 0.05,
+        max_age_s: float = NodeParams.max_observation_age_s,
+        max_future_s: float = NodeParams.max_future_skew_s,
         prompt: str = "",
     ):
         if not camera_names:

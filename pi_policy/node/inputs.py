@@ -1,14 +1,4 @@
-"""ROS 2 messages (rclpy or rosbags, read by field name) to numpy arrays, with clear errors.
-
-Public API:
-    class MessageError(ValueError)
-    stamp_to_sec(stamp) -> float                             builtin_interfaces/Time
-    sec_to_stamp(t: float) -> tuple[int, int]                (sec, nanosec) for building a Time
-    header_stamp_sec(msg) -> float                           msg.header.stamp in seconds
-    image_to_rgb(msg) -> np.ndarray                          sensor_msgs/Image -> HxWx3 uint8 RGB
-    compressed_image_to_rgb(msg) -> np.ndarray               sensor_msgs/CompressedImage -> HxWx3 uint8 RGB
-    joint_state_to_vector(msg, joint_names) -> np.ndarray    sensor_msgs/JointState -> float32 by joint name
-    SUPPORTED_ENCODINGS: tuple[str, ...]
+"""ROS 2 input messages (rclpy or rosbags, read by field name) to numpy arrays, with clear errors.
 
 Supported Image encodings: rgb8, bgr8, rgba8, bgra8, mono8, mono16, 8UC1 (as mono8), 8UC3 (as bgr8, OpenCV's
 order), yuv422 (UYVY) and yuv422_yuy2 (YUYV). mono16 is scaled to 8 bits by dropping the low byte (v >> 8).

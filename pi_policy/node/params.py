@@ -1,14 +1,5 @@
-"""Every parameter of the pi_policy node, declared once as data, and a checker for ROS 2 parameter files.
-
-Public API:
-    @dataclass class NodeParams         one field per parameter: default, type, description (metadata["doc"])
-        .validate() -> NodeParams       cross-field checks; raises ParamError listing every problem
-        .cameras() -> list[tuple[str, str, bool]]   (camera name, topic, compressed)
-        .runner_kwargs() -> dict        keyword arguments for pi_policy.runtime.build_runner
-    PARAMS: list[Param]                 Param(name, default, type, description) for each field, in order
-    class ParamError(ValueError)
-    load_params_yaml(path, node_name=NODE_NAME) -> NodeParams   defaults overlaid with the file, type-checked
-    params_from_dict(values) -> NodeParams
+"""Every parameter of the pi_policy node, declared once as data (default, ROS type, description), and the checker
+for ROS 2 parameter files that applies the node's own rules.
 
 Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array". As in ROS, a double
 parameter written as an integer (`1` instead of `1.0`) is an error, and so is an unknown name (a typo).
@@ -24,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.runtime.options import BACKEND_CHOICES
 
 NODE_NAME = "pi_policy_node"
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
@@ -52,7 +46,7 @@ class NodeParams:
     seed: int = _p(0, "Seed for random weights and the denoising noise.")
     warmup: bool = _p(True, "Warm up (and capture CUDA graphs) while configuring, before serving.")
     # inputs
-    camera_names: list[str] = _p(["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"],
+    camera_names: list[str] = _p(list(DEFAULT_CAMERAS),
                                  "Model camera name of each subscribed camera (parallel to camera_topics).")
     camera_topics: list[str] = _p(["cameras/base/image_raw", "cameras/left_wrist/image_raw",
                                    "cameras/right_wrist/image_raw"],
@@ -104,8 +98,8 @@ class NodeParams:
         if not self.checkpoint and not self.preset.startswith("tiny"):
             problems.append(f"checkpoint is empty: a {self.preset} with random weights must not drive a "
                             "robot (set checkpoint, or use preset tiny for a demo)")
-        if self.backend not in ("bf16", "eager", "fp8", "tensorrt"):
-            problems.append(f"backend '{self.backend}' is not one of bf16, eager, fp8, tensorrt")
+        if self.backend not in BACKEND_CHOICES:
+            problems.append(f"backend '{self.backend}' is not one of {', '.join(BACKEND_CHOICES)}")
         if self.backend == "tensorrt" and not self.engine_path:
             problems.append("backend tensorrt needs engine_path")
         positive = ("max_observation_age_s", "control_period_s", "latency_budget_ms")
@@ -123,8 +117,8 @@ class NodeParams:
         return self
 
     def cameras(self) -> list[tuple[str, str, bool]]:
-        return [(n, t, t.rstrip("/").endswith("/compressed")) for n, t in zip(self.camera_names,
-                                                                             self.camera_topics, strict=True)]
+        """(camera name, topic, compressed) for each subscribed camera."""
+        return [(n, t, is_compressed_topic(t)) for n, t in zip(self.camera_names, self.camera_topics, strict=True)]
 
     def outputs(self) -> list[str]:
         return self.output_joint_names or self.joint_names
@@ -135,6 +129,11 @@ class NodeParams:
                     device=self.device, backend=self.backend, camera_names=self.model_camera_names or None,
                     seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
                     warmup=self.warmup)
+
+
+def is_compressed_topic(topic: str) -> bool:
+    """A topic ending in /compressed carries sensor_msgs/CompressedImage (image_transport's naming)."""
+    return topic.rstrip("/").endswith("/compressed")
 
 
 @dataclass(frozen=True)

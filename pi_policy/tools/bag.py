@@ -8,11 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from pi_policy import node_params
 from pi_policy.bag.demo_bag import ACTION_TOPIC, STORAGES, DemoSpec, write_demo_bag
 from pi_policy.bag.reader import BagError
-from pi_policy.bag.replay import ACTION_SOURCES, ReplaySettings, evaluate, resolve_topic
-from pi_policy.node_params import NodeParams, ParamError, params_from_dict
+from pi_policy.bag.replay import ACTION_SOURCES, ReplaySetup, evaluate, resolve_topic
+from pi_policy.node import params as node_params
+from pi_policy.node.params import NodeParams, ParamError, params_from_dict
 
 
 def add_parser(subparsers) -> None:
@@ -59,10 +59,6 @@ def add_parser(subparsers) -> None:
     e.set_defaults(func=run_eval_bag)
 
 
-def run(args: argparse.Namespace) -> int:
-    return args.func(args)
-
-
 def run_make_demo_bag(args: argparse.Namespace) -> int:
     try:
         path = write_demo_bag(args.out, args.storage, DemoSpec(duration_s=args.duration, seed=args.seed))
@@ -101,13 +97,12 @@ def load_params(args: argparse.Namespace) -> NodeParams:
 
 
 def run_eval_bag(args: argparse.Namespace) -> int:
-    from pi_policy.bag.report import write_report
+    from pi_policy.bag.report import format_summary, write_report
     from pi_policy.bag.writer import write_output_bag
 
     try:
         params = load_params(args)
-        settings = ReplaySettings.from_params(params, args.action_source, args.action_topic, args.max_ticks,
-                                              args.namespace)
+        settings = ReplaySetup(params, args.action_source, args.action_topic, args.namespace, args.max_ticks)
         if args.write_bag and Path(args.write_bag).exists():
             raise FileExistsError(f"--write-bag {args.write_bag} exists already")
         backends = args.backend or [params.backend]
@@ -123,7 +118,7 @@ def run_eval_bag(args: argparse.Namespace) -> int:
     meta = {"command": " ".join(sys.argv), "config": args.config, "backends": backends} | {
         k: v for k, v in params.runner_kwargs().items() if k in ("preset", "checkpoint", "device", "seed")}
     metrics = write_report(ev, args.out, args.first_k, meta)
-    _print_summary(metrics, args.out)
+    print(format_summary(metrics, args.out))
     if args.write_bag:
         counts = write_output_bag(ev, args.write_bag, resolve_topic(params.action_topic, args.namespace),
                                   resolve_topic(params.latency_topic, args.namespace), args.write_bag_storage)
@@ -131,45 +126,6 @@ def run_eval_bag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(m: dict, out: str) -> None:
-    t = m["ticks"]
-    print(f"ticks: {t['scheduled']} scheduled, {t['evaluated']} scored, {t['skipped']} skipped")
-    for reason, n in t["skipped_by_reason"].items():
-        print(f"  skipped {n:4d}: {reason}")
-    inputs = m["inputs"]
-    for topic in inputs["missing_topics"]:
-        print(f"  missing topic: {topic}")
-    for topic, r in [*inputs["topics"].items(), (inputs["actions"]["topic"], inputs["actions"])]:
-        if r["undecodable"] or r["invalid"]:
-            print(f"  {topic}: {r['undecodable']} undecodable, {r['invalid']} invalid of {r['messages']} messages")
-    for topic, gaps in inputs["gaps"].items():
-        print(f"  {topic}: {len(gaps)} gap(s), longest {max(g['duration_s'] for g in gaps):.2f} s")
-    print(f"{'backend':<12}{'MAE':>10}{'MSE':>10}{'MAE@k':>10}{'jump p50':>10}{'total ms p50':>14}")
-    for name, b in m["backends"].items():
-        total = b["latency_ms"].get("total", {}).get("p50")
-        cells = [b["mae"], b["mse"], b["mae_first_k"], b["discontinuity"]["p50"], total]
-        print(f"{name:<12}" + "".join(f"{'-' if v is None else f'{v:.4g}':>10}" for v in cells[:4])
-              + f"{'-' if total is None else f'{total:.2f}':>14}")
-    for c in m["comparison"]:
-        a = c["actions"]
-        rel = "-" if a["rel_err"] is None else f"{a['rel_err']:.4g}"
-        print(f"{c['candidate']} vs {c['baseline']} on {c['common_ticks']} ticks: max |diff| "
-              f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative error {rel}")
-    print(f"report: {Path(out) / 'index.html'}")
-
-
 def _fail(exc: Exception) -> int:
     print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, also for multi-line messages
     return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (python -m pi_policy.bag.cli), for use before the main CLI wires these in."""
-    parser = argparse.ArgumentParser(prog="pi-policy")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,19 +9,18 @@ shared code in model/layers.py.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..model.gemma import GemmaBlock
-from ..model.pi0 import PiModel
-from .backends import PrefillChoice
+from pi_policy.model.gemma import GemmaBlock
+from pi_policy.model.pi0 import PiModel
+from pi_policy.runtime.prefill.calibration import load_calibration
+from pi_policy.runtime.prefill.choice import PrefillChoice
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -263,25 +262,6 @@ class FP8Prefill:
             lin.act_scale = fp8_scale(torch.tensor(amax[name], device=lin.weight.device)) if name in amax else None
 
 
-def save_calibration(path: str | Path, amax: dict[str, float], info: dict | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": "pi_policy.fp8_calibration.v1", "act_amax": amax, **(info or {})},
-                               indent=2))
-    return path
-
-
-def load_calibration(path: str | Path) -> dict[str, float]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"FP8 calibration file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-        return {str(k): float(v) for k, v in data["act_amax"].items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: not an FP8 calibration file (want JSON with an 'act_amax' map): {e}") from None
-
-
 def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, bool] | None = None,
                       per_channel: bool = False, fast_accum: bool = True, kernel: str | None = None,
                       fuse_quant: bool = True, compile_blocks: bool | None = None, progress: bool = False,
@@ -330,76 +310,3 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
         else:
             prefill.calibrate(calibration, progress=progress)
     return PrefillChoice(prefill, "fp8", "; ".join(notes + [prefill.summary()]) if notes else "")
-
-
-def _time_graph(fn, iters: int) -> float:
-    """Milliseconds per call of fn, measured as one CUDA graph replay of `iters` calls, after warm-up."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    g.replay()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / iters
-
-
-@torch.no_grad()
-def probe_fp8_shapes(model: PiModel, m: int | None = None, iters: int = 50) -> dict:
-    """Time each LLM linear shape in bf16 and FP8 (static and dynamic scales, fast accumulation on and off).
-
-    Returns {"shapes": [per-shape timings], "decisions": {"MxKxN": use_fp8}}; FP8 wins a shape when its
-    static-scale time, quantization included, beats bf16. Needs a CUDA GPU with FP8 (sm_89+).
-    """
-    device = next(model.parameters()).device
-    if not fp8_supported(device):
-        raise RuntimeError(f"probe_fp8_shapes needs a CUDA GPU with compute capability >= 8.9; model is on {device}")
-    m = m or model.cfg.prefix_len
-    gen = torch.Generator(device=device).manual_seed(0)
-    rows, decisions = [], {}
-    blk = model.llm.layers[0]
-    for name in QUANTIZED:
-        lin = get_module(blk, name)
-        k, n = lin.in_features, lin.out_features
-        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, generator=gen)
-        w = lin.weight.to(torch.bfloat16)
-        row = {"name": name, "m": m, "k": k, "n": n, "bf16_ms": _time_graph(lambda x=x, w=w: F.linear(x, w), iters)}
-        for fast in (True, False):
-            q = FP8Linear(lin, kernel="scaled_mm", fast_accum=fast)
-            tag = "fast" if fast else "exact"
-            row[f"fp8_dynamic_{tag}_ms"] = _time_graph(lambda q=q, x=x: q(x), iters)
-            q.act_scale = fp8_scale(x.abs().amax())
-            row[f"fp8_static_{tag}_ms"] = _time_graph(lambda q=q, x=x: q(x), iters)
-            xq = quantize_fp8(x, q.act_scale)
-            row[f"fp8_gemm_only_{tag}_ms"] = _time_graph(
-                lambda q=q, xq=xq: torch._scaled_mm(xq, q.weight.t(), scale_a=q.act_scale, scale_b=q.weight_scale,
-                                                    out_dtype=torch.bfloat16, use_fast_accum=q.fast_accum), iters)
-        row["speedup_static_fast"] = row["bf16_ms"] / row["fp8_static_fast_ms"]
-        row["fp8_wins"] = row["fp8_static_fast_ms"] < row["bf16_ms"]
-        decisions[shape_key(m, k, n)] = row["fp8_wins"]
-        rows.append(row)
-    return {"device": torch.cuda.get_device_name(device), "iters": iters, "shapes": rows, "decisions": decisions}
-
-
-def add_fp8_arguments(parser) -> None:
-    """The fp8 backend's options, shared by `bench` and `verify`."""
-    parser.add_argument("--fp8-keep-bf16", default="",
-                        help="fp8: comma-separated linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
-    parser.add_argument("--fp8-exact-accum", action="store_true",
-                        help="fp8: exact accumulation in the FP8 GEMMs (use_fast_accum=False; slower)")
-    parser.add_argument("--fp8-per-channel", action="store_true", help="fp8: per-output-channel weight scales")
-
-
-def fp8_options(args) -> dict:
-    return {"keep_bf16": tuple(x for x in args.fp8_keep_bf16.split(",") if x),
-            "fast_accum": not args.fp8_exact_accum, "per_channel": args.fp8_per_channel}

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import file_fingerprint, weights_fingerprint
-from ..model.pi0 import PiModel
-from .backends import PrefillChoice
+from pi_policy.model.checkpoint import file_fingerprint, weights_fingerprint
+from pi_policy.model.pi0 import PiModel
+from pi_policy.runtime.prefill.choice import PrefillChoice
 
 log = logging.getLogger(__name__)
 

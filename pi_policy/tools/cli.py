@@ -6,29 +6,16 @@ import argparse
 import logging
 import sys
 
-from . import bench, demo, engine_cli
+from pi_policy.tools import bag, bench, demo, engine, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pi-policy", description="Run pi0 / pi0.5 policies in real time.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, bench, engine_cli):
+    for module in (demo, bench, verify, engine, bag):
         module.add_parser(sub)
-    try:
-        from .bag import cli as bag_cli
-    except ImportError as e:  # rosbags missing: say so when a bag command is used, keep the rest working
-        for name in ("make-demo-bag", "eval-bag"):
-            p = sub.add_parser(name, help=f"(unavailable: {e})")
-            p.set_defaults(func=lambda args, e=e: _missing(e))
-    else:
-        bag_cli.add_parser(sub)
     return parser
-
-
-def _missing(e: ImportError) -> int:
-    print(f"pi-policy: this command needs the rosbags package ({e}); pip install rosbags", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`pi-policy verify`: a candidate prefill backend against an untouched BF16 baseline, same inputs and noise.
+"""`pi-policy verify`: a candidate prefill backend against an untouched baseline, same inputs and noise.
 
 Order matters (the reference's "5142% error" came from running the baseline after the FP8 engine
 was loaded): the baseline runs first on a model instance nothing else touches, its weights are
@@ -7,7 +7,9 @@ fingerprinted before and after the candidate runs, and the candidate gets its ow
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model.checkpoint import weights_fingerprint
-from .observation import Observation
-from .runtime import build_model, build_runner
+from pi_policy.model.checkpoint import weights_fingerprint
+from pi_policy.observation import Observation
+from pi_policy.runtime import build_model, build_runner
+from pi_policy.runtime.stats import relative_error
+from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, fp8_options
+from pi_policy.tools.synthetic import sample_observations
 
 CANDIDATES = ("fp8", "tensorrt")
-PROMPTS = ("pick up the red block", "open the drawer", "fold the towel", "put the cup on the plate")
 
 
 class VerifyError(RuntimeError):
@@ -34,23 +38,6 @@ class Captured:
     v: torch.Tensor
     prefill_backend: str
     prefill_ms: float
-
-
-def sample_observations(camera_names: list[str], image_size: int, state_dim: int, n: int, seed: int
-                        ) -> list[Observation]:
-    """Deterministic synthetic observations (smooth random images, small states) for verification and calibration."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        images = {}
-        for cam in camera_names:
-            coarse = rng.integers(0, 256, (8, 8, 3)).astype(np.float32)
-            img = np.kron(coarse, np.ones((image_size // 8 + 1, image_size // 8 + 1, 1)))[:image_size, :image_size]
-            noise = rng.normal(0, 12, img.shape)
-            images[cam] = np.clip(img + noise, 0, 255).astype(np.uint8)
-        state = rng.normal(0, 0.5, state_dim).astype(np.float32)
-        out.append(Observation(images=images, state=state, prompt=PROMPTS[i % len(PROMPTS)], stamp=float(i)))
-    return out
 
 
 def capture(runner, obs: Observation, noise: np.ndarray) -> Captured:
@@ -79,14 +66,14 @@ def stats(a: np.ndarray) -> dict[str, float]:
 def compare(base: Captured, cand: Captured) -> dict:
     a, b = cand.actions.astype(np.float64), base.actions.astype(np.float64)
     diff = np.abs(a - b)
-    norm = np.linalg.norm(b)
+    rel = relative_error(a, b)
     layers = [{"layer": i, "k_max_diff": float((cand.k[i] - base.k[i]).abs().max()),
                "v_max_diff": float((cand.v[i] - base.v[i]).abs().max()),
                "k_rel_error": float((cand.k[i] - base.k[i]).norm() / base.k[i].norm().clamp(min=1e-30)),
                "v_rel_error": float((cand.v[i] - base.v[i]).norm() / base.v[i].norm().clamp(min=1e-30))}
               for i in range(base.k.shape[0])]
     return {"bf16": stats(b), "candidate": stats(a), "max_diff": float(diff.max()), "mean_diff": float(diff.mean()),
-            "rel_error": float(np.linalg.norm(a - b) / norm) if norm > 0 else float(np.linalg.norm(a - b)),
+            "rel_error": rel if rel is not None else float(np.linalg.norm(a - b)),
             "kv_layers": layers}
 
 
@@ -190,3 +177,33 @@ def write_report(report: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     return path
+
+
+def add_parser(subparsers) -> None:
+    v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) with the BF16 baseline")
+    add_model_arguments(v)
+    v.add_argument("--backend", required=True, choices=("fp8", "tensorrt"))
+    v.add_argument("--engine", default=None, help="TensorRT engine (for --backend tensorrt)")
+    v.add_argument("--max-rel-error", type=float, default=0.03, help="fail above this action relative error")
+    v.add_argument("--scales", default="dynamic", choices=("dynamic", "static"), help="FP8 activation scales")
+    v.add_argument("--calibration-samples", type=int, default=4, help="observations for static scales")
+    v.add_argument("--check-baseline", action="store_true",
+                   help="rerun BF16 after the candidate and require bit-identical actions and KV")
+    v.add_argument("--json", default=None, help="write the report here")
+    add_fp8_arguments(v)
+    v.set_defaults(func=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    try:
+        report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
+                        args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
+                        progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
+                        fp8_options=fp8_options(args))
+    except VerifyError as e:
+        print(f"verify: ERROR: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        print(f"wrote {write_report(report, args.json)}")
+    return 0 if report["passed"] else 1

@@ -1,12 +1,39 @@
-"""Latency statistics and the reference-style tables (Component, p50, p99, % of total; Total; Hz)."""
+"""Numbers about runs: percentiles, the one action-error metric, latency summaries and the reference-style tables.
+
+Torch-free: bag metrics and reports use it too."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .observation import STAGES, LatencyRecord
+from pi_policy.observation import STAGES, LatencyRecord
 
 LABELS = {"vision": "Vision", "embed_prefix": "Embed Prefix", "prefill": "Prefill", "denoise": "Denoise"}
+PERCENTILES = (50, 95, 99)
+
+
+def percentiles(x) -> dict[str, float | None]:
+    """p50/p95/p99, mean and count of the finite values of x; None where there are none."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return {f"p{p}": None for p in PERCENTILES} | {"mean": None, "n": 0}
+    out = {f"p{p}": float(np.percentile(x, p)) for p in PERCENTILES}
+    return out | {"mean": float(x.mean()), "n": int(x.size)}
+
+
+def relative_error(candidate, baseline) -> float | None:
+    """||a - b|| / ||b|| in float64; None when the baseline is all zeros."""
+    a, b = np.asarray(candidate, np.float64), np.asarray(baseline, np.float64)
+    norm = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / norm) if norm > 0 else None
+
+
+def cosine(candidate, baseline) -> float | None:
+    """Cosine similarity of the flattened arrays in float64; None when either is all zeros."""
+    a, b = np.asarray(candidate, np.float64).reshape(-1), np.asarray(baseline, np.float64).reshape(-1)
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / norms) if norms > 0 else None
 
 
 def summarize(records: list[LatencyRecord]) -> dict:
@@ -17,8 +44,7 @@ def summarize(records: list[LatencyRecord]) -> dict:
     series["total"] = [r.total_ms for r in records]
     series["host_e2e"] = [r.host_ms for r in records]
     series["host_prep"] = [r.prep_ms for r in records]
-    out = {k: {f"p{q}": float(np.percentile(v, q)) for q in (50, 95, 99)} | {"mean": float(np.mean(v))}
-           for k, v in series.items()}
+    out = {k: percentiles(v) for k, v in series.items()}
     out["hz"] = 1000.0 / out["total"]["p50"] if out["total"]["p50"] > 0 else 0.0
     out["iters"] = len(records)
     out["backends"] = dict(records[-1].backends)
@@ -58,11 +84,11 @@ def action_accuracy(candidate: np.ndarray, baseline: np.ndarray) -> dict:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     d = np.abs(a - b)
-    norm = np.linalg.norm(b)
+    rel = relative_error(a, b)
     return {"baseline_range": [float(b.min()), float(b.max())], "baseline_mean": float(b.mean()),
             "candidate_range": [float(a.min()), float(a.max())], "candidate_mean": float(a.mean()),
             "max_diff": float(d.max()), "mean_diff": float(d.mean()),
-            "relative_error": float(np.linalg.norm(a - b) / norm) if norm > 0 else float(np.linalg.norm(a - b))}
+            "relative_error": rel if rel is not None else float(np.linalg.norm(a - b)), "cosine": cosine(a, b)}
 
 
 def action_stats(actions: np.ndarray) -> str:

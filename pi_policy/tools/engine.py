@@ -1,4 +1,4 @@
-"""Subcommands `verify`, `calibrate` and `build-engine`: argument parsing and thin shells over the library."""
+"""`pi-policy calibrate` and `pi-policy build-engine`: FP8 activation scales and the TensorRT prefill engine."""
 
 from __future__ import annotations
 
@@ -6,50 +6,26 @@ import argparse
 import json
 import logging
 import re
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .runtime.fp8 import add_fp8_arguments, fp8_options
+from pi_policy.tools.flags import add_model_arguments
 
 log = logging.getLogger(__name__)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, pi0, pi05 (default tiny)")
-    p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (file or folder); default: random")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--norm-stats", default=None, help="norm_stats.json of the checkpoint")
-    p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def add_parser(subparsers) -> None:
-    """Register verify, calibrate and build-engine on an argparse subparsers object."""
-    v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) with the BF16 baseline")
-    _common(v)
-    v.add_argument("--backend", required=True, choices=("fp8", "tensorrt"))
-    v.add_argument("--engine", default=None, help="TensorRT engine (for --backend tensorrt)")
-    v.add_argument("--max-rel-error", type=float, default=0.03, help="fail above this action relative error")
-    v.add_argument("--scales", default="dynamic", choices=("dynamic", "static"), help="FP8 activation scales")
-    v.add_argument("--calibration-samples", type=int, default=4, help="observations for static scales")
-    v.add_argument("--check-baseline", action="store_true",
-                   help="rerun BF16 after the candidate and require bit-identical actions and KV")
-    v.add_argument("--json", default=None, help="write the report here")
-    add_fp8_arguments(v)
-    v.set_defaults(func=run_verify)
-
+    """Register calibrate and build-engine on an argparse subparsers object."""
     c = subparsers.add_parser("calibrate", help="FP8 static activation scales from sample observations")
-    _common(c)
+    add_model_arguments(c)
     c.add_argument("--samples", type=int, default=8, help="number of sample observations (default 8)")
     c.add_argument("--out", required=True, help="calibration JSON to write")
     c.set_defaults(func=run_calibrate)
 
     b = subparsers.add_parser("build-engine", help="export the FP8 prefill to ONNX and build a TensorRT engine")
-    _common(b)
+    add_model_arguments(b)
     b.add_argument("--out", required=True, help="output folder: prefill.onnx, prefill.engine, prefill.engine.json")
     b.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate on --samples now)")
     b.add_argument("--samples", type=int, default=4, help="sample observations to calibrate on (default 4)")
@@ -60,31 +36,12 @@ def add_parser(subparsers) -> None:
     b.set_defaults(func=run_build_engine)
 
 
-def run(args: argparse.Namespace) -> int:
-    return args.func(args)
-
-
-def run_verify(args: argparse.Namespace) -> int:
-    from .verify import VerifyError, format_report, verify, write_report
-
-    try:
-        report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
-                        args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
-                        progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                        fp8_options=fp8_options(args))
-    except VerifyError as e:
-        print(f"verify: ERROR: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.json:
-        print(f"wrote {write_report(report, args.json)}")
-    return 0 if report["passed"] else 1
-
 
 def _samples(model, args, n: int):
     """Calibration inputs: the prefix a BF16 runner over `model` computes for n synthetic observations."""
-    from .runtime import build_runner
-    from .verify import calibration_samples, sample_observations
+    from pi_policy.runtime import build_runner
+    from pi_policy.tools.synthetic import sample_observations
+    from pi_policy.tools.verify import calibration_samples
 
     if n < 1:
         raise ValueError("need at least one calibration sample")
@@ -99,9 +56,10 @@ def _samples(model, args, n: int):
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from .runtime import build_model
-    from .runtime.fp8 import build_fp8_prefill, save_calibration
-    from .runtime.tensorrt_backend import weights_tag
+    from pi_policy.runtime import build_model
+    from pi_policy.runtime.prefill.calibration import save_calibration
+    from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
+    from pi_policy.runtime.prefill.tensorrt import weights_tag
 
     model = build_model(args.preset, args.checkpoint, args.device, args.seed)
     choice = build_fp8_prefill(model, calibration=_samples(model, args, args.samples), progress=not args.no_progress)
@@ -114,12 +72,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def run_build_engine(args: argparse.Namespace) -> int:
-    import time
-
-    from .runtime import build_model
-    from .runtime.fp8 import build_fp8_prefill
-    from .runtime.onnx_export import export_prefill_onnx
-    from .runtime.tensorrt_backend import build_engine, engine_meta, gpu_identity, import_tensorrt, weights_tag
+    from pi_policy.runtime import build_model
+    from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
+    from pi_policy.runtime.prefill.onnx_export import export_prefill_onnx
+    from pi_policy.runtime.prefill.tensorrt import build_engine, engine_meta, gpu_identity, import_tensorrt, weights_tag
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,10 @@
 """What the ROS node decides, without ROS: inputs -> ObservationAssembler -> Policy -> output messages.
 
-Public API:
-    @dataclass class MessageClasses     the ROS message classes to build (rclpy's, or a rosbags typestore's)
-        .from_typestore(typestore) -> MessageClasses
-    class MessageFactory(classes)       builds Time/Duration/Header, JointTrajectory, Float32MultiArray,
-                                        DiagnosticStatus and DiagnosticArray
-    @dataclass class TickResult: level ("OK" | "WARN" | "ERROR" | "DROPPED"), message, trajectory, raw,
-                                 diagnostics, output
-    class PolicyNodeLogic(policy, assembler, factory, joint_names, output_joint_names, control_period_s,
-                          latency_budget_ms, ...)
-        .on_image(camera, msg, compressed=False) -> str | None   error text, or None when accepted
-        .on_joint_state(msg) -> str | None
-        .on_prompt(msg_or_str) -> str | None
-        .tick(now, require_new=False) -> TickResult              never raises
+PolicyNodeLogic.from_params is the one wiring from the node's parameters to this logic; the rclpy node and
+bag replay both use it, so a bag is replayed exactly as the robot would have run it.
 
 Decisions:
-- Action step k (0-based) gets time_from_start = (k + 1) * control_period_s: action k is the target the robot
-  reaches one control period after it is commanded, and no point asks to be reached instantly.
-- The trajectory's header stamp is the observation's stamp (the oldest input used; see pi_policy.sync).
+- The trajectory's header stamp is the observation's stamp (the oldest input used; see node.assembler).
 - Point positions = the first len(output_joint_names) action dims; no trajectory when that list is empty.
 - The diagnostic's level is ERROR when the tick was skipped or inference failed (message says why), WARN when
   total_ms exceeds the latency budget, an optional camera was masked, or an input message was rejected since
@@ -31,115 +18,24 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pi_policy.messages import (
+from pi_policy.node.assembler import Assembled, ObservationAssembler
+from pi_policy.node.inputs import (
     MessageError,
     compressed_image_to_rgb,
     header_stamp_sec,
     image_to_rgb,
     joint_state_to_vector,
-    sec_to_stamp,
 )
+from pi_policy.node.outputs import MessageFactory
+from pi_policy.node.params import NodeParams
 from pi_policy.observation import STAGES, Policy, PolicyOutput
-from pi_policy.sync import ObservationAssembler
 
 OK, WARN, ERROR, DROPPED = "OK", "WARN", "ERROR", "DROPPED"
-
-
-def numpy_array(values: np.ndarray, typecode: str) -> np.ndarray:
-    """How a rosbags message wants a float64[] ('d') or float32[] ('f') field."""
-    return np.ascontiguousarray(values, dtype=np.float64 if typecode == "d" else np.float32).reshape(-1)
-
-
-@dataclass
-class MessageClasses:
-    Time: type
-    Duration: type
-    Header: type
-    JointTrajectory: type
-    JointTrajectoryPoint: type
-    DiagnosticArray: type
-    DiagnosticStatus: type
-    KeyValue: type
-    Float32MultiArray: type
-    MultiArrayLayout: type
-    MultiArrayDimension: type
-    float_array: Callable[[np.ndarray, str], Any] = numpy_array  # rclpy wants array.array instead
-
-    @classmethod
-    def from_typestore(cls, typestore) -> MessageClasses:
-        t = typestore.types
-        return cls(
-            Time=t["builtin_interfaces/msg/Time"],
-            Duration=t["builtin_interfaces/msg/Duration"],
-            Header=t["std_msgs/msg/Header"],
-            JointTrajectory=t["trajectory_msgs/msg/JointTrajectory"],
-            JointTrajectoryPoint=t["trajectory_msgs/msg/JointTrajectoryPoint"],
-            DiagnosticArray=t["diagnostic_msgs/msg/DiagnosticArray"],
-            DiagnosticStatus=t["diagnostic_msgs/msg/DiagnosticStatus"],
-            KeyValue=t["diagnostic_msgs/msg/KeyValue"],
-            Float32MultiArray=t["std_msgs/msg/Float32MultiArray"],
-            MultiArrayLayout=t["std_msgs/msg/MultiArrayLayout"],
-            MultiArrayDimension=t["std_msgs/msg/MultiArrayDimension"],
-        )
-
-
-class MessageFactory:
-    """Builds output messages with every field given by keyword, so both rclpy and rosbags classes work."""
-
-    def __init__(self, classes: MessageClasses):
-        self.c = classes
-
-    def time(self, t: float):
-        sec, nanosec = sec_to_stamp(t)
-        return self.c.Time(sec=sec, nanosec=nanosec)
-
-    def duration(self, t: float):
-        sec, nanosec = sec_to_stamp(t)
-        return self.c.Duration(sec=sec, nanosec=nanosec)
-
-    def header(self, t: float, frame_id: str = ""):
-        return self.c.Header(stamp=self.time(t), frame_id=frame_id)
-
-    def trajectory(self, positions: np.ndarray, joint_names: list[str], stamp: float, control_period_s: float,
-                   frame_id: str = ""):
-        """positions: (steps, len(joint_names)); point k is reached at (k + 1) * control_period_s."""
-        empty = self.c.float_array(np.zeros(0), "d")
-        points = [
-            self.c.JointTrajectoryPoint(
-                positions=self.c.float_array(row, "d"),
-                velocities=empty,
-                accelerations=empty,
-                effort=empty,
-                time_from_start=self.duration((k + 1) * control_period_s),
-            )
-            for k, row in enumerate(positions)
-        ]
-        return self.c.JointTrajectory(header=self.header(stamp, frame_id), joint_names=list(joint_names),
-                                      points=points)
-
-    def raw_chunk(self, actions: np.ndarray):
-        """(horizon, action_dim) -> Float32MultiArray, row-major, dims labelled 'horizon' and 'action_dim'."""
-        h, a = actions.shape
-        dims = [
-            self.c.MultiArrayDimension(label="horizon", size=h, stride=h * a),
-            self.c.MultiArrayDimension(label="action_dim", size=a, stride=a),
-        ]
-        return self.c.Float32MultiArray(layout=self.c.MultiArrayLayout(dim=dims, data_offset=0),
-                                        data=self.c.float_array(actions, "f"))
-
-    def status(self, level: str, name: str, message: str, hardware_id: str, values: dict[str, str]):
-        cls = self.c.DiagnosticStatus
-        kv = [self.c.KeyValue(key=k, value=v) for k, v in values.items()]
-        # rclpy's level is a one-byte `bytes`, rosbags' an int: take the class's own constant
-        return cls(level=getattr(cls, level), name=name, message=message, hardware_id=hardware_id, values=kv)
-
-    def diagnostics(self, t: float, statuses: list):
-        return self.c.DiagnosticArray(header=self.header(t), status=list(statuses))
 
 
 @dataclass
@@ -150,6 +46,17 @@ class TickResult:
     raw: Any = None  # Float32MultiArray, when inference ran and publish_raw
     diagnostics: Any = None  # DiagnosticArray, on every tick that was not dropped
     output: PolicyOutput | None = None
+    assembled: Assembled | None = None  # the observation used, or why there was none (errors, warnings)
+    input_errors: list[str] = field(default_factory=list)  # messages rejected since the last tick
+
+    @property
+    def skip_reasons(self) -> list[str]:
+        """Why no chunk came out of this tick: the assembler's errors, or the failure message."""
+        if self.output is not None or self.level == DROPPED:
+            return []
+        if self.assembled is not None and not self.assembled.ok:
+            return list(self.assembled.errors)
+        return [self.message]
 
 
 def _ms(x: float) -> str:
@@ -199,6 +106,17 @@ class PolicyNodeLogic:
         self._input_errors: dict[str, str] = {}  # source -> latest rejection, until it sends a good message
         self._busy = threading.Lock()
         self._errors_lock = threading.Lock()
+
+    @classmethod
+    def from_params(cls, params: NodeParams, policy: Policy, factory: MessageFactory, node_name: str = "pi_policy",
+                    hardware_id: str | None = None) -> PolicyNodeLogic:
+        """The node's parameters -> its assembler and logic: the one wiring, for the rclpy node and bag replay."""
+        assembler = ObservationAssembler(params.camera_names, params.required_cameras or None,
+                                         params.max_observation_age_s, params.max_future_skew_s, params.prompt)
+        return cls(policy, assembler, factory, params.joint_names, params.outputs(), params.control_period_s,
+                   params.latency_budget_ms, status_name=f"{node_name}: inference",
+                   hardware_id=params.device if hardware_id is None else hardware_id, frame_id=params.frame_id,
+                   publish_raw=bool(params.raw_action_topic))
 
     # -- inputs (subscription callbacks): convert, store, never raise --
 
@@ -258,7 +176,9 @@ class PolicyNodeLogic:
         if not assembled.ok:
             self.counts["skipped_ticks"] += 1
             reasons = assembled.errors + assembled.warnings + input_errors
-            return self._result(ERROR, "skipped: " + "; ".join(reasons), now, values)
+            result = self._result(ERROR, "skipped: " + "; ".join(reasons), now, values)
+            result.assembled, result.input_errors = assembled, input_errors
+            return result
         obs = assembled.observation
         values["observation_age_ms"] = _ms(assembled.age_s * 1e3)
         start = time.perf_counter()
@@ -269,7 +189,9 @@ class PolicyNodeLogic:
             self.counts["failed_ticks"] += 1
             where = traceback.extract_tb(e.__traceback__)[-1]
             detail = f"{type(e).__name__}: {e} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
-            return self._result(ERROR, f"inference failed: {detail}", now, values)
+            result = self._result(ERROR, f"inference failed: {detail}", now, values)
+            result.assembled, result.input_errors = assembled, input_errors
+            return result
         values["infer_wall_ms"] = _ms((time.perf_counter() - start) * 1e3)
         self.counts["inferences"] += 1
         lat = output.latency
@@ -288,7 +210,7 @@ class PolicyNodeLogic:
         level = WARN if problems else OK
         summary = f"{lat.total_ms:.1f} ms ({lat.hz:.1f} Hz), {len(obs.images)} cameras"
         result = self._result(level, "; ".join(problems) if problems else f"ok: {summary}", now, values)
-        result.output = output
+        result.output, result.assembled, result.input_errors = output, assembled, input_errors
         n = len(self.output_joint_names)
         if n:
             result.trajectory = self.factory.trajectory(actions[:, :n], self.output_joint_names, obs.stamp,

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .bench import synthetic_observation
-from .latency import action_stats, stage_table, summarize
-from .runtime import DEFAULT_CAMERAS, build_runner
+from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.runtime import build_runner
+from pi_policy.runtime.stats import action_stats, stage_table, summarize
+from pi_policy.tools.synthetic import synthetic_observation
 
 
 def run_demo(preset: str = "tiny", device: str = "cpu", iters: int = 20, seed: int = 0, progress: bool = True,
@@ -48,11 +49,10 @@ def run_demo(preset: str = "tiny", device: str = "cpu", iters: int = 20, seed: i
 
 
 def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, progress: bool) -> dict:
-    from .bag.cli import _print_summary
-    from .bag.demo_bag import ACTION_TOPIC, DemoSpec, demo_params, write_demo_bag
-    from .bag.replay import ReplaySettings, evaluate
-    from .bag.report import write_report
-    from .node_params import params_from_dict
+    from pi_policy.bag.demo_bag import ACTION_TOPIC, DemoSpec, demo_params, write_demo_bag
+    from pi_policy.bag.replay import ReplaySetup, evaluate
+    from pi_policy.bag.report import format_summary, write_report
+    from pi_policy.node.params import params_from_dict
 
     bag = out / "demo_bag"
     if bag.exists():
@@ -62,11 +62,11 @@ def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, prog
     print(f"\nwrote a synthetic rosbag2 (3 cameras, joint states, prompt, recorded actions): {bag}")
     # The replay's topics and timing; the model is `runner`, whatever its preset.
     params = params_from_dict(demo_params("tiny", "cpu"))
-    settings = ReplaySettings.from_params(params, action_topic=ACTION_TOPIC)
+    settings = ReplaySetup(params, action_topic=ACTION_TOPIC)
     ev = evaluate(bag, settings, lambda backend: runner, [runner.backends["prefill"]], progress=progress)
     metrics = write_report(ev, out / "report", meta={"command": "pi-policy demo", "preset": preset,
                                                      "device": device, "seed": seed})
-    _print_summary(metrics, str(out / "report"))
+    print(format_summary(metrics, out / "report"))
     return metrics
 
 

@@ -1,0 +1,41 @@
+"""Command-line flags that several subcommands share, and their translation into library arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from pi_policy.runtime.options import BACKEND_CHOICES
+
+
+def add_model_arguments(p: argparse.ArgumentParser, preset: str = "tiny") -> None:
+    """Which model: preset, weights, statistics, tokenizer, seed, device; and --no-progress."""
+    p.add_argument("--preset", default=preset, help=f"model preset: pi0, pi05, tiny, tiny05 (default {preset})")
+    p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (file or folder); default: random")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available)")
+    p.add_argument("--norm-stats", default=None, help="norm_stats.json of the checkpoint")
+    p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_backend_argument(p: argparse.ArgumentParser, repeat: bool = False, **kwargs) -> None:
+    help_text = kwargs.pop("help", "prefill backend; eager = bf16 without CUDA graphs or torch.compile")
+    p.add_argument("--backend", action="append" if repeat else "store", choices=BACKEND_CHOICES, help=help_text,
+                   **kwargs)
+
+
+def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fp8 backend's options, shared by `bench` and `verify`."""
+    parser.add_argument("--fp8-keep-bf16", default="",
+                        help="fp8: comma-separated linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
+    parser.add_argument("--fp8-exact-accum", action="store_true",
+                        help="fp8: exact accumulation in the FP8 GEMMs (use_fast_accum=False; slower)")
+    parser.add_argument("--fp8-per-channel", action="store_true", help="fp8: per-output-channel weight scales")
+
+
+def fp8_options(args: argparse.Namespace) -> dict:
+    return {"keep_bf16": tuple(x for x in args.fp8_keep_bf16.split(",") if x),
+            "fast_accum": not args.fp8_exact_accum, "per_channel": args.fp8_per_channel}
