@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pi_policy.model.layers import attention
+from pi_policy.runtime.timer import time_graph
 
 torch.manual_seed(0)
 dev, dt = "cuda", torch.bfloat16
@@ -44,20 +45,7 @@ for name, fn in variants.items():
         f = torch.compile(fn, dynamic=False) if name != "flex" else fn
         out = f(q, k, v, mask)
         err = (out.float() - ref).abs().max().item()
-        g = torch.cuda.CUDAGraph()
-        for _ in range(3):
-            f(q, k, v, mask)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g):
-            for _ in range(180):
-                f(q, k, v, mask)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        g.replay()
-        start.record()
-        for _ in range(10):
-            g.replay()
-        end.record()
-        end.synchronize()
-        print(f"{name:26s} {start.elapsed_time(end) / 10 / 180 * 1e3:7.2f} us/call  max err {err:.4f}")
+        ms = time_graph(lambda f=f: f(q, k, v, mask), 180)
+        print(f"{name:26s} {ms * 1e3:7.2f} us/call  max err {err:.4f}")
     except Exception as e:  # noqa: BLE001
         print(f"{name:26s} failed: {type(e).__name__}: {str(e)[:200]}")

@@ -20,11 +20,12 @@ import torch
 from pi_policy.model.checkpoint import weights_fingerprint
 from pi_policy.observation import Observation
 from pi_policy.runtime import build_model, build_runner
+from pi_policy.runtime.options import PREFILL_BACKENDS
 from pi_policy.runtime.stats import relative_error
 from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, fp8_options
 from pi_policy.tools.synthetic import sample_observations
 
-CANDIDATES = ("fp8", "tensorrt")
+CANDIDATES = tuple(b for b in PREFILL_BACKENDS if b != "bf16")
 
 
 class VerifyError(RuntimeError):
@@ -182,7 +183,7 @@ def write_report(report: dict, path: str | Path) -> Path:
 def add_parser(subparsers) -> None:
     v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) with the BF16 baseline")
     add_model_arguments(v)
-    v.add_argument("--backend", required=True, choices=("fp8", "tensorrt"))
+    v.add_argument("--backend", required=True, choices=CANDIDATES, help="the candidate prefill backend")
     v.add_argument("--engine", default=None, help="TensorRT engine (for --backend tensorrt)")
     v.add_argument("--max-rel-error", type=float, default=0.03, help="fail above this action relative error")
     v.add_argument("--scales", default="dynamic", choices=("dynamic", "static"), help="FP8 activation scales")
