@@ -101,3 +101,28 @@ def test_a_failing_compiler_falls_back_to_the_plain_stages_visibly():
     assert not r.backends["denoise"].endswith("-compiled") and r.compiled == ()
     got = r.infer(synthetic_observation(DEFAULT_CAMERAS, 56), noise=np.zeros((50, 32), np.float32)).actions
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny05"])
+def test_a_two_camera_runner_has_two_view_buffers_and_the_masked_three_view_actions(preset):
+    two = build_runner(preset, camera_names=["base_0_rgb", "right_wrist_0_rgb"], progress=False, seed=2)
+    three = build_runner(preset, progress=False, seed=2)
+    cfg = two.cfg
+    assert cfg.num_cameras == 2 and two.buf.images.shape[1] == 2
+    assert two.buf.prefix_embs.shape[1] == 2 * cfg.vision.num_tokens + cfg.max_token_len
+    assert three.buf.prefix_embs.shape[1] == 3 * cfg.vision.num_tokens + cfg.max_token_len
+    obs = synthetic_observation(["base_0_rgb", "right_wrist_0_rgb"], 56, state_dim=7, seed=9)
+    noise = np.random.default_rng(1).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
+    # RoPE positions count valid tokens only, so a masked camera and an absent one are the same computation
+    np.testing.assert_allclose(two.infer(obs, noise=noise).actions, three.infer(obs, noise=noise).actions,
+                               atol=1e-5)
+    obs.images.pop("right_wrist_0_rgb")  # an optional camera dropping out at run time is masked in the 2-view graph
+    assert np.isfinite(two.infer(obs).actions).all()
+
+
+def test_node_params_serve_the_subscribed_cameras_in_model_order():
+    from pi_policy.node.params import params_from_dict
+
+    p = params_from_dict({"preset": "tiny", "joint_names": ["a"], "camera_names": ["right_wrist_0_rgb", "base_0_rgb"],
+                          "camera_topics": ["r", "b"]})
+    assert p.runner_kwargs()["camera_names"] == ["base_0_rgb", "right_wrist_0_rgb"]

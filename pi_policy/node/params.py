@@ -41,7 +41,9 @@ class NodeParams:
     backend: str = _p("bf16", "Prefill backend: bf16, eager (no CUDA graphs), fp8 or tensorrt; the other "
                               "stages run bf16 with CUDA graphs.")
     engine_path: str = _p("", "TensorRT engine for the prefill when backend is tensorrt.")
-    model_camera_names: list[str] = _p([], "Camera names the model was trained with; empty = the preset's.")
+    model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
+                                           "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
+                                           "runner is built for the subscribed ones only.")
     action_dim: int = _p(0, "Robot action dims (unpadded); 0 = the model's.")
     seed: int = _p(0, "Seed for random weights and the denoising noise.")
     warmup: bool = _p(True, "Warm up (and capture CUDA graphs) while configuring, before serving.")
@@ -88,11 +90,10 @@ class NodeParams:
         unknown = [c for c in self.required_cameras if c not in self.camera_names]
         if unknown:
             problems.append(f"required_cameras {unknown} are not in camera_names {self.camera_names}")
-        if self.model_camera_names:
-            extra = [c for c in self.camera_names if c not in self.model_camera_names]
-            if extra:
-                problems.append(f"camera_names {extra} are not in model_camera_names "
-                                f"{self.model_camera_names}")
+        extra = [c for c in self.camera_names if c not in self.model_cameras()]
+        if extra:
+            problems.append(f"camera_names {extra} are not among the model's cameras {self.model_cameras()} "
+                            "(set model_camera_names to the names the model was trained with)")
         if not self.joint_names:
             problems.append("joint_names is empty: list the robot's joints in the model's state order")
         if not self.checkpoint and not self.preset.startswith("tiny"):
@@ -120,13 +121,21 @@ class NodeParams:
         """(camera name, topic, compressed) for each subscribed camera."""
         return [(n, t, is_compressed_topic(t)) for n, t in zip(self.camera_names, self.camera_topics, strict=True)]
 
+    def model_cameras(self) -> list[str]:
+        return list(self.model_camera_names or DEFAULT_CAMERAS)
+
+    def served_cameras(self) -> list[str]:
+        """The subscribed cameras in the model's order: the views the runner's buffers and graphs are built for
+        (a two-camera robot pays for two images). Masking a camera and leaving it out give the same actions."""
+        return [c for c in self.model_cameras() if c in self.camera_names]
+
     def outputs(self) -> list[str]:
         return self.output_joint_names or self.joint_names
 
     def runner_kwargs(self) -> dict[str, Any]:
         return dict(preset=self.preset, checkpoint=self.checkpoint or None,
                     norm_stats=self.norm_stats or None, tokenizer=self.tokenizer or None,
-                    device=self.device, backend=self.backend, camera_names=self.model_camera_names or None,
+                    device=self.device, backend=self.backend, camera_names=self.served_cameras(),
                     seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
                     warmup=self.warmup)
 

@@ -25,9 +25,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_model(preset: str = "tiny", checkpoint: str | None = None, device: str = "cpu", seed: int = 0,
-                dtype: torch.dtype | None = None) -> PiModel:
-    """The model on `device`: bf16 on GPUs, float32 on CPU; random weights (fixed seed) without a checkpoint."""
-    cfg = get_config(preset)
+                dtype: torch.dtype | None = None, num_cameras: int | None = None) -> PiModel:
+    """The model on `device`: bf16 on GPUs, float32 on CPU; random weights (fixed seed) without a checkpoint.
+
+    num_cameras: the views this instance serves (default: the preset's 3). Weights do not depend on it; the
+    prefix length, and so every buffer, graph and engine shape, does.
+    """
+    if num_cameras is not None and num_cameras < 1:
+        raise ValueError(f"num_cameras must be >= 1, got {num_cameras}")
+    cfg = get_config(preset, **({"num_cameras": num_cameras} if num_cameras else {}))
     dev = resolve_device(device)
     with torch.device(dev):
         model = PiModel(cfg)
@@ -51,7 +57,8 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
     reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
     configure the fp8 prefill."""
     mode = resolve_backend(backend, cuda_graphs, compile_stages)
-    model = model or build_model(preset, checkpoint, device, seed)
+    model = model or build_model(preset, checkpoint, device, seed, num_cameras=len(camera_names) if camera_names
+                                 else None)
     cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
     stats = load_norm_stats(norm_stats) if norm_stats else None

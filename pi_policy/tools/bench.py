@@ -37,12 +37,12 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
               fp8_options: dict | None = None) -> dict:
-    model = build_model(preset, checkpoint, device, seed)
+    if not 1 <= cameras <= len(DEFAULT_CAMERAS):
+        raise ValueError(f"--cameras must be 1..{len(DEFAULT_CAMERAS)}")
+    model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)  # buffers and graphs for N views
     cfg = model.cfg
-    if not 0 <= cameras <= cfg.num_cameras:
-        raise ValueError(f"--cameras must be 0..{cfg.num_cameras} for preset {preset}")
-    names = DEFAULT_CAMERAS[: cfg.num_cameras]
-    obs = synthetic_observation(names[:cameras], cfg.vision.image_size, seed=seed)
+    names = list(DEFAULT_CAMERAS[:cameras])
+    obs = synthetic_observation(names, cfg.vision.image_size, seed=seed)
     noise = np.random.default_rng(seed + 1).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
     result = {"workload": {"preset": preset, "cameras": cameras, "prompt_tokens": cfg.max_token_len,
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
@@ -92,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="pi0")
     p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
                    help="repeat to compare (the first is the baseline); default bf16")
-    p.add_argument("--cameras", type=int, default=3)
+    p.add_argument("--cameras", type=int, default=3, help="camera views the runner is built for, 1-3 (default 3)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--checkpoint")

@@ -61,7 +61,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
     from pi_policy.runtime.prefill.tensorrt import weights_tag
 
-    model = build_model(args.preset, args.checkpoint, args.device, args.seed)
+    model = build_model(args.preset, args.checkpoint, args.device, args.seed, num_cameras=args.cameras)
     choice = build_fp8_prefill(model, calibration=_samples(model, args, args.samples), progress=not args.no_progress)
     amax = {name: float(lin.act_scale) * 448.0 for name, lin in choice.fn.linears().items()
             if lin.act_scale is not None}
@@ -79,7 +79,7 @@ def run_build_engine(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.preset, args.checkpoint, args.device, args.seed)
+    model = build_model(args.preset, args.checkpoint, args.device, args.seed, num_cameras=args.cameras)
     calibration = args.calibration or _samples(model, args, args.samples)
     choice = build_fp8_prefill(model, calibration=calibration, per_channel=args.per_channel,
                                progress=not args.no_progress)

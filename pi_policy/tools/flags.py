@@ -18,6 +18,8 @@ def add_model_arguments(p: argparse.ArgumentParser, preset: str = "tiny") -> Non
                    help="torch device (default: cuda when available)")
     p.add_argument("--norm-stats", default=None, help="norm_stats.json of the checkpoint")
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model")
+    p.add_argument("--cameras", type=int, default=None,
+                   help="camera views the runner (or engine) is built for, 1-3 (default: the preset's 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -81,7 +81,8 @@ def compare(base: Captured, cand: Captured) -> dict:
 def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = None, device: str = "cpu",
            seed: int = 0, engine_path: str | None = None, max_rel_error: float = 0.03, scales: str = "dynamic",
            calibration_samples_n: int = 4, check_baseline: bool = False, progress: bool = True,
-           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None) -> dict:
+           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None,
+           cameras: int | None = None) -> dict:
     """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error)."""
     if backend not in CANDIDATES:
         raise VerifyError(f"unknown candidate backend {backend!r}; choose one of {CANDIDATES}")
@@ -93,7 +94,7 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     common = dict(norm_stats=norm_stats, tokenizer=tokenizer, seed=seed, progress=progress)
 
     # 1. The baseline: its own model instance, fingerprinted, run first.
-    base_model = build_model(preset, checkpoint, device, seed)
+    base_model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)
     fp_before = weights_fingerprint(base_model)
     base_runner = build_runner(preset, checkpoint, device=device, backend="bf16", model=base_model, **common)
     cfg = base_model.cfg
@@ -104,7 +105,7 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     base = capture(base_runner, obs, noise)
 
     # 2. The candidate: a second instance with the same weights.
-    cand_model = build_model(preset, checkpoint, device, seed)
+    cand_model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)
     if weights_fingerprint(cand_model) != fp_before:
         raise VerifyError("the candidate's model instance does not hold the baseline's weights (non-deterministic "
                           "load?); the comparison would be meaningless")
@@ -200,7 +201,7 @@ def run_verify(args: argparse.Namespace) -> int:
         report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
                         args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
                         progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                        fp8_options=fp8_options(args))
+                        fp8_options=fp8_options(args), cameras=args.cameras)
     except VerifyError as e:
         print(f"verify: ERROR: {e}", file=sys.stderr)
         return 2
