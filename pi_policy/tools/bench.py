@@ -15,6 +15,7 @@ from tqdm import tqdm
 from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_model, build_runner
 from pi_policy.runtime.options import BACKEND_CHOICES, parse_stages
+from pi_policy.runtime.roofline import format_roofline, measure_peaks, roofline
 from pi_policy.runtime.stats import action_accuracy, action_stats, comparison_table, stage_table, summarize
 from pi_policy.tools.flags import add_fp8_arguments, fp8_options
 from pi_policy.tools.synthetic import synthetic_observation
@@ -36,7 +37,9 @@ def machine_info(device: torch.device) -> dict:
 def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), cameras: int = 3, iters: int = 200,
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
-              fp8_options: dict | None = None) -> dict:
+              fp8_options: dict | None = None, roofline_peaks: dict | None = None) -> dict:
+    """The BENCHMARKING.md workload per backend; with roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or
+    {"measure": True} on a GPU) each backend also gets the roofline of its stages."""
     if not 1 <= cameras <= len(DEFAULT_CAMERAS):
         raise ValueError(f"--cameras must be 1..{len(DEFAULT_CAMERAS)}")
     model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)  # buffers and graphs for N views
@@ -61,6 +64,13 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
         del runner
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if roofline_peaks is not None:
+        peaks = measure_peaks(model.time_freqs.device) if roofline_peaks.get("measure") else dict(roofline_peaks)
+        peaks.setdefault("fp8_tflops", 2 * peaks["bf16_tflops"])  # FP8 tensor cores: twice bf16 on Hopper and Thor
+        result["roofline_peaks"] = peaks
+        for backend, entry in result["backends"].items():
+            measured = {s: entry[s]["p50"] for s in ("vision", "embed_prefix", "prefill", "denoise")}
+            entry["roofline"] = roofline(cfg, measured, peaks, prefill_fp8=backend in ("fp8", "tensorrt"))
     first = backends[0]
     for backend in backends[1:]:
         result["backends"][backend]["accuracy_vs_" + first] = action_accuracy(
@@ -84,6 +94,10 @@ def format_result(result: dict) -> str:
         lines += ["", comparison_table(base, cand, names[0], name),
                   f"{name} vs {names[0]}: max diff {acc['max_diff']:.4f}, mean diff {acc['mean_diff']:.4f}, "
                   f"relative error {100 * acc['relative_error']:.2f}%"]
+    for name in names:
+        if "roofline" in result["backends"][name]:
+            lines += ["", f"backend {name}: " + format_roofline(result["backends"][name]["roofline"],
+                                                                 result["roofline_peaks"])]
     return "\n".join(lines)
 
 
@@ -101,6 +115,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--compile", default=None,
                    help="comma-separated stages to torch.compile; default prefill,denoise on CUDA; 'none' for none")
+    p.add_argument("--roofline", action="store_true",
+                   help="per stage: FLOPs and bytes, the floor on this GPU (peaks measured here, or --peak-*), the "
+                        "achieved fraction, and a projection for Jetson Thor")
+    p.add_argument("--peak-tflops", type=float, help="bf16 peak for --roofline instead of measuring it")
+    p.add_argument("--peak-gbs", type=float, help="memory bandwidth (GB/s) for --roofline instead of measuring it")
     add_fp8_arguments(p)
     p.set_defaults(func=run)
 
@@ -108,10 +127,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
-                       fp8_options(args))
+                       fp8_options(args), roofline_peaks(args))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def roofline_peaks(args: argparse.Namespace) -> dict | None:
+    if not args.roofline:
+        return None
+    if args.peak_tflops and args.peak_gbs:
+        return {"name": "given peaks", "source": "--peak-tflops/--peak-gbs", "bf16_tflops": args.peak_tflops,
+                "bandwidth_gbs": args.peak_gbs}
+    if not args.device.startswith("cuda"):
+        raise ValueError("--roofline measures the GPU's peaks; on a CPU give --peak-tflops and --peak-gbs")
+    return {"measure": True}
