@@ -1,0 +1,1 @@
+"""The `pi-policy` subcommands that live in their own modules, each exposing add_parser(subparsers)."""
