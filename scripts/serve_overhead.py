@@ -1,0 +1,100 @@
+"""What the server adds to one client's inference: round trip over loopback vs the runner's in-process infer.
+
+One process: the runner is built on the server's worker thread; first N direct `infer` calls on that thread
+(the in-process time a robot program would see), then the same runner served on 127.0.0.1 and N round trips
+from openpi's own client, each with the server's infer time of that very request, so that
+overhead = round trip - server infer is measured per request. Three 224x224 cameras and a 14-value state,
+as in `pi-policy bench`. Random weights unless --checkpoint.
+
+    python scripts/serve_overhead.py --preset pi0 --device cuda --iters 200
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from tqdm import tqdm
+
+from pi_policy.bench import synthetic_observation
+from pi_policy.node_params import NodeParams
+from pi_policy.runtime import DEFAULT_CAMERAS, build_runner
+from pi_policy.serve.config import ServeConfig
+from pi_policy.serve.server import PolicyServer
+
+KEYS = {f"observation/{name}": name for name in DEFAULT_CAMERAS}
+
+
+def stats(values) -> dict:
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
+            "mean": float(np.mean(values))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="bf16")
+    p.add_argument("--checkpoint", default="")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=10, help="calls before timing, each way")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a busy CPU")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before the worker thread first runs torch, which then keeps it
+
+    # Built directly rather than from a file: a benchmark of random weights, which validation refuses for pi0.
+    params = NodeParams(preset=args.preset, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
+                        joint_names=[f"j{i}" for i in range(14)], action_dim=14, prompt="")
+    cfg = ServeConfig(params, dict(KEYS), ["observation/state"], host="127.0.0.1", port=0)
+    server = PolicyServer(lambda: build_runner(**params.runner_kwargs()), cfg)
+    obs = synthetic_observation(DEFAULT_CAMERAS, 224, 14, seed=0)
+    request = {key: obs.images[name] for key, name in KEYS.items()}
+    request |= {"observation/state": obs.state, "prompt": obs.prompt}
+
+    def direct(n: int) -> list[float]:  # on the worker thread, where the server calls the runner
+        times = []
+        for _ in tqdm(range(n), desc="in-process infer", leave=False):
+            t0 = time.perf_counter()
+            server.runner.infer(obs)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    server.pool.submit(direct, args.warmup).result()
+    infer_ms = server.pool.submit(direct, args.iters).result()
+    server.start()
+    client = WebsocketClientPolicy("127.0.0.1", server.port)
+    rtt, served, overhead = [], [], []
+    for i in tqdm(range(args.warmup + args.iters), desc="round trips", leave=False):
+        t0 = time.perf_counter()
+        reply = client.infer(request)
+        ms = (time.perf_counter() - t0) * 1e3
+        if i >= args.warmup:
+            rtt.append(ms)
+            served.append(reply["server_timing"]["infer_ms"])
+            overhead.append(ms - reply["server_timing"]["infer_ms"])
+    server.stop()
+
+    figures = {"preset": args.preset, "device": str(server.runner.device), "backend": args.backend,
+               "iters": args.iters, "backends": server.metadata["backends"],
+               "in_process_infer_ms": stats(infer_ms), "round_trip_ms": stats(rtt),
+               "server_infer_ms": stats(served), "overhead_ms": stats(overhead)}
+    if torch.cuda.is_available() and args.device.startswith("cuda"):
+        figures["gpu"] = torch.cuda.get_device_name()
+    print(f"{args.preset} on {figures.get('gpu', figures['device'])}, {args.iters} calls each way")
+    for key, label in (("in_process_infer_ms", "in-process infer"), ("round_trip_ms", "client round trip"),
+                       ("server_infer_ms", "server's infer (same requests)"),
+                       ("overhead_ms", "overhead = round trip - server's infer")):
+        print(f"  {label:40s} p50 {figures[key]['p50']:8.3f} ms   p99 {figures[key]['p99']:8.3f} ms")
+    gap = figures["round_trip_ms"]["p50"] - figures["in_process_infer_ms"]["p50"]
+    print(f"  round trip p50 - in-process p50: {gap:.3f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
