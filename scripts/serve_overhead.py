@@ -1,22 +1,24 @@
 """What the server adds to one client's inference: round trip over loopback vs the runner's in-process infer.
 
-One process: the runner is built on the server's worker thread; first N direct `infer` calls on that thread
-(the in-process time a robot program would see), then the same runner served on 127.0.0.1 and N round trips
-from openpi's own client, each with the server's infer time of that very request, so that
-overhead = round trip - server infer is measured per request. Three 224x224 cameras and a 14-value state,
-as in `pi-policy bench`. Random weights unless --checkpoint.
+The runner is built on the server's worker thread; first N direct `infer` calls on that thread (the time a
+program calling the runner itself would see), then the same runner is served on 127.0.0.1 and a separate
+client process (openpi's own client, as on a robot; one process would share the GIL with the server) makes
+N round trips. Each reply carries the server's infer time of that very request, so overhead = round trip -
+server infer is measured per request. Three 224x224 cameras and a 14-value state, as in `pi-policy bench`.
+Random weights unless --checkpoint.
 
     python scripts/serve_overhead.py --preset pi0 --device cuda --iters 200
 """
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from tqdm import tqdm
 
 from pi_policy.bench import synthetic_observation
@@ -28,9 +30,29 @@ from pi_policy.serve.server import PolicyServer
 KEYS = {f"observation/{name}": name for name in DEFAULT_CAMERAS}
 
 
+def observation():
+    obs = synthetic_observation(DEFAULT_CAMERAS, 224, 14, seed=0)
+    request = {key: obs.images[name] for key, name in KEYS.items()}
+    return obs, request | {"observation/state": obs.state, "prompt": obs.prompt}
+
+
 def stats(values) -> dict:
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99)),
             "mean": float(np.mean(values))}
+
+
+def client(port: int, warmup: int, iters: int) -> None:
+    """The client process: round trips, printed as one JSON line of (round trip, server infer) pairs."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    policy, request = WebsocketClientPolicy("127.0.0.1", port), observation()[1]
+    pairs = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        reply = policy.infer(request)
+        if i >= warmup:
+            pairs.append(((time.perf_counter() - t0) * 1e3, reply["server_timing"]["infer_ms"]))
+    print(json.dumps(pairs))
 
 
 def main() -> None:
@@ -43,7 +65,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="calls before timing, each way")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a busy CPU")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--client-of", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the client process
     args = p.parse_args()
+    if args.client_of:
+        return client(args.client_of, args.warmup, args.iters)
     if args.threads:
         torch.set_num_threads(args.threads)  # before the worker thread first runs torch, which then keeps it
 
@@ -52,9 +77,7 @@ def main() -> None:
                         joint_names=[f"j{i}" for i in range(14)], action_dim=14, prompt="")
     cfg = ServeConfig(params, dict(KEYS), ["observation/state"], host="127.0.0.1", port=0)
     server = PolicyServer(lambda: build_runner(**params.runner_kwargs()), cfg)
-    obs = synthetic_observation(DEFAULT_CAMERAS, 224, 14, seed=0)
-    request = {key: obs.images[name] for key, name in KEYS.items()}
-    request |= {"observation/state": obs.state, "prompt": obs.prompt}
+    obs = observation()[0]
 
     def direct(n: int) -> list[float]:  # on the worker thread, where the server calls the runner
         times = []
@@ -67,22 +90,17 @@ def main() -> None:
     server.pool.submit(direct, args.warmup).result()
     infer_ms = server.pool.submit(direct, args.iters).result()
     server.start()
-    client = WebsocketClientPolicy("127.0.0.1", server.port)
-    rtt, served, overhead = [], [], []
-    for i in tqdm(range(args.warmup + args.iters), desc="round trips", leave=False):
-        t0 = time.perf_counter()
-        reply = client.infer(request)
-        ms = (time.perf_counter() - t0) * 1e3
-        if i >= args.warmup:
-            rtt.append(ms)
-            served.append(reply["server_timing"]["infer_ms"])
-            overhead.append(ms - reply["server_timing"]["infer_ms"])
+    print(f"{args.warmup + args.iters} round trips from a client process ...", flush=True)
+    cmd = [sys.executable, __file__, "--client-of", str(server.port), "--warmup", str(args.warmup),
+           "--iters", str(args.iters)]
+    pairs = np.array(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
     server.stop()
+    rtt, served = pairs[:, 0], pairs[:, 1]
 
     figures = {"preset": args.preset, "device": str(server.runner.device), "backend": args.backend,
                "iters": args.iters, "backends": server.metadata["backends"],
                "in_process_infer_ms": stats(infer_ms), "round_trip_ms": stats(rtt),
-               "server_infer_ms": stats(served), "overhead_ms": stats(overhead)}
+               "server_infer_ms": stats(served), "overhead_ms": stats(rtt - served)}
     if torch.cuda.is_available() and args.device.startswith("cuda"):
         figures["gpu"] = torch.cuda.get_device_name()
     print(f"{args.preset} on {figures.get('gpu', figures['device'])}, {args.iters} calls each way")
