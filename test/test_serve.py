@@ -260,6 +260,8 @@ def test_a_client_that_leaves_while_queued_costs_no_inference(libero_server):
             ws.send(pack(good_request(1)))
             wait_for(lambda: server.pending == 2)  # queued behind the first
         wait_for(lambda: server.pending == 1)  # the server saw it leave
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as response:
+            assert response.status == 200  # the event loop answers while the runner is busy
         gated.gate.set()
         holder.join(timeout=60)
         assert first["reply"]["actions"].shape == (50, 7)

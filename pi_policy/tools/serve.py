@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 
 import yaml
 
@@ -59,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_serve_config(args.config, _overrides(args))
     cfg.host = args.host if args.host is not None else cfg.host
     cfg.port = args.port if args.port is not None else cfg.port
+    try:  # before the model loads, which can take minutes
+        if cfg.port:
+            socket.create_server((cfg.host, cfg.port)).close()
+    except OSError as e:
+        raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
     api_key = os.environ.get(args.api_key_env) or None
     server = PolicyServer(lambda: build_runner(**cfg.params.runner_kwargs()), cfg, api_key)
     r = server.runner
