@@ -29,6 +29,7 @@ import yaml
 from ..model.config import get_config
 from ..node_params import NodeParams, ParamError, params_from_dict, read_param_values
 from ..runtime.runner import DEFAULT_CAMERAS
+from .protocol import pack
 
 SECTION = "serve"
 
@@ -75,6 +76,10 @@ def _check_section(section: Any, where: str) -> dict[str, Any]:
     state = section.get("state")
     if isinstance(state, list) and (not state or not all(isinstance(k, str) and k for k in state)):
         problems.append(f"'state' must be a non-empty list of request keys, got {state!r}")
+    try:
+        pack(section.get("metadata", {}))
+    except TypeError as e:  # YAML dates, say
+        problems.append(f"'metadata' {e}: use strings, numbers, lists and mappings")
     port = section.get("port", 0)
     if isinstance(port, int) and not 0 <= port <= 65535:
         problems.append(f"'port' must be in 0..65535, got {port}")

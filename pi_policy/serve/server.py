@@ -48,6 +48,7 @@ class PolicyServer:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pi-policy-infer")
         self.runner: Policy = self.pool.submit(make_runner).result()
         self.metadata = self._metadata()
+        self._metadata_frame = pack(self.metadata)
         self.inferences = 0  # runner calls made, for tests and the load test
         self.pending = 0  # requests handed to the worker and not answered yet
         self.port: int | None = None
@@ -79,7 +80,7 @@ class PolicyServer:
         closed = asyncio.ensure_future(ws.wait_closed())
         prev_total_ms = None
         try:
-            await ws.send(pack(self.metadata))
+            await ws.send(self._metadata_frame)
             async for message in ws:
                 t0 = time.perf_counter()
                 try:
