@@ -27,9 +27,11 @@ setup(
         "tqdm",
         "rosbags>=0.10",
         "matplotlib",
+        "websockets>=13",  # pi-policy serve (the asyncio server API)
+        "msgpack>=1.0",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff"],
+        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "openpi-client"],
         "onnx": ["onnx", "onnxruntime"],
     },
     zip_safe=True,

@@ -54,10 +54,10 @@ def test_ruff_clean():
     assert result.returncode == 0, result.stdout
 
 
-# Each package may import only from the layers below it: tools -> bag, ros -> node -> runtime -> model.
+# Each package may import only from the layers below it: tools -> bag, ros, serve -> node -> runtime -> model.
 LAYERS = {"model": set(), "runtime": {"model"}, "node": {"runtime", "model"},
           "bag": {"node", "runtime", "model"}, "ros": {"node", "runtime", "model"},
-          "tools": {"bag", "node", "runtime", "model"}}
+          "serve": {"node", "runtime", "model"}, "tools": {"bag", "serve", "node", "runtime", "model"}}
 
 
 def test_imports_run_down_the_layers():
