@@ -7,13 +7,14 @@ import logging
 import sys
 
 from . import bench, demo, engine_cli
+from .tools import inspect_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pi-policy", description="Run pi0 / pi0.5 policies in real time.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, bench, engine_cli):
+    for module in (demo, bench, engine_cli, inspect_checkpoint):
         module.add_parser(sub)
     try:
         from .bag import cli as bag_cli

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .model.tokenizer import PROMPT_FORMATS
 from .runtime.fp8 import add_fp8_arguments, fp8_options
 
 log = logging.getLogger(__name__)
@@ -20,9 +21,12 @@ log = logging.getLogger(__name__)
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="model preset: tiny, pi0, pi05 (default tiny)")
     p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (file or folder); default: random")
+    p.add_argument("--prompt-format", default="auto", choices=("auto", *PROMPT_FORMATS),
+                   help="how the checkpoint's trainer wrote prompts (default: detected beside it)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--norm-stats", default=None, help="norm_stats.json of the checkpoint")
+    p.add_argument("--norm-stats", default=None,
+                   help="openpi norm_stats.json or LeRobot checkpoint folder (default: found beside the checkpoint)")
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -71,7 +75,7 @@ def run_verify(args: argparse.Namespace) -> int:
         report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
                         args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
                         progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                        fp8_options=fp8_options(args))
+                        fp8_options=fp8_options(args), prompt_format=args.prompt_format)
     except VerifyError as e:
         print(f"verify: ERROR: {e}", file=sys.stderr)
         return 2
@@ -90,7 +94,7 @@ def _samples(model, args, n: int):
         raise ValueError("need at least one calibration sample")
     runner = build_runner(args.preset, args.checkpoint, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
                           device=args.device, backend="bf16", seed=args.seed, model=model, warmup=False,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, prompt_format=args.prompt_format)
     cfg = model.cfg
     obs = sample_observations(runner.camera_names, cfg.vision.image_size, runner.normalizer.action_dim, n,
                               args.seed + 100)

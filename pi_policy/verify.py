@@ -93,7 +93,8 @@ def compare(base: Captured, cand: Captured) -> dict:
 def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = None, device: str = "cpu",
            seed: int = 0, engine_path: str | None = None, max_rel_error: float = 0.03, scales: str = "dynamic",
            calibration_samples_n: int = 4, check_baseline: bool = False, progress: bool = True,
-           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None) -> dict:
+           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None,
+           prompt_format: str = "auto") -> dict:
     """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error)."""
     if backend not in CANDIDATES:
         raise VerifyError(f"unknown candidate backend {backend!r}; choose one of {CANDIDATES}")
@@ -102,7 +103,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     if not (max_rel_error > 0):
         raise VerifyError(f"--max-rel-error must be > 0, got {max_rel_error}")
     t0 = time.perf_counter()
-    common = dict(norm_stats=norm_stats, tokenizer=tokenizer, seed=seed, progress=progress)
+    common = dict(norm_stats=norm_stats, tokenizer=tokenizer, seed=seed, progress=progress,
+                  prompt_format=prompt_format)
 
     # 1. The baseline: its own model instance, fingerprinted, run first.
     base_model = build_model(preset, checkpoint, device, seed)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pi_policy.model import PiModel, get_config, init_random
+from pi_policy.model.pi0 import time_embedding
 
 
 def inputs(cfg, seed=0, cameras=(True, True, False), prompt_len=5):
@@ -25,8 +26,7 @@ def joint_reference_velocity(model, embs, pad, x_t, t, state):
     with torch.no_grad():
         # Suffix embedding through the model's own velocity pieces, to isolate attention/caching.
         tokens = model.action_in(x_t)
-        t_emb = t[:, None] * model.time_freqs
-        t_emb = torch.cat([t_emb.sin(), t_emb.cos()], -1)
+        t_emb = time_embedding(t, cfg.expert.width)
         cond = None
         if cfg.pi05:
             cond = torch.nn.functional.silu(model.time_out(torch.nn.functional.silu(model.time_in(t_emb))))

@@ -1,4 +1,4 @@
-"""build_runner: preset + checkpoint + stats + tokenizer + device + backend -> a warmed-up PolicyRunner."""
+"""build_runner: preset + checkpoint (file or folder) + stats + tokenizer + device + backend -> a warmed-up runner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 
 from ..model import PiModel, cast_for_inference, get_config, init_random
 from ..model.checkpoint import load_checkpoint
-from ..model.normalize import Normalizer, default_mode, load_norm_stats
+from ..model.checkpoint_dir import resolve_assets
+from ..model.normalize import Normalizer, default_mode
 from ..model.tokenizer import load_tokenizer
 from .backends import make_prefill
 from .runner import PolicyRunner
@@ -47,20 +48,24 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  engine_path: str | None = None, action_dim: int | None = None,
                  model: PiModel | None = None, warmup: bool = True,
                  compile_stages: tuple[str, ...] | None = None, calibration=None,
-                 fp8_options: dict | None = None) -> PolicyRunner:
+                 fp8_options: dict | None = None, prompt_format: str = "auto",
+                 require_assets: bool = True) -> PolicyRunner:
     """A runner ready to serve. On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
     reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
-    configure the fp8 prefill."""
+    configure the fp8 prefill. Statistics, tokenizer and prompt format not given are taken from beside the
+    checkpoint; `require_assets=False` (latency benchmarks) runs a checkpoint without them."""
+    cfg = model.cfg if model is not None else get_config(preset)
+    assets = resolve_assets(cfg, checkpoint, norm_stats, tokenizer, prompt_format, require_assets)
     model = model or build_model(preset, checkpoint, device, seed)
-    cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
-    stats = load_norm_stats(norm_stats) if norm_stats else None
-    normalizer = Normalizer(stats, default_mode(kind), cfg.action_dim, action_dim)
-    tok = load_tokenizer(tokenizer, cfg.vocab_size, cfg.max_token_len, kind)
+    normalizer = Normalizer.from_statistics(assets.statistics, default_mode(kind), cfg.action_dim, action_dim)
+    tok = load_tokenizer(assets.tokenizer, cfg.vocab_size, cfg.max_token_len, kind, assets.prompt_format,
+                         assets.state_pad)
     choice = make_prefill(backend, model, engine_path=engine_path, checkpoint=checkpoint, calibration=calibration,
                           fp8_options=fp8_options)
     if compile_stages is None:
-        compile_stages = DEFAULT_COMPILE if model.time_freqs.device.type == "cuda" and backend != "eager" else ()
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        compile_stages = DEFAULT_COMPILE if on_gpu and backend != "eager" else ()
     if choice.name == "tensorrt":  # the engine is already compiled; torch.compile would only graph-break on it
         compile_stages = tuple(s for s in compile_stages if s != "prefill")
     if choice.note:

@@ -1,0 +1,1 @@
+"""The `pi-policy` subcommands: argument parsing and printing, thin shells over the library."""
