@@ -183,5 +183,8 @@ def test_inspect_reports_a_ready_folder_and_what_is_missing(tmp_path, capsys):
     assert "written by  openpi (config.json of an openpi conversion)" in out
     assert "does not fit preset 'tiny05'" in out and "use --preset pi0" in out
     assert "- no norm_stats.json beside the weights" in out and "statistics  none found" in out
+    (tmp_path / "lerobot" / "paligemma_tokenizer.model").write_bytes(b"not a SentencePiece model")
+    assert main(["inspect", str(tmp_path / "lerobot")]) == 1
+    assert "- a usable tokenizer: " in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "nowhere")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -12,8 +12,9 @@ from ..model.checkpoint_dir import (
     lerobot_cameras,
     preset_fits,
 )
-from ..model.config import PRESETS
+from ..model.config import PRESETS, PiConfig
 from ..model.normalize import default_mode
+from ..model.tokenizer import PromptTokenizer
 
 PROMPTS = {
     ("openpi", False): 'the cleaned task (strip, "_" -> " "), then "\\n" encoded on its own',
@@ -49,13 +50,24 @@ def report(path: str, preset: str | None = None) -> tuple[list[tuple[str, str]],
     pad = int(ck.config.get("max_state_dim", cfg.action_dim))
     rows.append(("prompt", f"{ck.source}: " + PROMPTS[ck.source, cfg.pi05].format(pad=pad)))
     rows.append(("statistics", _stats(ck, default_mode("pi05" if cfg.pi05 else "pi0"), missing)))
-    rows.append(("tokenizer", str(ck.tokenizer) if ck.tokenizer else "none found"))
-    if ck.tokenizer is None and not cfg.name.startswith("tiny"):
-        missing.append("PaliGemma's tokenizer: put paligemma_tokenizer.model beside the weights, or set tokenizer")
+    rows.append(("tokenizer", _tokenizer(ck, cfg, missing)))
     cameras = lerobot_cameras(ck)
     if cameras:
         rows.append(("cameras", ", ".join(cameras) + " (config.json; set camera_names to match)"))
     return rows, missing, name
+
+
+def _tokenizer(ck: CheckpointDir, cfg: PiConfig, missing: list[str]) -> str:
+    if ck.tokenizer is None:
+        if not cfg.name.startswith("tiny"):
+            missing.append("PaliGemma's tokenizer: put paligemma_tokenizer.model beside the weights, or set tokenizer")
+        return "none found"
+    try:
+        tok = PromptTokenizer(ck.tokenizer, vocab_size=cfg.vocab_size)
+    except (ValueError, OSError, ImportError) as e:
+        missing.append(f"a usable tokenizer: {e}")
+        return f"{ck.tokenizer}: unusable"
+    return f"{ck.tokenizer} (SentencePiece, {tok.vocab_size} pieces)"
 
 
 def _stats(ck: CheckpointDir, mode: str, missing: list[str]) -> str:
