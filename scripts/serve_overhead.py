@@ -26,7 +26,7 @@ from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_runner
 from pi_policy.serve.config import ServeConfig
 from pi_policy.serve.server import PolicyServer
-from pi_policy.tools.bench import synthetic_observation
+from pi_policy.tools.synthetic import synthetic_observation
 
 KEYS = {f"observation/{name}": name for name in DEFAULT_CAMERAS}
 

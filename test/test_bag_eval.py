@@ -299,12 +299,13 @@ def test_robot_config_replays_with_command_line_overrides():
 
     parser_args = ["eval-bag", "bag", "--config", "config/thor.yaml", "--preset", "tiny", "--device", "cpu",
                    "--checkpoint", "", "--set", "norm_stats=''", "--set", "tokenizer=''", "--set",
-                   "engine_path=''", "--set", "backend=bf16", "--namespace", "/robot1"]
+                   "engine_path=''", "--set", "backend=bf16", "--namespace", "/robot1", "--prompt-format", "lerobot"]
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     args = parser.parse_args(parser_args)
     params = load_params(args)
     assert params.preset == "tiny" and params.checkpoint == "" and len(params.joint_names) == 14
+    assert params.runner_kwargs()["prompt_format"] == "lerobot"
     s = ReplaySetup(params, "joints", None, namespace=args.namespace)
     assert s.cameras["base_0_rgb"] == "/robot1/cameras/base/image_raw"
     assert s.joint_states_topic == "/robot1/joint_states" and s.params.required_cameras == ["base_0_rgb"]

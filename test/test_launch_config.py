@@ -201,3 +201,15 @@ def test_launch_file_with_ros_launch():
     description = module.generate_launch_description()
     names = {a.name for a in description.get_launch_arguments()}
     assert names == {"config", "checkpoint", "engine", "namespace"}
+
+
+def test_prompt_format_parameter_names_the_tokenizers_formats():
+    from pi_policy.node.params import PROMPT_FORMATS
+
+    tokenizer = pytest.importorskip("pi_policy.model.tokenizer")  # torch; node_params keeps its own copy
+    assert PROMPT_FORMATS == ("auto", *tokenizer.PROMPT_FORMATS)
+    base = {"preset": "tiny", "joint_names": ["a"]}
+    assert params_from_dict(base).runner_kwargs()["prompt_format"] == "auto"
+    assert params_from_dict(base | {"prompt_format": "lerobot"}).runner_kwargs()["prompt_format"] == "lerobot"
+    with pytest.raises(ParamError, match="prompt_format 'hf' is not one of auto, openpi, lerobot"):
+        params_from_dict(base | {"prompt_format": "hf"})

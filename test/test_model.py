@@ -1,9 +1,12 @@
 """The staged model: composition, pi0 joint attention, masks for missing cameras, reproducibility."""
 
+import math
+
 import pytest
 import torch
 
 from pi_policy.model import PiModel, get_config, init_random
+from pi_policy.model.pi0 import cast_for_inference, euler_times, time_embedding
 
 
 def inputs(cfg, seed=0, cameras=(True, True, False), prompt_len=5):
@@ -25,8 +28,7 @@ def joint_reference_velocity(model, embs, pad, x_t, t, state):
     with torch.no_grad():
         # Suffix embedding through the model's own velocity pieces, to isolate attention/caching.
         tokens = model.action_in(x_t)
-        t_emb = t[:, None] * model.time_freqs
-        t_emb = torch.cat([t_emb.sin(), t_emb.cos()], -1)
+        t_emb = time_embedding(t, cfg.expert.width)
         cond = None
         if cfg.pi05:
             cond = torch.nn.functional.silu(model.time_out(torch.nn.functional.silu(model.time_in(t_emb))))
@@ -123,3 +125,28 @@ def test_full_size_presets_have_the_published_shapes():
     assert 3.2e9 < n < 3.6e9  # pi0 is a ~3.3B-parameter model
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("pi1")
+
+
+def test_time_embedding_and_steps_are_the_peers():
+    """openpi's create_sinusoidal_pos_embedding (LeRobot's is a copy) in float64, cast to float32; and the float32
+    times its sampling loop visits (time = 1.0; time += dt)."""
+    t = torch.tensor([1.0, 0.9, 0.3, 0.0999999, 0.0], dtype=torch.float32)
+    fraction = torch.linspace(0.0, 1.0, 512, dtype=torch.float64)
+    period = 4e-3 * (4.0 / 4e-3) ** fraction
+    sin_input = (1.0 / period * 2 * math.pi)[None, :] * t[:, None]
+    peers = torch.cat([torch.sin(sin_input), torch.cos(sin_input)], dim=1).type(torch.float32)
+    assert torch.equal(time_embedding(t, 1024), peers)
+    float32 = torch.cat([(sin_input.float()).sin(), (sin_input.float()).cos()], dim=1)
+    assert (float32 - peers).abs().max() > 1e-5  # what computing it in float32 would get wrong
+
+    dt, time, times = torch.tensor(-0.1, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32), []
+    while time >= -dt / 2:
+        times.append(time.item())
+        time += dt
+    assert euler_times(10) == (dt.item(), times)
+
+
+def test_bfloat16_weights_keep_the_float64_time_embedding():
+    """A time-frequency buffer would be rounded to bfloat16 by model.to(): a phase error of radians at t = 1."""
+    half = cast_for_inference(init_random(PiModel(get_config("tiny05"))), torch.bfloat16)
+    assert [name for name, b in half.named_buffers() if b.is_floating_point()] == []

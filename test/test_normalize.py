@@ -172,3 +172,61 @@ def test_missing_file_and_quantile_without_quantiles(tmp_path):
     with pytest.raises(ValueError, match="q01/q99"):
         Normalizer(no_q, mode="quantile")
     assert default_mode("pi0") == "mean_std" and default_mode("pi05") == "quantile"
+
+
+@pytest.mark.parametrize("modes", [{"STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+                                   {"STATE": "QUANTILES", "ACTION": "QUANTILES"},
+                                   {"STATE": "MIN_MAX", "ACTION": "QUANTILES"}])
+def test_lerobot_processor_statistics_with_lerobots_formulas(tmp_path, modes):
+    from peers import random_stats, write_lerobot_processors
+
+    from pi_policy.model.lerobot_stats import load_lerobot_stats
+
+    stats = {"state": random_stats(6, 1), "actions": random_stats(5, 2)}
+    for s in stats.values():  # one constant dimension: LeRobot adds eps only where hi == lo
+        s.q99[0], s.max[0] = s.q01[0], s.min[0]
+    write_lerobot_processors(tmp_path, stats, modes)
+    loaded = load_lerobot_stats(tmp_path)
+    assert loaded.convention == "lerobot" and loaded.eps == 1e-8 and "policy_postprocessor.json" in loaded.origin
+    norm = Normalizer.from_statistics(loaded, "mean_std", model_dim=32)
+    assert norm.state_dim == 6 and norm.action_dim == 5
+
+    def lerobot(v, s, mode, inverse):  # NormalizerProcessorStep / UnnormalizerProcessorStep, written out
+        if mode == "MEAN_STD":
+            return v * s.std + s.mean if inverse else (v - s.mean) / (s.std + 1e-8)
+        lo, hi = (s.q01, s.q99) if mode == "QUANTILES" else (s.min, s.max)
+        denom = np.where(hi - lo == 0, 1e-8, hi - lo)
+        return (v + 1.0) * denom / 2.0 + lo if inverse else 2.0 * (v - lo) / denom - 1.0
+
+    rng = np.random.default_rng(0)
+    x = loaded.stats["state"].mean + rng.normal(size=6)
+    x[0] = loaded.stats["state"].q01[0] + 1e-9  # on the constant dimension
+    y = rng.uniform(-1.2, 1.2, size=(50, 32))
+    got = norm.normalize_state(x, pad=False)
+    want = lerobot(x, loaded.stats["state"], modes["STATE"], False)
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(norm.unnormalize_actions(y), lerobot(y[:, :5], loaded.stats["actions"],
+                                                                    modes["ACTION"], True), rtol=1e-6, atol=1e-6)
+
+
+def test_lerobot_processor_files_that_cannot_be_used(tmp_path):
+    from peers import random_stats, write_lerobot_processors
+
+    from pi_policy.model.lerobot_stats import load_lerobot_stats
+
+    with pytest.raises(FileNotFoundError, match="policy_preprocessor.json"):
+        load_lerobot_stats(tmp_path)
+    stats = {"state": random_stats(3, 1), "actions": random_stats(3, 2)}
+    write_lerobot_processors(tmp_path, stats, {"STATE": "QUANTILE10", "ACTION": "MEAN_STD"})
+    with pytest.raises(ValueError, match="QUANTILE10"):
+        load_lerobot_stats(tmp_path)
+    write_lerobot_processors(tmp_path, stats, {"STATE": "MEAN_STD", "ACTION": "MEAN_STD"})
+    pre = json.loads((tmp_path / "policy_preprocessor.json").read_text())
+    del pre["steps"][2]["state_file"]
+    (tmp_path / "policy_preprocessor.json").write_text(json.dumps(pre))
+    with pytest.raises(ValueError, match="no state_file"):
+        load_lerobot_stats(tmp_path)
+    pre["steps"] = pre["steps"][:2]
+    (tmp_path / "policy_preprocessor.json").write_text(json.dumps(pre))
+    with pytest.raises(ValueError, match="no 'normalizer_processor' step"):
+        load_lerobot_stats(tmp_path)

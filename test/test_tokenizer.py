@@ -138,3 +138,40 @@ def test_byte_tokenizer_small_vocab_folds_or_errors():
         tok.decode(tokens, mask)
     with pytest.raises(ValueError, match="vocab_size"):
         ByteTokenizer(5)
+
+
+@pytest.mark.parametrize("prompt", ["pick_up the red cube", "  place it in the bowl ", "open the drawer\n"])
+def test_pi0_prompt_formats_token_for_token(sp_path, prompt):
+    sp = spm.SentencePieceProcessor(model_file=sp_path)
+    bos = sp.bos_id()
+    # openpi (PaligemmaTokenizer.tokenize): strip, "_" and "\n" -> " ", BOS + text, then "\n" encoded on its own.
+    openpi = [bos] + sp.encode(prompt.strip().replace("_", " ").replace("\n", " ")) + sp.encode("\n")
+    # LeRobot (Pi0NewLineProcessor, then the tokenizer with its BOS): the task as given, "\n" appended unless there.
+    lerobot = [bos] + sp.encode(prompt if prompt.endswith("\n") else prompt + "\n")
+    assert PromptTokenizer(sp_path, kind="pi0").token_ids(prompt) == openpi
+    tok = PromptTokenizer(sp_path, kind="pi0", prompt_format="lerobot")
+    assert tok.token_ids(prompt) == lerobot
+    assert tok.token_ids(prompt).count(sp.piece_to_id("\n")) == 1
+    if prompt.removesuffix("\n") != prompt.strip().replace("_", " "):  # LeRobot's pi0 does not clean the task
+        assert lerobot != openpi
+
+
+def test_pi05_prompt_formats_token_for_token(sp_path):
+    sp = spm.SentencePieceProcessor(model_file=sp_path)
+    state = np.linspace(-0.95, 0.95, 14)
+
+    def bins(x):
+        return " ".join(str(int(b)) for b in np.digitize(x, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1)
+
+    # openpi discretizes the normalized state as it is; LeRobot (Pi05PrepareStateTokenizerProcessorStep) first
+    # zero-pads it to max_state_dim (32): 18 more bins, each 128.
+    for fmt, text_state in (("openpi", bins(state)), ("lerobot", bins(np.concatenate([state, np.zeros(18)])))):
+        tok = PromptTokenizer(sp_path, kind="pi05", prompt_format=fmt)
+        text = f"Task: open the drawer, State: {text_state};\nAction: "
+        assert tok.token_ids(" open_the drawer", state) == [sp.bos_id()] + sp.encode(text), fmt
+    assert bins(np.zeros(18)) == " ".join(["128"] * 18)
+    short = PromptTokenizer(sp_path, kind="pi05", prompt_format="lerobot", state_pad=16)
+    text = short.decode(np.array(short.token_ids("go", state)))
+    assert text == f"Task: go, State: {bins(state)} 128 128;\nAction: "  # 14 -> 16 dims
+    with pytest.raises(ValueError, match="prompt_format"):
+        PromptTokenizer(sp_path, prompt_format="hf")

@@ -7,6 +7,8 @@ boundary. Nothing is ever loaded through pickle.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,14 @@ from .pi0 import PiModel
 
 PG = "paligemma_with_expert.paligemma.model."
 EXPERT = "paligemma_with_expert.gemma_expert.model."
+LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
 # Present in published checkpoints but unused for inference (tied or never-called LM heads).
-IGNORED = ("paligemma_with_expert.paligemma.lm_head.weight", "paligemma_with_expert.gemma_expert.lm_head.weight")
+IGNORED = (LM_HEAD, "paligemma_with_expert.gemma_expert.lm_head.weight")
+# (name, stand-in): PaliGemma's LM head is its token embedding in both peers' models, and safetensors'
+# save_model keeps one name of a tied pair, the first in sorted order: their files hold only lm_head.
+TIED = ((PG + "language_model.embed_tokens.weight", LM_HEAD),)
+INDEX = "model.safetensors.index.json"
+PROCESSOR_STATE = re.compile(r".+_step_\d+(_.+)?\.safetensors$")  # LeRobot's processor statistics, not weights
 # Older transformers / LeRobot layouts -> openpi's current layout.
 ALIASES = (
     ("paligemma_with_expert.paligemma.language_model.model.", PG + "language_model."),
@@ -102,59 +110,97 @@ def canonical_key(key: str) -> str:
         key = key[len("model."):]
     for old, new in ALIASES:
         if key.startswith(old):
-            return new + key[len(old):]
+            key = new + key[len(old):]
+            break
+    tower = PG + "vision_tower."
+    if key.startswith(tower) and not key.startswith(tower + "vision_model."):  # transformers >= 5 drops the level
+        key = tower + "vision_model." + key[len(tower):]
     return key
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint: a .safetensors file, a shard index, or a folder holding either.
+
+    In a folder: the index's shards, else model.safetensors, else every *.safetensors but LeRobot's processor files.
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
-    if not files:
-        raise CheckpointError(f"no *.safetensors file in {p}")
-    for f in files:
-        if f.suffix != ".safetensors":
-            raise CheckpointError(f"{f}: only .safetensors checkpoints are loaded (pickle-based formats are refused)")
-    return files
+    if p.is_dir():
+        if (p / INDEX).is_file():
+            return checkpoint_files(p / INDEX)
+        if (p / "model.safetensors").is_file():
+            return [p / "model.safetensors"]
+        files = sorted(f for f in p.glob("*.safetensors") if not PROCESSOR_STATE.match(f.name))
+        if not files:
+            raise CheckpointError(f"no *.safetensors weights in {p}")
+        return files
+    if p.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(p.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{p}: not a safetensors shard index ({e})") from None
+        missing = [s for s in shards if not (p.parent / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{p}: shard(s) missing beside the index: {missing}")
+        return [p.parent / s for s in shards]
+    if p.suffix != ".safetensors":
+        raise CheckpointError(f"{p}: only .safetensors checkpoints are loaded (pickle-based formats are refused)")
+    return [p]
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file or a folder of shards, with canonical key names."""
-    tensors: dict[str, torch.Tensor] = {}
+def read_checkpoint(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor | tuple[int, ...]]:
+    """Every tensor (or only its shape) of a checkpoint, under canonical names, tied names filled in.
+
+    A tied pair is resolved from TIED and from the names save_model records in the file's metadata.
+    """
+    out: dict[str, torch.Tensor | tuple[int, ...]] = {}
+    ties = dict(TIED)
     for f in checkpoint_files(path):
         try:
             with safe_open(str(f), framework="pt") as st:
-                for k in tqdm(st.keys(), desc=f"reading {f.name}", leave=False, mininterval=1.0):
-                    tensors[canonical_key(k)] = st.get_tensor(k)
+                names = list(st.keys())
+                for dropped, kept in (st.metadata() or {}).items():
+                    if kept in names:
+                        ties[canonical_key(dropped)] = canonical_key(kept)
+                for k in tqdm(names, desc=f"reading {f.name}", leave=False, mininterval=1.0, disable=shapes_only):
+                    out[canonical_key(k)] = tuple(st.get_slice(k).get_shape()) if shapes_only else st.get_tensor(k)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-    return tensors
+    for name, stand_in in ties.items():
+        if name not in out and stand_in in out:
+            out[name] = out[stand_in]
+    return out
+
+
+def expected_shapes(model: PiModel) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> the shape `model` needs there (a meta-device model is enough)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for dst, entry in key_map(model.cfg).items():
+        shape = tuple(params[dst].shape)
+        for k, n in zip(entry.sources, entry.sizes or (shape[0],), strict=True):
+            out[k] = (n, *shape[1:])
+    return out
+
+
+def compare_shapes(expected: dict[str, tuple], found: dict[str, tuple]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mis-shaped) checkpoint keys; the unused LM heads are neither."""
+    missing = [k for k in expected if k not in found]
+    unexpected = sorted(set(found) - set(expected) - set(IGNORED))
+    misshaped = [f"{k} {found[k]}, expected {e}" for k, e in expected.items() if k in found and found[k] != e]
+    return missing, unexpected, misshaped
 
 
 def load_checkpoint(model: PiModel, path: str | Path) -> PiModel:
     """Load weights into `model` (any dtype/device); one CheckpointError lists every mismatch."""
     src = read_checkpoint(path)
-    params = dict(model.named_parameters())
-    mapping = key_map(model.cfg)
-    used, missing, misshaped, staged = set(IGNORED), [], [], {}
-    for dst, entry in mapping.items():
-        absent = [k for k in entry.sources if k not in src]
-        if absent:
-            missing += absent
-            continue
-        used.update(entry.sources)
-        shape = tuple(params[dst].shape)
-        expected = [(n, *shape[1:]) for n in entry.sizes] if entry.sizes else [shape]
-        bad = [f"{k} {tuple(src[k].shape)}, expected {e}" for k, e in zip(entry.sources, expected, strict=True)
-               if tuple(src[k].shape) != e]
-        if bad:
-            misshaped += bad
-            continue
-        staged[dst] = torch.cat([src[k] for k in entry.sources]) if entry.sizes else src[entry.sources[0]]
-    unexpected = sorted(set(src) - used)
+    missing, unexpected, misshaped = compare_shapes(expected_shapes(model), {k: tuple(t.shape) for k, t in src.items()})
     if missing or unexpected or misshaped:
         raise CheckpointError(describe_mismatch(model.cfg, path, missing, unexpected, misshaped))
+    params = dict(model.named_parameters())
+    staged = {dst: torch.cat([src[k] for k in e.sources]) if e.sizes else src[e.sources[0]]
+              for dst, e in key_map(model.cfg).items()}
     with torch.no_grad():
         for dst, t in staged.items():
             if not torch.isfinite(t.float()).all():
@@ -177,6 +223,9 @@ def describe_mismatch(cfg: PiConfig, path, missing: list[str], unexpected: list[
         hint = "\n  hint: this looks like a pi0.5 checkpoint; use --preset pi05"
     elif cfg.pi05 and any(k.startswith("state_proj") for k in keys if k in unexpected):
         hint = "\n  hint: this looks like a pi0 checkpoint; use --preset pi0"
+    elif any(k.startswith(("normalize_inputs.", "unnormalize_outputs.")) for k in unexpected):
+        hint = ("\n  hint: a LeRobot checkpoint from before 0.4 (statistics inside the weights); convert it with "
+                "LeRobot's migrate_policy_normalization")
     elif misshaped:
         hint = f"\n  hint: the shapes do not match preset {cfg.name!r}; is it the right preset?"
     return (f"checkpoint {path} does not fit preset {cfg.name!r}:"

@@ -1,4 +1,4 @@
-"""Normalization statistics (openpi's norm_stats.json): state in, actions out."""
+"""Normalization of state in and actions out, with openpi's or LeRobot's statistics and formulas."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 EPS = 1e-6  # openpi adds this to std and to (q99 - q01)
-Mode = Literal["mean_std", "quantile"]
-MODES = ("mean_std", "quantile")
+Mode = Literal["mean_std", "quantile", "min_max", "identity"]
+MODES = ("mean_std", "quantile", "min_max", "identity")
+Convention = Literal["openpi", "lerobot"]
 REQUIRED_KEYS = ("state", "actions")
 
 
@@ -38,23 +39,27 @@ def _vector(value, what: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class NormStats:
-    """Per-dimension statistics of one quantity; q01/q99 are needed only for quantile normalization."""
+    """Per-dimension statistics of one quantity; q01/q99 (min/max) are needed only for quantile (min_max) mode."""
 
     mean: np.ndarray
     std: np.ndarray
     q01: np.ndarray | None = None
     q99: np.ndarray | None = None
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
 
     def __post_init__(self):
-        fields = {"mean": self.mean, "std": self.std, "q01": self.q01, "q99": self.q99}
+        fields = {"mean": self.mean, "std": self.std, "q01": self.q01, "q99": self.q99, "min": self.min,
+                  "max": self.max}
         for k, v in fields.items():
             if v is not None:
                 object.__setattr__(self, k, _vector(v, k))
         dims = {k: getattr(self, k).size for k in fields if getattr(self, k) is not None}
         if len(set(dims.values())) != 1:
             raise ValueError(f"norm stats have different lengths: {dims}")
-        if (self.q01 is None) != (self.q99 is None):
-            raise ValueError("norm stats have only one of q01/q99")
+        for lo, hi in (("q01", "q99"), ("min", "max")):
+            if (getattr(self, lo) is None) != (getattr(self, hi) is None):
+                raise ValueError(f"norm stats have only one of {lo}/{hi}")
         neg = np.flatnonzero(self.std < 0)
         if neg.size:
             raise ValueError(f"negative std at indices {neg.tolist()}")
@@ -62,6 +67,10 @@ class NormStats:
             inv = np.flatnonzero(self.q99 < self.q01)
             if inv.size:
                 raise ValueError(f"q99 < q01 at indices {inv.tolist()}")
+        if self.min is not None:
+            inv = np.flatnonzero(self.max < self.min)
+            if inv.size:
+                raise ValueError(f"max < min at indices {inv.tolist()}")
 
     @property
     def dim(self) -> int:
@@ -75,20 +84,37 @@ class NormStats:
         if missing:
             raise ValueError(f"{what}: missing {missing} (has {sorted(d)})")
         try:
-            return cls(d["mean"], d["std"], d.get("q01"), d.get("q99"))
+            return cls(d["mean"], d["std"], d.get("q01"), d.get("q99"), d.get("min"), d.get("max"))
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from e
 
     def to_dict(self) -> dict:
         d = {"mean": self.mean.tolist(), "std": self.std.tolist()}
-        if self.q01 is not None:
-            d.update(q01=self.q01.tolist(), q99=self.q99.tolist())
+        for k in ("q01", "q99", "min", "max"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k).tolist()
         return d
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Statistics as a checkpoint's trainer left them: values, modes, and whose formulas apply."""
+
+    stats: dict[str, NormStats]
+    origin: str  # the file(s) they came from
+    convention: Convention = "openpi"
+    modes: dict[str, Mode] | None = None  # None: the preset's default (openpi's norm_stats.json names no mode)
+    eps: float = EPS
 
 
 def _json_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     return os.path.join(path, "norm_stats.json") if os.path.isdir(path) else path
+
+
+def load_openpi_stats(path: str | os.PathLike) -> Statistics:
+    """openpi's norm_stats.json as Statistics."""
+    return Statistics(load_norm_stats(path), origin=_json_path(path))
 
 
 def load_norm_stats(path: str | os.PathLike) -> dict[str, NormStats]:
@@ -131,16 +157,28 @@ def _check_finite(x: np.ndarray, what: str) -> None:
 class Normalizer:
     """Robot state -> normalized, zero-padded model state; model actions -> robot units, first D dims.
 
-    mean_std: (x - mean) / (std + 1e-6). quantile: [q01, q99] -> [-1, 1], i.e. (x - q01) / (q99 - q01 + 1e-6) * 2 - 1.
-    With stats=None both directions are the identity (plus padding / slicing), with a notice.
+    openpi: mean_std (x - mean) / (std + 1e-6); quantile [q01, q99] -> [-1, 1] as
+    (x - q01) / (q99 - q01 + 1e-6) * 2 - 1; the inverse with the same epsilon.
+    LeRobot: mean_std (x - mean) / (std + eps), back as x * std + mean; quantile and min_max
+    2 (x - lo) / (hi - lo) - 1, eps only where hi == lo.
+    `mode` is one for both, or per key ({"state": ..., "actions": ...}). With stats=None both directions are
+    the identity (plus padding / slicing), with a notice.
     """
 
-    def __init__(self, stats: dict[str, NormStats] | None, mode: Mode = "mean_std", model_dim: int = 32,
-                 action_dim: int | None = None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.mode, self.model_dim = mode, int(model_dim)
-        self.stats = stats
+    def __init__(self, stats: dict[str, NormStats] | None, mode: Mode | dict[str, Mode] = "mean_std",
+                 model_dim: int = 32, action_dim: int | None = None, convention: Convention = "openpi",
+                 eps: float = EPS):
+        self.modes = dict(mode) if isinstance(mode, dict) else {k: mode for k in REQUIRED_KEYS}
+        for k in REQUIRED_KEYS:
+            if self.modes.get(k) not in MODES:
+                raise ValueError(f"{k} mode must be one of {MODES}, got {self.modes.get(k)!r}")
+        if convention not in ("openpi", "lerobot"):
+            raise ValueError(f"convention must be openpi or lerobot, got {convention!r}")
+        modes = set(self.modes.values())
+        self.mode = modes.pop() if len(modes) == 1 else "/".join(self.modes[k] for k in REQUIRED_KEYS)
+        self.convention, self.eps = convention, float(eps)
+        self.model_dim = int(model_dim)
+        self.stats, self.origin = stats, ""
         if stats is None:
             log.warning("no normalization stats given: state and actions pass through unnormalized "
                         "(fine for the random-weight demo; real checkpoints need their norm_stats.json)")
@@ -150,8 +188,9 @@ class Normalizer:
             if missing:
                 raise ValueError(f"norm stats lack {missing} (have {sorted(stats)})")
             for k in REQUIRED_KEYS:
-                if mode == "quantile" and stats[k].q01 is None:
-                    raise ValueError(f"quantile normalization needs q01/q99 for {k!r}, which the stats lack")
+                for m, lo, hi in (("quantile", "q01", "q99"), ("min_max", "min", "max")):
+                    if self.modes[k] == m and getattr(stats[k], lo) is None:
+                        raise ValueError(f"{m} normalization needs {lo}/{hi} for {k!r}, which the stats lack")
                 if stats[k].dim > self.model_dim:
                     raise ValueError(f"{k} stats have {stats[k].dim} dims, more than the model's {self.model_dim}")
             n = stats["actions"].dim
@@ -172,14 +211,28 @@ class Normalizer:
                   action_dim: int | None = None) -> Normalizer:
         return cls(None if path is None else load_norm_stats(path), mode, model_dim, action_dim)
 
-    def _affine(self, key: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shift, scale) over the first n dims such that normalized = (x - shift) / scale."""
-        s = self.stats[key]
-        if self.mode == "mean_std":
-            return s.mean[:n], s.std[:n] + EPS
-        # (x - q01) / (q99 - q01 + eps) * 2 - 1 == (x - mid) / half, mid = q01 + half, half = (q99 - q01 + eps) / 2
-        half = (s.q99[:n] - s.q01[:n] + EPS) / 2.0
-        return s.q01[:n] + half, half
+    @classmethod
+    def from_statistics(cls, s: Statistics | None, default_mode: Mode, model_dim: int = 32,
+                        action_dim: int | None = None) -> Normalizer:
+        """The source's own modes and formulas; `default_mode` where the source names none."""
+        if s is None:
+            return cls(None, default_mode, model_dim, action_dim)
+        norm = cls(s.stats, s.modes or default_mode, model_dim, action_dim, s.convention, s.eps)
+        norm.origin = s.origin
+        return norm
+
+    def _affine(self, key: str, n: int, inverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(shift, scale) over the first n dims such that normalized = (x - shift) / scale (x = y * scale + shift
+        back: LeRobot's mean_std is the one formula whose inverse has no eps)."""
+        s, mode, lerobot = self.stats[key], self.modes[key], self.convention == "lerobot"
+        if mode == "identity":
+            return np.zeros(n), np.ones(n)
+        if mode == "mean_std":
+            return s.mean[:n], s.std[:n] + (0.0 if lerobot and inverse else self.eps)
+        lo, hi = (s.q01[:n], s.q99[:n]) if mode == "quantile" else (s.min[:n], s.max[:n])
+        width = np.where(hi == lo, self.eps, hi - lo) if lerobot else hi - lo + self.eps
+        # (x - lo) / width * 2 - 1 == (x - mid) / half, mid = lo + half, half = width / 2
+        return lo + width / 2.0, width / 2.0
 
     def normalize_state(self, state: np.ndarray, pad: bool = True) -> np.ndarray:
         """Robot state (n,) -> float32 normalized state, zero-padded to (model_dim,) unless pad=False.
@@ -215,7 +268,7 @@ class Normalizer:
         a = a[..., : self.action_dim].astype(np.float64)
         _check_finite(a, "model actions")
         if self.stats is not None:
-            shift, scale = self._affine("actions", self.action_dim)
+            shift, scale = self._affine("actions", self.action_dim, inverse=True)
             a = a * scale + shift
         return a.astype(np.float32)
 

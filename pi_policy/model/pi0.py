@@ -41,10 +41,6 @@ class PiModel(nn.Module):
             self.state_proj = nn.Linear(cfg.action_dim, we)
             self.action_time_in = nn.Linear(2 * we, we)
             self.action_time_out = nn.Linear(we, we)
-        # Sine-cosine time embedding with periods from 4e-3 to 4 (sensitive over t in [0, 1]).
-        fraction = torch.linspace(0.0, 1.0, we // 2, dtype=torch.float64)
-        period = 4e-3 * (4.0 / 4e-3) ** fraction
-        self.register_buffer("time_freqs", (2 * math.pi / period).float(), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -110,8 +106,7 @@ class PiModel(nn.Module):
         """Flow-matching velocity at time t (B,) for noisy actions x_t (B, horizon, action_dim)."""
         dtype = self.dtype
         tokens = self.action_in(x_t.to(dtype))
-        t_emb = (t.float()[:, None] * self.time_freqs)
-        t_emb = torch.cat([t_emb.sin(), t_emb.cos()], dim=-1).to(dtype)
+        t_emb = time_embedding(t, self.cfg.expert.width).to(dtype)
         cond = None
         if self.cfg.pi05:
             cond = F.silu(self.time_out(F.silu(self.time_in(t_emb))))
@@ -135,9 +130,9 @@ class PiModel(nn.Module):
         velocity = velocity or self.velocity
         mask, cos, sin = self.suffix_attention(prefix_pad)
         x = noise.float()
-        dt = -1.0 / n
-        for step in range(n):
-            t = torch.full((x.shape[0],), 1.0 + step * dt, device=x.device)
+        dt, times = euler_times(n)
+        for time in times:
+            t = torch.full((x.shape[0],), time, device=x.device)
             x = x + dt * velocity(x, t, state, cache, mask, cos, sin)
         return x
 
@@ -149,6 +144,29 @@ class PiModel(nn.Module):
         embs, pad = self.embed_prefix(image_tokens, image_masks, tokens, token_masks)
         cache = self.prefill(embs, pad)
         return self.denoise(cache, pad, state, noise, num_steps)
+
+
+def euler_times(num_steps: int) -> tuple[float, list[float]]:
+    """The float32 step dt and the times 1, 1 + dt, ... that openpi's and LeRobot's loops visit (they add dt to a
+    float32 time at each step, which can differ from 1 + k * dt in the last bit)."""
+    dt = torch.tensor(-1.0 / num_steps, dtype=torch.float32)
+    t, times = torch.tensor(1.0, dtype=torch.float32), []
+    for _ in range(num_steps):
+        times.append(t.item())
+        t = t + dt
+    return dt.item(), times
+
+
+def time_embedding(t: Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> Tensor:
+    """Sine-cosine embedding (B, dim) of flow-matching times t (B,), periods from 4e-3 to 4 (sensitive on [0, 1]).
+
+    Computed in float64 and cast to float32, as openpi and LeRobot do: the fastest component turns 1571 rad per
+    unit of t, so float32 phases would be off by up to 1e-4. No buffer: `model.to(bfloat16)` would round it.
+    """
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float64, device=t.device)
+    period = min_period * (max_period / min_period) ** fraction
+    phase = (1.0 / period * 2 * math.pi)[None, :] * t.to(torch.float64)[:, None]
+    return torch.cat([phase.sin(), phase.cos()], dim=-1).float()
 
 
 def prefix_attention_mask(pad: Tensor) -> Tensor:

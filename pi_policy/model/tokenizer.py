@@ -12,6 +12,8 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["pi0", "pi05"]
 KINDS = ("pi0", "pi05")
+# Whose rules write the prompt: openpi's PaligemmaTokenizer, or LeRobot's processors (0.4) before its tokenizer.
+PROMPT_FORMATS = ("openpi", "lerobot")
 DEFAULT_MAX_LEN = {"pi0": 48, "pi05": 200}
 STATE_BINS = 256
 
@@ -45,15 +47,25 @@ def pi05_prompt(prompt: str, state: np.ndarray) -> str:
 
 
 class _PromptTokenizerBase:
-    """Shared pi0 / pi0.5 prompt layout; subclasses supply `_encode(text, add_bos)`, `decode_ids` and `pad_id`."""
+    """Shared pi0 / pi0.5 prompt layout; subclasses supply `_encode(text, add_bos)`, `decode_ids` and `pad_id`.
+
+    prompt_format "openpi": pi0 encodes the cleaned task, then "\n" separately; pi0.5 discretizes the state as
+    given (unpadded). "lerobot": pi0 encodes the raw task with "\n" appended as one string (Pi0NewLineProcessor,
+    then the tokenizer, which adds BOS); pi0.5 zero-pads the normalized state to `state_pad` dims first
+    (Pi05PrepareStateTokenizerProcessorStep pads to max_state_dim before discretizing).
+    """
 
     vocab_size: int
     bos_id: int
     pad_id: int
 
-    def __init__(self, max_len: int | None, kind: Kind):
+    def __init__(self, max_len: int | None, kind: Kind, prompt_format: str = "openpi", state_pad: int | None = None):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        self.prompt_format = prompt_format
+        self.state_pad = 32 if state_pad is None else int(state_pad)  # LeRobot's default max_state_dim
         max_len = DEFAULT_MAX_LEN[kind] if max_len is None else int(max_len)
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2 (BOS + one token), got {max_len}")
@@ -66,8 +78,15 @@ class _PromptTokenizerBase:
         if self.kind == "pi05":
             if state is None:
                 raise ValueError("pi05 prompts include the normalized state; pass state=")
+            if self.prompt_format == "lerobot":
+                state = np.asarray(state, dtype=np.float64)
+                state = np.concatenate([state, np.zeros(max(self.state_pad - state.size, 0))])
             return self._encode(pi05_prompt(prompt, state), add_bos=True)
-        # pi0: "\n" is tokenized on its own as the start-of-answer token.
+        if self.prompt_format == "lerobot":
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            return self._encode(prompt if prompt.endswith("\n") else prompt + "\n", add_bos=True)
+        # openpi's pi0: "\n" is tokenized on its own as the start-of-answer token.
         return self._encode(clean_prompt(prompt), add_bos=True) + self._encode("\n", add_bos=False)
 
     def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,10 +121,10 @@ class PromptTokenizer(_PromptTokenizerBase):
     """The PaliGemma SentencePiece model (e.g. openpi's paligemma_tokenizer.model) loaded from a file."""
 
     def __init__(self, path: str | os.PathLike, max_len: int | None = None, kind: Kind = "pi0",
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, prompt_format: str = "openpi", state_pad: int | None = None):
         import sentencepiece
 
-        super().__init__(max_len, kind)
+        super().__init__(max_len, kind, prompt_format, state_pad)
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer model not found: {path!r} (expected a SentencePiece .model file, "
@@ -146,8 +165,9 @@ class ByteTokenizer(_PromptTokenizerBase):
     OFFSET = 4
     PAD, EOS, BOS = 0, 1, 2
 
-    def __init__(self, vocab_size: int, max_len: int | None = None, kind: Kind = "pi0"):
-        super().__init__(max_len, kind)
+    def __init__(self, vocab_size: int, max_len: int | None = None, kind: Kind = "pi0", prompt_format: str = "openpi",
+                 state_pad: int | None = None):
+        super().__init__(max_len, kind, prompt_format, state_pad)
         vocab_size = int(vocab_size)
         if vocab_size <= self.OFFSET + 1:
             raise ValueError(f"ByteTokenizer needs vocab_size > {self.OFFSET + 1} (4 special ids + bytes), "
@@ -179,10 +199,12 @@ class ByteTokenizer(_PromptTokenizerBase):
 
 
 def load_tokenizer(path: str | os.PathLike | None, vocab_size: int, max_len: int | None = None,
-                   kind: Kind = "pi0") -> PromptTokenizer | ByteTokenizer:
+                   kind: Kind = "pi0", prompt_format: str = "openpi",
+                   state_pad: int | None = None) -> PromptTokenizer | ByteTokenizer:
     """The SentencePiece tokenizer at `path`, or the byte tokenizer (with a notice) when path is None."""
     if path is None:
         log.warning("no tokenizer model given: using the built-in byte tokenizer (fine for the tiny demo; "
                     "real pi0/pi0.5 checkpoints need PaliGemma's SentencePiece model)")
-        return ByteTokenizer(vocab_size, max_len=max_len, kind=kind)
-    return PromptTokenizer(path, max_len=max_len, kind=kind, vocab_size=vocab_size)
+        return ByteTokenizer(vocab_size, max_len=max_len, kind=kind, prompt_format=prompt_format, state_pad=state_pad)
+    return PromptTokenizer(path, max_len=max_len, kind=kind, vocab_size=vocab_size, prompt_format=prompt_format,
+                           state_pad=state_pad)

@@ -20,6 +20,7 @@ from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime.options import BACKEND_CHOICES
 
 NODE_NAME = "pi_policy_node"
+PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
               "list[str]": "string_array"}
 
@@ -34,9 +35,15 @@ def _p(default, doc: str):
 class NodeParams:
     # model
     preset: str = _p("pi0", "Model preset: pi0, pi05, or tiny (CPU demo).")
-    checkpoint: str = _p("", "Model weights (safetensors); empty = random, for preset tiny only.")
-    norm_stats: str = _p("", "Normalization statistics JSON for state and actions; empty = none.")
-    tokenizer: str = _p("", "PaliGemma SentencePiece model; empty = built-in byte tokenizer (tiny only).")
+    checkpoint: str = _p("", "Model weights: a safetensors file, or a checkpoint folder (openpi's or LeRobot's; "
+                             "statistics, tokenizer and config are looked up beside the weights); empty = random, "
+                             "for preset tiny only.")
+    norm_stats: str = _p("", "Normalization statistics: openpi's norm_stats.json or a LeRobot checkpoint folder "
+                             "(policy_preprocessor.json); empty = found beside the checkpoint (an error if none is).")
+    tokenizer: str = _p("", "PaliGemma SentencePiece model; empty = found beside the checkpoint or in openpi's / "
+                            "Hugging Face's cache, else the built-in byte tokenizer (tiny only).")
+    prompt_format: str = _p("auto", "How the trainer wrote prompts: auto (detected beside the checkpoint; openpi "
+                                    "without one), openpi or lerobot.")
     device: str = _p("cuda", "Torch device: cuda, cuda:N or cpu.")
     backend: str = _p("bf16", "Prefill backend: bf16, eager (no CUDA graphs), fp8 or tensorrt; the other "
                               "stages run bf16 with CUDA graphs.")
@@ -99,6 +106,8 @@ class NodeParams:
         if not self.checkpoint and not self.preset.startswith("tiny"):
             problems.append(f"checkpoint is empty: a {self.preset} with random weights must not drive a "
                             "robot (set checkpoint, or use preset tiny for a demo)")
+        if self.prompt_format not in PROMPT_FORMATS:
+            problems.append(f"prompt_format '{self.prompt_format}' is not one of {', '.join(PROMPT_FORMATS)}")
         if self.backend not in BACKEND_CHOICES:
             problems.append(f"backend '{self.backend}' is not one of {', '.join(BACKEND_CHOICES)}")
         if self.backend == "tensorrt" and not self.engine_path:
@@ -135,6 +144,7 @@ class NodeParams:
     def runner_kwargs(self) -> dict[str, Any]:
         return dict(preset=self.preset, checkpoint=self.checkpoint or None,
                     norm_stats=self.norm_stats or None, tokenizer=self.tokenizer or None,
+                    prompt_format=self.prompt_format,
                     device=self.device, backend=self.backend, camera_names=self.served_cameras(),
                     seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
                     warmup=self.warmup)

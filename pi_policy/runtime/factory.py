@@ -1,4 +1,4 @@
-"""build_runner: preset + checkpoint + stats + tokenizer + device + backend -> a warmed-up PolicyRunner."""
+"""build_runner: preset + checkpoint (file or folder) + stats + tokenizer + device + backend -> a warmed-up runner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 
 from pi_policy.model import PiModel, cast_for_inference, get_config, init_random
 from pi_policy.model.checkpoint import load_checkpoint
-from pi_policy.model.normalize import Normalizer, default_mode, load_norm_stats
+from pi_policy.model.checkpoint_dir import resolve_assets
+from pi_policy.model.normalize import Normalizer, default_mode
 from pi_policy.model.tokenizer import load_tokenizer
 from pi_policy.runtime.options import DEFAULT_COMPILE, resolve_backend
 from pi_policy.runtime.prefill import make_prefill
@@ -51,24 +52,28 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  engine_path: str | None = None, action_dim: int | None = None,
                  model: PiModel | None = None, warmup: bool = True,
                  compile_stages: tuple[str, ...] | None = None, calibration=None,
-                 fp8_options: dict | None = None, cuda_graphs: bool = True) -> PolicyRunner:
+                 fp8_options: dict | None = None, cuda_graphs: bool = True, prompt_format: str = "auto",
+                 require_assets: bool = True) -> PolicyRunner:
     """A runner ready to serve. `backend` names the prefill (pi_policy.runtime.options; `eager` = bf16 without
     graphs or compilation). On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
     reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
-    configure the fp8 prefill."""
+    configure the fp8 prefill. Statistics, tokenizer and prompt format not given are taken from beside the
+    checkpoint; `require_assets=False` (latency benchmarks) runs a checkpoint without them."""
     mode = resolve_backend(backend, cuda_graphs, compile_stages)
+    cfg = model.cfg if model is not None else get_config(preset)
+    assets = resolve_assets(cfg, checkpoint, norm_stats, tokenizer, prompt_format, require_assets)
     model = model or build_model(preset, checkpoint, device, seed, num_cameras=len(camera_names) if camera_names
                                  else None)
     cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
-    stats = load_norm_stats(norm_stats) if norm_stats else None
-    normalizer = Normalizer(stats, default_mode(kind), cfg.action_dim, action_dim)
-    tok = load_tokenizer(tokenizer, cfg.vocab_size, cfg.max_token_len, kind)
+    normalizer = Normalizer.from_statistics(assets.statistics, default_mode(kind), cfg.action_dim, action_dim)
+    tok = load_tokenizer(assets.tokenizer, cfg.vocab_size, cfg.max_token_len, kind, assets.prompt_format,
+                         assets.state_pad)
     choice = make_prefill(mode.prefill, model, engine_path=engine_path, checkpoint=checkpoint, calibration=calibration,
                           fp8_options=fp8_options)
     compile_stages = mode.compile_stages
     if compile_stages is None:
-        compile_stages = DEFAULT_COMPILE if model.time_freqs.device.type == "cuda" else ()
+        compile_stages = DEFAULT_COMPILE if next(model.parameters()).device.type == "cuda" else ()
     if choice.name == "tensorrt":  # the engine is already compiled; torch.compile would only graph-break on it
         compile_stages = tuple(s for s in compile_stages if s != "prefill")
     if choice.note:

@@ -36,7 +36,9 @@ def add_parser(subparsers) -> None:
                    help="backend to evaluate; repeat to compare (the first is the baseline). Default: the config's")
     e.add_argument("--preset", help="override the config's model preset (e.g. tiny)")
     e.add_argument("--device", help="override the config's device (e.g. cpu)")
-    e.add_argument("--checkpoint", help="override the config's checkpoint")
+    e.add_argument("--checkpoint", help="override the config's checkpoint (a safetensors file or a folder)")
+    e.add_argument("--prompt-format", choices=node_params.PROMPT_FORMATS,
+                   help="override the config's prompt_format (how the checkpoint's trainer wrote prompts)")
     e.add_argument("--rate", type=float, help="inference ticks per second (default: the config's)")
     e.add_argument("--camera-topic", action="append", default=[], metavar="CAMERA=TOPIC",
                    help="override one camera's topic")
@@ -86,6 +88,7 @@ def load_params(args: argparse.Namespace) -> NodeParams:
             topics[cam] = topic
         values["camera_topics"] = list(topics.values())
     for flag, name in (("preset", "preset"), ("device", "device"), ("checkpoint", "checkpoint"),
+                       ("prompt_format", "prompt_format"),
                        ("rate", "inference_rate_hz"), ("joint_state_topic", "joint_state_topic"),
                        ("prompt_topic", "prompt_topic")):
         if getattr(args, flag) is not None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pi_policy.model.tokenizer import PROMPT_FORMATS
 from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_model, build_runner
 from pi_policy.runtime.options import BACKEND_CHOICES, parse_stages
@@ -37,7 +38,8 @@ def machine_info(device: torch.device) -> dict:
 def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), cameras: int = 3, iters: int = 200,
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
-              fp8_options: dict | None = None, roofline_peaks: dict | None = None) -> dict:
+              fp8_options: dict | None = None, roofline_peaks: dict | None = None,
+              prompt_format: str = "auto") -> dict:
     """The BENCHMARKING.md workload per backend; with roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or
     {"measure": True} on a GPU) each backend also gets the roofline of its stages."""
     if not 1 <= cameras <= len(DEFAULT_CAMERAS):
@@ -50,11 +52,12 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
     result = {"workload": {"preset": preset, "cameras": cameras, "prompt_tokens": cfg.max_token_len,
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
                            "batch": 1, "iters": iters, "weights": checkpoint or f"random seed {seed}"},
-              "machine": machine_info(model.time_freqs.device), "backends": {}}
+              "machine": machine_info(next(model.parameters()).device), "backends": {}}
     for backend in backends:
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
                               engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
-                              fp8_options=fp8_options)
+                              fp8_options=fp8_options, prompt_format=prompt_format,
+                              require_assets=False)  # timing only: no robot
         actions = runner.infer(obs, noise=noise).actions
         records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {backend}", disable=not progress,
                                                            leave=False)]
@@ -65,7 +68,8 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if roofline_peaks is not None:
-        peaks = measure_peaks(model.time_freqs.device) if roofline_peaks.get("measure") else dict(roofline_peaks)
+        device = next(model.parameters()).device
+        peaks = measure_peaks(device) if roofline_peaks.get("measure") else dict(roofline_peaks)
         peaks.setdefault("fp8_tflops", 2 * peaks["bf16_tflops"])  # FP8 tensor cores: twice bf16 on Hopper and Thor
         result["roofline_peaks"] = peaks
         for backend, entry in result["backends"].items():
@@ -109,7 +113,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cameras", type=int, default=3, help="camera views the runner is built for, 1-3 (default 3)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--checkpoint")
+    p.add_argument("--checkpoint", help="safetensors checkpoint (file or folder); default: random weights")
+    p.add_argument("--prompt-format", default="auto", choices=("auto", *PROMPT_FORMATS),
+                   help="how the checkpoint's trainer wrote prompts (default: detected beside it)")
     p.add_argument("--engine", help="TensorRT engine for --backend tensorrt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results here")
@@ -127,7 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
-                       fp8_options(args), roofline_peaks(args))
+                       fp8_options(args), roofline_peaks(args), args.prompt_format)
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -6,14 +6,14 @@ import argparse
 import logging
 import sys
 
-from pi_policy.tools import bag, bench, demo, engine, serve, verify
+from pi_policy.tools import bag, bench, demo, engine, inspect_checkpoint, serve, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pi-policy", description="Run pi0 / pi0.5 policies in real time.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (demo, bench, verify, engine, bag, serve):
+    for module in (demo, bench, verify, engine, bag, serve, inspect_checkpoint):
         module.add_parser(sub)
     return parser
 

@@ -47,7 +47,7 @@ def _samples(model, args, n: int):
         raise ValueError("need at least one calibration sample")
     runner = build_runner(args.preset, args.checkpoint, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
                           device=args.device, backend="bf16", seed=args.seed, model=model, warmup=False,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, prompt_format=args.prompt_format)
     cfg = model.cfg
     obs = sample_observations(runner.camera_names, cfg.vision.image_size, runner.normalizer.action_dim, n,
                               args.seed + 100)

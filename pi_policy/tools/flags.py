@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from pi_policy.model.tokenizer import PROMPT_FORMATS
 from pi_policy.runtime.options import BACKEND_CHOICES
 
 
@@ -16,7 +17,10 @@ def add_model_arguments(p: argparse.ArgumentParser, preset: str = "tiny") -> Non
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available)")
-    p.add_argument("--norm-stats", default=None, help="norm_stats.json of the checkpoint")
+    p.add_argument("--prompt-format", default="auto", choices=("auto", *PROMPT_FORMATS),
+                   help="how the checkpoint's trainer wrote prompts (default: detected beside it)")
+    p.add_argument("--norm-stats", default=None,
+                   help="openpi norm_stats.json or LeRobot checkpoint folder (default: found beside the checkpoint)")
     p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model")
     p.add_argument("--cameras", type=int, default=None,
                    help="camera views the runner (or engine) is built for, 1-3 (default: the preset's 3)")

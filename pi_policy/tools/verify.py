@@ -82,7 +82,7 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
            seed: int = 0, engine_path: str | None = None, max_rel_error: float = 0.03, scales: str = "dynamic",
            calibration_samples_n: int = 4, check_baseline: bool = False, progress: bool = True,
            norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None,
-           cameras: int | None = None) -> dict:
+           cameras: int | None = None, prompt_format: str = "auto") -> dict:
     """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error)."""
     if backend not in CANDIDATES:
         raise VerifyError(f"unknown candidate backend {backend!r}; choose one of {CANDIDATES}")
@@ -91,7 +91,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     if not (max_rel_error > 0):
         raise VerifyError(f"--max-rel-error must be > 0, got {max_rel_error}")
     t0 = time.perf_counter()
-    common = dict(norm_stats=norm_stats, tokenizer=tokenizer, seed=seed, progress=progress)
+    common = dict(norm_stats=norm_stats, tokenizer=tokenizer, seed=seed, progress=progress,
+                  prompt_format=prompt_format)
 
     # 1. The baseline: its own model instance, fingerprinted, run first.
     base_model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)
@@ -201,7 +202,8 @@ def run_verify(args: argparse.Namespace) -> int:
         report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
                         args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
                         progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                        fp8_options=fp8_options(args), cameras=args.cameras)
+                        fp8_options=fp8_options(args), cameras=args.cameras,
+                        prompt_format=args.prompt_format)
     except VerifyError as e:
         print(f"verify: ERROR: {e}", file=sys.stderr)
         return 2
