@@ -225,7 +225,9 @@ if LifecycleNode is not None:
                 self.get_logger().fatal("autostart: configure failed; shutting down")
                 self.failed = True
                 self.finished.set()
-            elif not self.finished.is_set():  # a stop asked for while configuring wins
+            elif self.finished.is_set():
+                self.get_logger().info("autostart: asked to stop while configuring; not activating")
+            else:
                 self.trigger_activate()
 
         def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
