@@ -8,12 +8,13 @@ not be imported fails the run: there the ROS tests must run, not skip.
 import contextlib
 import logging
 import os
+import re
 import tempfile
 
 import pytest
 import torch
 
-_ROS_MODULES = ("rclpy", "launch", "launch_ros", "launch_testing")
+_ROS_SKIP = re.compile(r"could not import '(rclpy|launch|launch_ros|launch_testing)['.]")
 _ros_skips: list[str] = []
 
 
@@ -35,7 +36,7 @@ def pytest_configure(config):
 
 def _note_ros_skip(report) -> None:
     text = str(report.longrepr)
-    if report.skipped and any(f"could not import '{m}'" in text for m in _ROS_MODULES):
+    if report.skipped and _ROS_SKIP.search(text):
         _ros_skips.append(f"{report.nodeid}: {text.splitlines()[-1] if text else ''}")
 
 
