@@ -114,7 +114,9 @@ class TestExitCodes(unittest.TestCase):
             for noise in ("Traceback", "never retrieved", "RCLError"):
                 self.assertNotIn(noise, text)
         self.assertIn("lifecycle shutdown: the process ends", self.output(proc_output, lifecycle))
-        self.assertIn("asked to stop while configuring; not activating", self.output(proc_output, configuring))
+        # configure finishes and the node does not activate, or (a slow machine) main stops waiting for it
+        self.assertRegex(self.output(proc_output, configuring),
+                         r"asked to stop while configuring; not activating|still runs after \d+ s; exiting")
 
     def test_bad_parameters_exit_1_with_the_reason(self, proc_info, proc_output, typo, badtype):
         launch_testing.asserts.assertExitCodes(proc_info, [1], process=typo)
