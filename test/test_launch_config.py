@@ -104,7 +104,7 @@ def test_node_name_section_overrides_wildcard(tmp_path):
 @pytest.mark.parametrize(
     ("body", "match"),
     [
-        ("inference_rate_hz: 10", r"write 10.0: ROS reads 10 as an integer"),
+        ("inference_rate_hz: fast", "'inference_rate_hz' must be a number"),
         ("seed: 1.5", "'seed' must be an integer"),
         ("warmup: 1", "true or false"),
         ("prompt: 3", "a string"),
@@ -146,6 +146,14 @@ def test_malformed_files(tmp_path, text, match):
 def test_missing_file(tmp_path):
     with pytest.raises(ParamError, match="cannot read"):
         load_params_yaml(tmp_path / "nope.yaml")
+
+
+def test_integer_for_a_double_is_that_double(tmp_path):
+    path = write(tmp_path, "/**:\n  ros__parameters:\n    preset: tiny\n    joint_names: [j0]\n"
+                           "    inference_rate_hz: 10\n    latency_budget_ms: 250\n")
+    params = load_params_yaml(path)
+    assert params.inference_rate_hz == 10.0 and type(params.inference_rate_hz) is float
+    assert type(params.latency_budget_ms) is float
 
 
 def test_all_problems_reported_at_once():

@@ -101,9 +101,13 @@ def test_mono8(encoding):
 
 @pytest.mark.parametrize("bigendian", [0, 1])
 def test_mono16_scaled_and_endianness(bigendian):
-    g = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000).astype(">u2" if bigendian else "<u2")
-    out = image_to_rgb(image(g, "mono16", pad=2, bigendian=bigendian))
-    np.testing.assert_array_equal(out[..., 1], (g.astype(np.uint16) >> 8).astype(np.uint8))
+    g = np.array([[0, 128, 129, 255], [256, 32767, 32896, 33023], [5000, 60000, 65406, 65535]], np.uint16)
+    out = image_to_rgb(image(g.astype(">u2" if bigendian else "<u2"), "mono16", pad=2, bigendian=bigendian))
+    # what cv_bridge gives for mono16 -> rgb8: OpenCV's saturating convert with scale 255/65535
+    expected = cv2.convertScaleAbs(g, alpha=255 / 65535)
+    assert expected[0, 3] == 1 and expected[2, 2] == 254  # not the high byte (0 and 255)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], expected)
 
 
 def test_yuv422():

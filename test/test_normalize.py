@@ -1,7 +1,6 @@
 """Normalization stats: openpi's norm_stats.json layout, mean/std and quantile formulas, padding, bad input."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -92,10 +91,10 @@ def test_quantile_formula_maps_q01_q99_to_unit_range(stats_file):
     np.testing.assert_allclose(norm.unnormalize_actions(y), ref, rtol=1e-5)
 
 
-def test_identity_when_no_stats(caplog):
-    with caplog.at_level(logging.WARNING, logger="pi_policy.model.normalize"):
+def test_identity_when_no_stats(captured_log):
+    with captured_log("pi_policy.model.normalize") as log:
         norm = Normalizer(None, model_dim=32, action_dim=6)
-    assert "no normalization stats" in caplog.text
+    assert "no normalization stats" in log.text
     state = np.arange(6, dtype=np.float64)
     np.testing.assert_array_equal(norm.normalize_state(state)[:6], state)
     a = np.random.default_rng(3).normal(size=(50, 32))
@@ -118,7 +117,7 @@ def test_non_finite_state_and_actions_name_indices(stats_file):
     assert np.isfinite(norm.unnormalize_actions(a)).all()
 
 
-def test_shape_mismatches(stats_file, caplog):
+def test_shape_mismatches(stats_file, captured_log):
     norm = Normalizer.from_file(stats_file)
     with pytest.raises(ValueError, match="4 dims but the norm stats describe 3"):
         norm.normalize_state(np.zeros(4))
@@ -126,9 +125,9 @@ def test_shape_mismatches(stats_file, caplog):
         norm.normalize_state(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="last dim 32"):
         norm.unnormalize_actions(np.zeros((50, 7)))
-    with caplog.at_level(logging.WARNING):
+    with captured_log("pi_policy.model.normalize") as log:
         assert norm.normalize_state(np.zeros(2)).shape == (32,)
-    assert "first 2" in caplog.text
+    assert "first 2" in log.text
     with pytest.raises(ValueError, match="more than the model's 2"):
         Normalizer(load_norm_stats(stats_file), model_dim=2)
     with pytest.raises(ValueError, match="action_dim 5 > 4"):

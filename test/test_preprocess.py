@@ -1,6 +1,5 @@
 """Image preprocessing: resize with pad geometry, [-1, 1] scaling, input validation, camera masks."""
 
-import logging
 
 import numpy as np
 import pytest
@@ -88,15 +87,15 @@ def test_bad_images_raise_clear_errors(img, match):
         to_rgb_uint8([[1, 2, 3]])
 
 
-def test_prepare_images_masks_missing_and_ignores_unknown(caplog):
+def test_prepare_images_masks_missing_and_ignores_unknown(captured_log):
     rng = np.random.default_rng(2)
     cams = ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
     base = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     right = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
     images = {"base_0_rgb": base, "right_wrist_0_rgb": right, "left_wrist_0_rgb": None, "thermal_test_only": right}
-    with caplog.at_level(logging.WARNING, logger="pi_policy.model.preprocess"):
+    with captured_log("pi_policy.model.preprocess") as log:
         pixels, mask = prepare_images(images, cams, 224)
-    assert "thermal_test_only" in caplog.text
+    assert "thermal_test_only" in log.text
     assert pixels.shape == (3, 3, 224, 224) and pixels.dtype == np.float32
     assert mask.tolist() == [True, False, True]
     assert (pixels[1] == -1).all()

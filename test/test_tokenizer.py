@@ -1,6 +1,5 @@
 """Prompt tokenizer: a SentencePiece model trained here, pi0 / pi0.5 layouts, byte fallback, bad files."""
 
-import logging
 import random
 
 import numpy as np
@@ -78,24 +77,24 @@ def test_discretize_matches_openpi_formula():
     assert pi05_prompt("a_b", np.zeros(2)) == "Task: a b, State: 128 128;\nAction: "
 
 
-def test_truncation_warns_and_fills_mask(sp_path, caplog):
+def test_truncation_warns_and_fills_mask(sp_path, captured_log):
     tok = PromptTokenizer(sp_path, max_len=8, kind="pi0")
     long = " ".join(WORDS)
     full = tok.token_ids(long)
     assert len(full) > 8
-    with caplog.at_level(logging.WARNING, logger="pi_policy.model.tokenizer"):
+    with captured_log("pi_policy.model.tokenizer") as log:
         tokens, mask = tok.tokenize(long)
-    assert "truncating" in caplog.text
+    assert "truncating" in log.text
     assert tokens.tolist() == full[:8] and mask.all()
 
 
-def test_exact_fit_is_not_truncated(sp_path, caplog):
+def test_exact_fit_is_not_truncated(sp_path, captured_log):
     tok = PromptTokenizer(sp_path, kind="pi0")
     n = len(tok.token_ids("pick up the cube"))
     tok = PromptTokenizer(sp_path, max_len=n, kind="pi0")
-    with caplog.at_level(logging.WARNING):
+    with captured_log("pi_policy.model.tokenizer") as log:
         tokens, mask = tok.tokenize("pick up the cube")
-    assert mask.all() and "truncating" not in caplog.text
+    assert mask.all() and "truncating" not in log.text
 
 
 def test_bad_paths_and_vocab(sp_path, tmp_path):

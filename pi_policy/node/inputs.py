@@ -1,7 +1,8 @@
 """ROS 2 input messages (rclpy or rosbags, read by field name) to numpy arrays, with clear errors.
 
 Supported Image encodings: rgb8, bgr8, rgba8, bgra8, mono8, mono16, 8UC1 (as mono8), 8UC3 (as bgr8, OpenCV's
-order), yuv422 (UYVY) and yuv422_yuy2 (YUYV). mono16 is scaled to 8 bits by dropping the low byte (v >> 8).
+order), yuv422 (UYVY) and yuv422_yuy2 (YUYV). mono16 is scaled to 8 bits as cv_bridge does (v * 255 / 65535,
+rounded), so the node gives the same pixels whichever of the two converts its images.
 16UC1 / 32FC1 are rejected on purpose: in ROS they are depth images, and a depth map squeezed into RGB
 would be silent garbage for a vision-language model.
 """
@@ -95,8 +96,8 @@ def header_stamp_sec(msg) -> float:
     return stamp_to_sec(getattr(header, "stamp", None))
 
 
-def image_to_rgb(msg) -> np.ndarray:
-    """sensor_msgs/Image -> new HxWx3 uint8 RGB array (never a view of the message buffer)."""
+def _image_layout(msg) -> tuple[str, int, int, int, int, np.ndarray]:
+    """(encoding, height, width, step, is_bigendian, data) of a sensor_msgs/Image that image_to_rgb can convert."""
     encoding = getattr(msg, "encoding", None)
     if not isinstance(encoding, str):
         raise MessageError(f"image encoding must be a string, got {type(encoding).__name__}")
@@ -106,7 +107,7 @@ def image_to_rgb(msg) -> np.ndarray:
         raise MessageError(
             f"unknown image encoding '{encoding}'; supported: {', '.join(SUPPORTED_ENCODINGS)}"
         )
-    channels, depth, conversion = _ENCODINGS[encoding]
+    channels, depth, _ = _ENCODINGS[encoding]
     height = _int_field(msg, "height", 0, _MAX_SIDE)
     width = _int_field(msg, "width", 0, _MAX_SIDE)
     step = _int_field(msg, "step")
@@ -123,10 +124,23 @@ def image_to_rgb(msg) -> np.ndarray:
         raise MessageError(
             f"{encoding} {width}x{height} image with step {step} needs {step * height} bytes, got {data.size}"
         )
-    rows = data.reshape(height, step)[:, :row_bytes]
+    return encoding, height, width, step, bigendian, data
+
+
+def check_image(msg) -> None:
+    """Raise MessageError for every sensor_msgs/Image that image_to_rgb would reject, converting nothing."""
+    _image_layout(msg)
+
+
+def image_to_rgb(msg) -> np.ndarray:
+    """sensor_msgs/Image -> new HxWx3 uint8 RGB array (never a view of the message buffer)."""
+    encoding, height, width, step, bigendian, data = _image_layout(msg)
+    channels, depth, conversion = _ENCODINGS[encoding]
+    rows = data.reshape(height, step)[:, :width * channels * depth]
     if depth == 2:
         dtype = np.dtype(">u2" if bigendian else "<u2")
-        pixels = (np.ascontiguousarray(rows).view(dtype) >> 8).astype(np.uint8)
+        # cv_bridge's mono16 -> 8 bit: OpenCV convertTo with scale 255/65535, rounded; v / 257 is never a tie
+        pixels = ((np.ascontiguousarray(rows).view(dtype).astype(np.uint32) + 128) // 257).astype(np.uint8)
     else:
         pixels = np.ascontiguousarray(rows)
     pixels = pixels.reshape(height, width, channels)

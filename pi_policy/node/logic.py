@@ -8,7 +8,8 @@ Decisions:
 - Point positions = the first len(output_joint_names) action dims; no trajectory when that list is empty.
 - The diagnostic's level is ERROR when the tick was skipped or inference failed (message says why), WARN when
   total_ms exceeds the latency budget, an optional camera was masked, or an input message was rejected since
-  the last tick; OK otherwise. Latency keys appear only when inference ran.
+  the last tick; OK otherwise. Latency keys appear only when inference ran; `image_converter` (cv_bridge or
+  builtin: which one turned sensor_msgs/Image into RGB) on every status.
 - A tick that finds inference still running is DROPPED (counted, no diagnostics): ticks never queue.
 """
 
@@ -77,6 +78,8 @@ class PolicyNodeLogic:
         hardware_id: str = "",
         frame_id: str = "",
         publish_raw: bool = True,
+        image_converter: Callable[[Any], np.ndarray] = image_to_rgb,
+        image_converter_name: str = "builtin",
     ):
         unknown = [c for c in assembler.camera_names if c not in policy.camera_names]
         if unknown:
@@ -101,6 +104,8 @@ class PolicyNodeLogic:
         self.hardware_id = hardware_id
         self.frame_id = frame_id
         self.publish_raw = publish_raw
+        self.image_converter = image_converter  # sensor_msgs/Image -> RGB; the node may pass cv_bridge's
+        self.image_converter_name = image_converter_name
         self.counts = dict(ticks=0, inferences=0, dropped_ticks=0, skipped_ticks=0, failed_ticks=0,
                            rejected_messages=0)
         self._input_errors: dict[str, str] = {}  # source -> latest rejection, until it sends a good message
@@ -109,14 +114,16 @@ class PolicyNodeLogic:
 
     @classmethod
     def from_params(cls, params: NodeParams, policy: Policy, factory: MessageFactory, node_name: str = "pi_policy",
-                    hardware_id: str | None = None) -> PolicyNodeLogic:
-        """The node's parameters -> its assembler and logic: the one wiring, for the rclpy node and bag replay."""
+                    hardware_id: str | None = None, **extra) -> PolicyNodeLogic:
+        """The node's parameters -> its assembler and logic: the one wiring, for the rclpy node and bag replay.
+
+        `extra`: the remaining keyword arguments of the constructor (the rclpy node's image converter)."""
         assembler = ObservationAssembler(params.camera_names, params.required_cameras or None,
                                          params.max_observation_age_s, params.max_future_skew_s, params.prompt)
         return cls(policy, assembler, factory, params.joint_names, params.outputs(), params.control_period_s,
                    params.latency_budget_ms, status_name=f"{node_name}: inference",
                    hardware_id=params.device if hardware_id is None else hardware_id, frame_id=params.frame_id,
-                   publish_raw=bool(params.raw_action_topic))
+                   publish_raw=bool(params.raw_action_topic), **extra)
 
     # -- inputs (subscription callbacks): convert, store, never raise --
 
@@ -135,7 +142,7 @@ class PolicyNodeLogic:
 
     def on_image(self, camera: str, msg, compressed: bool = False) -> str | None:
         def store():
-            rgb = compressed_image_to_rgb(msg) if compressed else image_to_rgb(msg)
+            rgb = compressed_image_to_rgb(msg) if compressed else self.image_converter(msg)
             self.assembler.set_image(camera, header_stamp_sec(msg), rgb)
 
         return self._accept(f"camera {camera}", store)
@@ -236,6 +243,7 @@ class PolicyNodeLogic:
     def _result(self, level: str, message: str, now: float, values: dict[str, str]) -> TickResult:
         values = dict(values)
         values["prompt"] = self.assembler.prompt
+        values["image_converter"] = self.image_converter_name
         values.update({k: str(v) for k, v in self.counts.items()})
         status = self.factory.status(level, self.status_name, message, self.hardware_id, values)
         return TickResult(level, message, diagnostics=self.factory.diagnostics(now, [status]))

@@ -1,8 +1,9 @@
 """Every parameter of the pi_policy node, declared once as data (default, ROS type, description), and the checker
 for ROS 2 parameter files that applies the node's own rules.
 
-Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array". As in ROS, a double
-parameter written as an integer (`1` instead of `1.0`) is an error, and so is an unknown name (a typo).
+Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array". A double parameter written as
+an integer (`10` for `10.0`) is that double, as ROS users write them (the node accepts it too, although rclpy
+alone would not); an unknown name (a typo) is an error, here and in the running node.
 Empty lists cannot be written in a parameter file; leave the parameter out to keep its default.
 """
 
@@ -188,9 +189,9 @@ def _check_type(p: Param, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
     elif p.type == "double":
-        if isinstance(value, bool) or not isinstance(value, float):
-            hint = f" (write {value}.0: ROS reads {value} as an integer)" if isinstance(value, int) else ""
-            raise bad("a floating-point number" + hint)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
         if not math.isfinite(value):
             raise bad("a finite number")
     elif p.type == "string_array":
