@@ -62,7 +62,8 @@ def action_accuracy(candidate: np.ndarray, baseline: np.ndarray) -> dict:
     return {"baseline_range": [float(b.min()), float(b.max())], "baseline_mean": float(b.mean()),
             "candidate_range": [float(a.min()), float(a.max())], "candidate_mean": float(a.mean()),
             "max_diff": float(d.max()), "mean_diff": float(d.mean()),
-            "relative_error": float(np.linalg.norm(a - b) / norm) if norm > 0 else float(np.linalg.norm(a - b))}
+            "relative_error": float(np.linalg.norm(a - b) / norm) if norm > 0 else float(np.linalg.norm(a - b)),
+            "cosine": float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * norm)) if norm > 0 and a.any() else 0.0}
 
 
 def action_stats(actions: np.ndarray) -> str:
