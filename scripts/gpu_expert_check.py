@@ -77,7 +77,7 @@ def prefix(model, missing_camera: bool, seed: int = 0):
     tokens = torch.randint(0, cfg.vocab_size, (1, cfg.max_token_len), generator=gen, device=DEVICE)
     tmask = torch.arange(cfg.max_token_len, device=DEVICE)[None] < 20
     with torch.no_grad():
-        embs, pad = model.embed_prefix(model.embed_images(images.to(model.dtype)), masks, tokens, tmask)
+        embs, pad = model.embed_prefix(model.embed_images(images), masks, tokens, tmask)
         cache = model.prefill(embs, pad)
     state = torch.randn(1, cfg.action_dim, generator=gen, device=DEVICE) * 0.5
     noise = torch.randn(1, cfg.horizon, cfg.action_dim, generator=gen, device=DEVICE)
