@@ -16,6 +16,7 @@ from .latency import action_accuracy, action_stats, comparison_table, stage_tabl
 from .observation import Observation
 from .runtime import DEFAULT_CAMERAS, build_model, build_runner
 from .runtime.backends import BACKENDS
+from .runtime.expert import DENOISE
 from .runtime.fp8 import add_fp8_arguments, fp8_options
 
 PROMPT = "pick up the red block and put it in the bin"
@@ -49,7 +50,9 @@ def machine_info(device: torch.device) -> dict:
 def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), cameras: int = 3, iters: int = 200,
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
-              fp8_options: dict | None = None) -> dict:
+              fp8_options: dict | None = None, denoise: tuple[str, ...] = ()) -> dict:
+    """Each backend (x each denoise, when several are given) on the same observation and noise; the first
+    configuration is the baseline of the comparison and accuracy blocks."""
     model = build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     if not 0 <= cameras <= cfg.num_cameras:
@@ -61,23 +64,25 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
                            "batch": 1, "iters": iters, "weights": checkpoint or f"random seed {seed}"},
               "machine": machine_info(model.time_freqs.device), "backends": {}}
-    for backend in backends:
+    configs = [(b, d) for b in backends for d in (denoise or (None,))]
+    for backend, den in configs:
+        name = f"{backend}/{den}" if len(denoise) > 1 else backend
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
                               engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
-                              fp8_options=fp8_options)
+                              fp8_options=fp8_options, denoise=den)
         actions = runner.infer(obs, noise=noise).actions
-        records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {backend}", disable=not progress,
+        records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {name}", disable=not progress,
                                                            leave=False)]
         entry = summarize(records) | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
                                       "actions": actions.tolist()}
-        result["backends"][backend] = entry
+        result["backends"][name] = entry
         del runner
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    first = backends[0]
-    for backend in backends[1:]:
-        result["backends"][backend]["accuracy_vs_" + first] = action_accuracy(
-            np.array(result["backends"][backend]["actions"]), np.array(result["backends"][first]["actions"]))
+    first, *rest = result["backends"]
+    for name in rest:
+        result["backends"][name]["accuracy_vs_" + first] = action_accuracy(
+            np.array(result["backends"][name]["actions"]), np.array(result["backends"][first]["actions"]))
     return result
 
 
@@ -96,7 +101,7 @@ def format_result(result: dict) -> str:
         acc = cand["accuracy_vs_" + names[0]]
         lines += ["", comparison_table(base, cand, names[0], name),
                   f"{name} vs {names[0]}: max diff {acc['max_diff']:.4f}, mean diff {acc['mean_diff']:.4f}, "
-                  f"relative error {100 * acc['relative_error']:.2f}%"]
+                  f"relative error {100 * acc['relative_error']:.2f}%, cosine {acc['cosine']:.6f}"]
     return "\n".join(lines)
 
 
@@ -105,6 +110,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="pi0")
     p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="repeat to compare (the first is the baseline); default bf16")
+    p.add_argument("--denoise", action="append", choices=DENOISE,
+                   help="denoise: bf16 (PyTorch), triton or fp8 (fused expert); repeat to compare (the first is "
+                        "the baseline); default: the device's faster one")
     p.add_argument("--cameras", type=int, default=3)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -135,7 +143,7 @@ def parse_stages(text: str | None) -> tuple[str, ...] | None:
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
-                       fp8_options(args))
+                       fp8_options(args), tuple(args.denoise or ()))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

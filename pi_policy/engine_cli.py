@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .runtime.expert import DENOISE
 from .runtime.fp8 import add_fp8_arguments, fp8_options
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> None:
     """Register verify, calibrate and build-engine on an argparse subparsers object."""
-    v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) with the BF16 baseline")
+    v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) or a fused denoise (triton, "
+                                             "fp8) with the BF16 baseline")
     _common(v)
-    v.add_argument("--backend", required=True, choices=("fp8", "tensorrt"))
+    v.add_argument("--backend", required=True, choices=("bf16", "fp8", "tensorrt"),
+                   help="the candidate's prefill (bf16: unchanged, to verify a --denoise alone)")
+    v.add_argument("--denoise", default="bf16", choices=DENOISE,
+                   help="the candidate's denoise: bf16 (PyTorch, as the baseline), triton or fp8 (fused expert)")
     v.add_argument("--engine", default=None, help="TensorRT engine (for --backend tensorrt)")
     v.add_argument("--max-rel-error", type=float, default=0.03, help="fail above this action relative error")
     v.add_argument("--scales", default="dynamic", choices=("dynamic", "static"), help="FP8 activation scales")
@@ -71,7 +76,7 @@ def run_verify(args: argparse.Namespace) -> int:
         report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
                         args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
                         progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                        fp8_options=fp8_options(args))
+                        fp8_options=fp8_options(args), denoise=args.denoise)
     except VerifyError as e:
         print(f"verify: ERROR: {e}", file=sys.stderr)
         return 2

@@ -18,8 +18,9 @@ import torch
 from .model.checkpoint import weights_fingerprint
 from .observation import Observation
 from .runtime import build_model, build_runner
+from .runtime.expert import DENOISE, NAMES
 
-CANDIDATES = ("fp8", "tensorrt")
+CANDIDATES = ("bf16", "fp8", "tensorrt")  # bf16: the prefill unchanged, a fused denoise (--denoise) is the candidate
 PROMPTS = ("pick up the red block", "open the drawer", "fold the towel", "put the cup on the plate")
 
 
@@ -34,6 +35,7 @@ class Captured:
     v: torch.Tensor
     prefill_backend: str
     prefill_ms: float
+    denoise_backend: str
 
 
 def sample_observations(camera_names: list[str], image_size: int, state_dim: int, n: int, seed: int
@@ -58,7 +60,7 @@ def capture(runner, obs: Observation, noise: np.ndarray) -> Captured:
         out = runner.infer(obs, noise=noise)
     k, v = (t.detach().float().cpu().clone() for t in runner.buf.kv)
     return Captured(np.array(out.actions, dtype=np.float32, copy=True), k, v, out.latency.backends["prefill"],
-                    out.latency.stages_ms["prefill"])
+                    out.latency.stages_ms["prefill"], out.latency.backends["denoise"])
 
 
 def calibration_samples(runner, observations: list[Observation], noise: np.ndarray
@@ -93,10 +95,17 @@ def compare(base: Captured, cand: Captured) -> dict:
 def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = None, device: str = "cpu",
            seed: int = 0, engine_path: str | None = None, max_rel_error: float = 0.03, scales: str = "dynamic",
            calibration_samples_n: int = 4, check_baseline: bool = False, progress: bool = True,
-           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None) -> dict:
-    """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error)."""
+           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None,
+           denoise: str = "bf16") -> dict:
+    """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error).
+    The baseline always runs the PyTorch denoise; `denoise` is the candidate's."""
     if backend not in CANDIDATES:
         raise VerifyError(f"unknown candidate backend {backend!r}; choose one of {CANDIDATES}")
+    if denoise not in DENOISE:
+        raise VerifyError(f"unknown denoise {denoise!r}; choose one of {DENOISE}")
+    if backend == "bf16" and denoise == "bf16":
+        raise VerifyError("nothing to compare: the candidate is the baseline (give --backend fp8|tensorrt or "
+                          "--denoise triton|fp8)")
     if scales not in ("dynamic", "static"):
         raise VerifyError(f"--scales must be 'dynamic' or 'static', got {scales!r}")
     if not (max_rel_error > 0):
@@ -107,7 +116,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     # 1. The baseline: its own model instance, fingerprinted, run first.
     base_model = build_model(preset, checkpoint, device, seed)
     fp_before = weights_fingerprint(base_model)
-    base_runner = build_runner(preset, checkpoint, device=device, backend="bf16", model=base_model, **common)
+    base_runner = build_runner(preset, checkpoint, device=device, backend="bf16", model=base_model, denoise="bf16",
+                               **common)
     cfg = base_model.cfg
     state_dim = base_runner.normalizer.action_dim
     obs, *calib_obs = sample_observations(base_runner.camera_names, cfg.vision.image_size, state_dim,
@@ -124,11 +134,14 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     if backend == "fp8" and scales == "static":
         extra["calibration"] = calibration_samples(base_runner, calib_obs, noise)
     cand_runner = build_runner(preset, checkpoint, device=device, backend=backend, model=cand_model,
-                               engine_path=engine_path, **extra, **common)
+                               engine_path=engine_path, denoise=denoise, **extra, **common)
     note = getattr(cand_runner, "backend_note", "")
     cand = capture(cand_runner, obs, noise)
     if not cand.prefill_backend.startswith(backend):
         raise VerifyError(f"candidate backend {backend!r} did not run (prefill ran as {cand.prefill_backend!r}): "
+                          f"{note or 'no reason given'}")
+    if denoise != "bf16" and not cand.denoise_backend.startswith(NAMES[denoise]):
+        raise VerifyError(f"candidate denoise {denoise!r} did not run (denoise ran as {cand.denoise_backend!r}): "
                           f"{note or 'no reason given'}")
 
     # 3. The baseline's weights must be exactly what they were.
@@ -138,6 +151,7 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
                           f"{fp_after[:16]}): building or running {backend!r} corrupted the shared model")
 
     report = {"backend": backend, "baseline_backend": base.prefill_backend, "candidate_backend": cand.prefill_backend,
+              "baseline_denoise": base.denoise_backend, "candidate_denoise": cand.denoise_backend,
               "candidate_note": note, "preset": preset, "checkpoint": checkpoint or f"random-seed-{seed}",
               "device": str(next(base_model.parameters()).device),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None,
@@ -161,7 +175,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
 def format_report(r: dict) -> str:
     b, c = r["bf16"], r["candidate"]
     lines = [
-        f"verify {r['candidate_backend']} vs {r['baseline_backend']} ({r['preset']}, {r['checkpoint']}, "
+        f"verify {r['candidate_backend']} + denoise {r['candidate_denoise']} vs {r['baseline_backend']} + denoise "
+        f"{r['baseline_denoise']} ({r['preset']}, {r['checkpoint']}, "
         f"{r['gpu'] or r['device']})",
         f"  BF16 range: [{b['min']:.4f}, {b['max']:.4f}], mean: {b['mean']:.4f}",
         f"  {r['backend']} range: [{c['min']:.4f}, {c['max']:.4f}], mean: {c['mean']:.4f}",
