@@ -25,7 +25,7 @@ TILES = {
     "down": dict(bn=128, bk=128, split=16, warps=4, stages=2),
     "gate_up": dict(bn=32, bk=128, warps=4, stages=3),
     "out": dict(bm=16, bk=128, warps=4, stages=3),
-    "attn": dict(bm=32, bn=64, bs=16, chunk=128, warps=8, stages=2),
+    "attn": dict(bm=32, bn=64, bs=16, chunk=128, warps=8, stages=2, tokens=1),  # tokens: per combine program
 }
 
 
@@ -281,37 +281,41 @@ def _attn_split(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    idx = (split * B + b) * S * H + m * H + h  # partials laid out (split, B, S, H, D)
+    idx = split * B * S * H + (b * S + m) * H + h  # partials laid out (split, B * S * H, D)
     tl.store(o_ptr + idx[:, None] * D + d[None, :], o, mask=row_ok[:, None])
     tl.store(lse_ptr + idx, lse, mask=row_ok)
 
 
 @triton.jit
-def _attn_combine(o_ptr, lse_ptr, out_ptr, acc_ptr, ss_ptr, n_splits, BS, H, n_acc, stride_out, stride_acc,
-                  D: tl.constexpr, BH: tl.constexpr, BZ: tl.constexpr):
-    tok = tl.program_id(0)
+def _attn_combine(o_ptr, lse_ptr, out_ptr, acc_ptr, ss_ptr, n_splits, R, BS, H, n_acc, stride_out, stride_acc,
+                  D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BZ: tl.constexpr):
+    # BT tokens per program, each with its H heads: rows r = token * H + head of the (split, row, D) partials
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
     hh = tl.arange(0, BH)
+    r = t[:, None] * H + hh[None, :]
+    rok = (t[:, None] < BS) & (hh[None, :] < H)
     d = tl.arange(0, D)
-    hok = hh < H
-    mx = tl.full((BH,), float("-inf"), dtype=tl.float32)
+    mx = tl.full((BT, BH), float("-inf"), dtype=tl.float32)
     for s in range(0, n_splits):
-        mx = tl.maximum(mx, tl.load(lse_ptr + (s * BS + tok) * H + hh, mask=hok, other=float("-inf")))
-    mx = tl.where(hok, mx, 0.0)
-    num = tl.zeros((BH, D), dtype=tl.float32)
-    den = tl.zeros((BH,), dtype=tl.float32)
+        mx = tl.maximum(mx, tl.load(lse_ptr + s * R + r, mask=rok, other=float("-inf")))
+    mx = tl.where(rok, mx, 0.0)
+    num = tl.zeros((BT, BH, D), dtype=tl.float32)
+    den = tl.zeros((BT, BH), dtype=tl.float32)
     for s in range(0, n_splits):
-        idx = (s * BS + tok) * H + hh
-        w = tl.exp2(tl.load(lse_ptr + idx, mask=hok, other=float("-inf")) - mx)
-        num += w[:, None] * tl.load(o_ptr + idx[:, None] * D + d[None, :], mask=hok[:, None], other=0.0)
+        w = tl.exp2(tl.load(lse_ptr + s * R + r, mask=rok, other=float("-inf")) - mx)
+        num += w[:, :, None] * tl.load(o_ptr + (s * R + r)[:, :, None] * D + d[None, None, :],
+                                       mask=rok[:, :, None], other=0.0)
         den += w
-    out = num / tl.where(hok, den, 1.0)[:, None]
-    tl.store(out_ptr + tok * stride_out + hh[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=hok[:, None])
-    # attention was the last reader of this token's qkv accumulators: clear them for the next layer
+    out = num / tl.where(rok, den, 1.0)[:, :, None]
+    tl.store(out_ptr + t[:, None, None] * stride_out + hh[None, :, None] * D + d[None, None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rok[:, :, None])
+    # attention was the last reader of these tokens' qkv accumulators: clear them for the next layer
+    tok = t < BS
     for c in range(0, n_acc, BZ):
         cc = c + tl.arange(0, BZ)
-        tl.store(acc_ptr + tok * stride_acc + cc, tl.zeros((BZ,), dtype=tl.float32), mask=cc < n_acc)
-    tl.store(ss_ptr + tok, 0.0)
+        tl.store(acc_ptr + t[:, None] * stride_acc + cc[None, :], tl.zeros((BT, BZ), dtype=tl.float32),
+                 mask=tok[:, None] & (cc[None, :] < n_acc))
+    tl.store(ss_ptr + t, tl.zeros((BT,), dtype=tl.float32), mask=tok)
 
 
 def attention(qkv: Tensor, ss: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Tensor, cos: Tensor, sin: Tensor,
@@ -331,8 +335,8 @@ def attention(qkv: Tensor, ss: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Te
     chunk = max(bn, t["chunk"] // bn * bn)
     n_prefix = triton.cdiv(p, chunk)
     splits = n_prefix + 1
-    o = qkv.new_empty((splits, b, s, num_heads, d))
-    lse = qkv.new_empty((splits, b, s, num_heads))
+    o = qkv.new_empty((splits, b * s * num_heads, d))
+    lse = qkv.new_empty((splits, b * s * num_heads))
     assert k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride()
     _attn_split[(triton.cdiv(s * g, bm), splits, b * kvh)](
         qkv, ss, bias if bias is not None else qkv, cos, sin, k_cache, v_cache, pad, o, lse,
@@ -340,5 +344,7 @@ def attention(qkv: Tensor, ss: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Te
         k_cache.stride(2), pad.stride(0), norm_dim, eps, d**-0.5 * math.log2(math.e),
         HAS_BIAS=bias is not None, D=d, BM=bm, BN=bn, BS=min(t["bs"], _pow2(s)), num_warps=t["warps"],
         num_stages=t["stages"])
-    _attn_combine[(b * s,)](o, lse, out, qkv, ss, splits, b * s, num_heads, qkv.shape[1], out.stride(0),
-                            qkv.stride(0), D=d, BH=triton.next_power_of_2(num_heads), BZ=1024, num_warps=4)
+    bt = min(t.get("tokens", 1), triton.next_power_of_2(b * s))
+    _attn_combine[(triton.cdiv(b * s, bt),)](
+        o, lse, out, qkv, ss, splits, b * s * num_heads, b * s, num_heads, qkv.shape[1], out.stride(0),
+        qkv.stride(0), D=d, BT=bt, BH=triton.next_power_of_2(num_heads), BZ=max(16, 1024 // bt), num_warps=4)
