@@ -21,6 +21,7 @@ from ..fp8 import quantize_weight
 from . import kernels
 
 WEIGHTS = ("bf16", "fp8")
+MATRICES = ("qkv", "wo", "gate_up", "down")
 
 
 def pack(w: Tensor, fold: Tensor | None, fp8: bool) -> tuple[Tensor, Tensor | None]:
@@ -40,26 +41,32 @@ def dequantize(w: Tensor, scale: Tensor | None) -> Tensor:
 
 
 class FusedExpert:
-    """The expert's denoise loop on the fused kernels; `weights` is "bf16" or "fp8" (weight-only, W8A16)."""
+    """The expert's denoise loop on the fused kernels; `weights` is "bf16" or "fp8" (weight-only, W8A16), with
+    the matrices named in `keep_bf16` (of MATRICES) left in bf16."""
 
-    def __init__(self, model: PiModel, weights: str = "bf16"):
+    def __init__(self, model: PiModel, weights: str = "bf16", keep_bf16: tuple[str, ...] = ()):
         if weights not in WEIGHTS:
             raise ValueError(f"unknown expert weight format {weights!r}; choose one of {WEIGHTS}")
+        if set(keep_bf16) - set(MATRICES):
+            raise ValueError(f"keep_bf16 takes names from {MATRICES}, got {keep_bf16}")
         cfg = model.cfg
         self.model, self.cfg, self.weights = model, cfg, weights
-        fp8, adaptive = weights == "fp8", cfg.pi05
+        adaptive = cfg.pi05
+        fp8 = {name: weights == "fp8" and name not in keep_bf16 for name in MATRICES}
         self.layers = []
         with torch.no_grad():
             for blk in model.expert.layers:
                 self.layers.append({
-                    "qkv": pack(blk.wqkv.weight, None if adaptive else blk.attn_norm.weight, fp8),
-                    "wo": pack(blk.wo.weight, None, fp8),
-                    "gate_up": pack(blk.mlp.gate_up.weight, None if adaptive else blk.mlp_norm.weight, fp8),
-                    "down": pack(blk.mlp.down.weight, None, fp8)})
+                    "qkv": pack(blk.wqkv.weight, None if adaptive else blk.attn_norm.weight, fp8["qkv"]),
+                    "wo": pack(blk.wo.weight, None, fp8["wo"]),
+                    "gate_up": pack(blk.mlp.gate_up.weight, None if adaptive else blk.mlp_norm.weight,
+                                    fp8["gate_up"]),
+                    "down": pack(blk.mlp.down.weight, None, fp8["down"])})
             self.out_w = pack(model.action_out.weight, None if adaptive else model.expert.norm.weight, False)[0]
             self.out_b = model.action_out.bias.detach().float()
             if not adaptive:  # action_time_in(cat(tokens, t_emb)): the token half here, the time half per step
                 self.w_action_time = model.action_time_in.weight[:, : cfg.expert.width].contiguous()
+        self.fp8 = fp8  # per matrix; its kernels' tiles are looked up per call (kernels.TILES may be retuned)
         self._schedules: dict[int, dict[str, Tensor]] = {}
         self.schedule(cfg.num_steps)  # before any CUDA graph capture
 
@@ -121,18 +128,20 @@ class FusedExpert:
         attn = torch.empty((b * s, e.num_heads * e.head_dim), dtype=torch.bfloat16, device=x.device)
         h = torch.empty((b * s, e.mlp_dim), dtype=torch.bfloat16, device=x.device)
         ad = cfg.pi05
+        tiles = {name: kernels.tiles_for(name, self.fp8[name]) for name in MATRICES}
         for i, lw in enumerate(self.layers):
             kernels.linear_splitk(x, lw["qkv"][0], qkv, wscale=lw["qkv"][1], ss=ss,
-                                  mod=tab["mod_attn"][k, i] if ad else None, tiles=kernels.TILES["qkv"])
+                                  mod=tab["mod_attn"][k, i] if ad else None, tiles=tiles["qkv"])
             kernels.attention(qkv, ss, cache[0][i], cache[1][i], pad, cos, sin, attn, num_heads=e.num_heads,
                               n_state=s - cfg.horizon, norm_dim=e.width, eps=e.eps,
                               bias=tab["bias_qkv"][k, i] if ad else None)
             kernels.linear_splitk(attn, lw["wo"][0], x, wscale=lw["wo"][1],
-                                  gate=tab["gate_attn"][k, i] if ad else None, tiles=kernels.TILES["wo"])
+                                  gate=tab["gate_attn"][k, i] if ad else None, tiles=tiles["wo"])
             kernels.norm_geglu(x, lw["gate_up"][0], h, e.eps, wscale=lw["gate_up"][1],
-                               mod=tab["mod_mlp"][k, i] if ad else None, bias=tab["bias_gu"][k, i] if ad else None)
+                               mod=tab["mod_mlp"][k, i] if ad else None, bias=tab["bias_gu"][k, i] if ad else None,
+                               tiles=tiles["gate_up"])
             kernels.linear_splitk(h, lw["down"][0], x, wscale=lw["down"][1],
-                                  gate=tab["gate_mlp"][k, i] if ad else None, tiles=kernels.TILES["down"])
+                                  gate=tab["gate_mlp"][k, i] if ad else None, tiles=tiles["down"])
         kernels.action_out(x, self.out_w, tab["bias_out"][k] if ad else self.out_b, out, e.eps, dt,
                            mod=tab["mod_out"][k] if ad else None)
 
