@@ -111,8 +111,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="repeat to compare (the first is the baseline); default bf16")
     p.add_argument("--denoise", action="append", choices=DENOISE,
-                   help="denoise: bf16 (PyTorch), triton or fp8 (fused expert); repeat to compare (the first is "
-                        "the baseline); default: the device's faster one")
+                   help="denoise: bf16 (PyTorch, the default), triton or fp8 (fused Triton expert); repeat to "
+                        "compare (the first is the baseline)")
     p.add_argument("--cameras", type=int, default=3)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

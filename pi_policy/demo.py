@@ -81,8 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/demo", help="where the generated bag and its report go")
     p.add_argument("--no-bag", action="store_true", help="skip the rosbag replay")
-    p.add_argument("--denoise", choices=DENOISE, help="bf16 (PyTorch), triton or fp8 (fused expert); default: the "
-                                                      "device's faster one")
+    p.add_argument("--denoise", choices=DENOISE, default="bf16",
+                   help="bf16 (PyTorch, the default), triton or fp8 (fused Triton expert)")
     p.set_defaults(func=run)
 
 

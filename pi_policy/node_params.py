@@ -49,9 +49,9 @@ class NodeParams:
     backend: str = _p("bf16", "Prefill backend: bf16, eager (no CUDA graphs), fp8 or tensorrt; the other "
                               "stages run bf16 with CUDA graphs.")
     engine_path: str = _p("", "TensorRT engine for the prefill when backend is tensorrt.")
-    denoise_backend: str = _p("auto", "Denoise backend: bf16 (the PyTorch expert, compiled), triton (fused Triton "
-                                      "expert) or fp8 (fused, FP8 expert weights); auto = triton on CUDA, the "
-                                      "PyTorch path on CPU.")
+    denoise_backend: str = _p("bf16", "Denoise backend: bf16 (the PyTorch action expert, compiled on CUDA), "
+                                      "triton (fused Triton expert, CUDA) or fp8 (fused, FP8 expert weights); a "
+                                      "fused one that cannot run falls back to bf16 with a warning.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with; empty = the preset's.")
     action_dim: int = _p(0, "Robot action dims (unpadded); 0 = the model's.")
     seed: int = _p(0, "Seed for random weights and the denoising noise.")
@@ -111,8 +111,8 @@ class NodeParams:
                             "robot (set checkpoint, or use preset tiny for a demo)")
         if self.backend not in ("bf16", "eager", "fp8", "tensorrt"):
             problems.append(f"backend '{self.backend}' is not one of bf16, eager, fp8, tensorrt")
-        if self.denoise_backend not in ("auto", *DENOISE):
-            problems.append(f"denoise_backend '{self.denoise_backend}' is not one of auto, {', '.join(DENOISE)}")
+        if self.denoise_backend not in DENOISE:
+            problems.append(f"denoise_backend '{self.denoise_backend}' is not one of {', '.join(DENOISE)}")
         if self.backend == "tensorrt" and not self.engine_path:
             problems.append("backend tensorrt needs engine_path")
         positive = ("max_observation_age_s", "control_period_s", "latency_budget_ms")
@@ -141,7 +141,7 @@ class NodeParams:
                     norm_stats=self.norm_stats or None, tokenizer=self.tokenizer or None,
                     device=self.device, backend=self.backend, camera_names=self.model_camera_names or None,
                     seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
-                    warmup=self.warmup, denoise=None if self.denoise_backend == "auto" else self.denoise_backend)
+                    warmup=self.warmup, denoise=self.denoise_backend)
 
 
 @dataclass(frozen=True)

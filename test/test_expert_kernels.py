@@ -29,7 +29,8 @@ def _few_programs(monkeypatch):
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,18 +50,19 @@ def expert_model(preset: str, steps: int = 2) -> PiModel:
     return model
 
 
-def prefix(model: PiModel, missing: tuple[int, int] | None = (16, 32), seed: int = 0):
-    """The LLM's cache over random embeddings, with a masked camera and prompt padding (invalid keys in the middle)."""
+def prefix(model: PiModel, missing: tuple[int, int] | None = (16, 32), seed: int = 0, batch: int = 1):
+    """The LLM's cache over random embeddings, with a masked camera and prompt padding (invalid keys in the middle);
+    a second batch entry has neither."""
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
-    pad = torch.ones(1, cfg.prefix_len, dtype=torch.bool)
+    pad = torch.ones(batch, cfg.prefix_len, dtype=torch.bool)
     if missing:
-        pad[:, missing[0]:missing[1]] = False
-    pad[:, -7:] = False
+        pad[0, missing[0]:missing[1]] = False
+    pad[0, -7:] = False
     with torch.no_grad():
-        cache = model.prefill(torch.randn(1, cfg.prefix_len, cfg.llm.width, generator=gen), pad)
-    state = torch.randn(1, cfg.action_dim, generator=gen)
-    noise = torch.randn(1, cfg.horizon, cfg.action_dim, generator=gen)
+        cache = model.prefill(torch.randn(batch, cfg.prefix_len, cfg.llm.width, generator=gen), pad)
+    state = torch.randn(batch, cfg.action_dim, generator=gen)
+    noise = torch.randn(batch, cfg.horizon, cfg.action_dim, generator=gen)
     return cache, pad, state, noise
 
 
@@ -164,10 +166,10 @@ def test_fused_velocity_matches_the_model(preset):
     assert rel(got, ref) < 1e-2 and cosine(got, ref) > 0.9999
 
 
-@pytest.mark.parametrize("preset, missing", [("tiny", None), ("tiny05", (0, 16))])
-def test_fused_denoise_matches_the_model(preset, missing):
+@pytest.mark.parametrize("preset, missing, batch", [("tiny", None, 1), ("tiny05", (0, 16), 2)])
+def test_fused_denoise_matches_the_model(preset, missing, batch):
     model = expert_model(preset)
-    cache, pad, state, noise = prefix(model, missing)
+    cache, pad, state, noise = prefix(model, missing, batch=batch)
     with torch.no_grad():
         ref = model.denoise(cache, pad, state, noise)
     got = FusedExpert(model).denoise(cache, pad, state, noise)

@@ -11,7 +11,7 @@ from ..model.checkpoint import load_checkpoint
 from ..model.normalize import Normalizer, default_mode, load_norm_stats
 from ..model.tokenizer import load_tokenizer
 from .backends import make_prefill
-from .expert import default_denoise, make_denoise
+from .expert import DEFAULT_DENOISE, make_denoise
 from .runner import PolicyRunner
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  fp8_options: dict | None = None, denoise: str | None = None) -> PolicyRunner:
     """A runner ready to serve. On CUDA, prefill and the PyTorch denoise are torch.compile'd by default
     (start-up cost, reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword
-    arguments) configure the fp8 prefill. denoise: bf16 (PyTorch), triton or fp8 (fused expert); default:
-    the device's faster one (the PyTorch path for the eager backend)."""
+    arguments) configure the fp8 prefill. denoise: bf16 (the PyTorch expert, the default), triton or fp8 (the
+    fused Triton expert, bf16 or FP8 weights)."""
     model = model or build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
@@ -67,8 +67,7 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
         compile_stages = tuple(s for s in compile_stages if s != "prefill")
     if choice.note:
         log.warning("prefill backend: %s", choice.note)
-    fused = make_denoise(denoise or ("bf16" if backend == "eager" else default_denoise(model.time_freqs.device)),
-                         model)
+    fused = make_denoise(denoise or DEFAULT_DENOISE, model)
     if fused.fn is not None:  # the fused expert replaces the compiled velocity
         compile_stages = tuple(s for s in compile_stages if s != "denoise")
     runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=backend != "eager",

@@ -20,13 +20,13 @@ from torch import Tensor
 
 # Tile sizes per kernel role (bn/bk: output columns and K per tile; split: K splits; warps, stages); a role with
 # a "_fp8" entry uses it for FP8 weights.
-TILES = {
-    "qkv": dict(bn=128, bk=128, split=8, warps=4, stages=2),
-    "wo": dict(bn=128, bk=128, split=16, warps=4, stages=2),
-    "down": dict(bn=128, bk=128, split=16, warps=4, stages=2),
-    "gate_up": dict(bn=32, bk=128, warps=4, stages=3),
+TILES = {  # the best of sweeps on an H200 (scripts/gpu_expert_check.py --sweep), for bf16 and FP8 weights alike
+    "qkv": dict(bn=128, bk=64, split=8, warps=4, stages=3),
+    "wo": dict(bn=64, bk=128, split=8, warps=4, stages=3),
+    "down": dict(bn=64, bk=128, split=16, warps=4, stages=3),
+    "gate_up": dict(bn=32, bk=64, warps=4, stages=4),
     "out": dict(bm=16, bk=128, warps=4, stages=3),
-    "attn": dict(bm=32, bn=64, bs=16, chunk=128, warps=8, stages=2, tokens=1),  # tokens: per combine program
+    "attn": dict(bm=32, bn=64, bs=32, chunk=128, warps=8, stages=2, tokens=1),  # tokens: per combine program
 }
 
 
@@ -51,36 +51,8 @@ def tiles_for(role: str, fp8: bool = False) -> dict:
     return TILES.get(f"{role}_fp8", TILES[role]) if fp8 else TILES[role]
 
 
-# Programmatic dependent launch (Hopper+): each kernel starts while its predecessor finishes, reads only
-# constants (weights, the prefix cache) until griddepcontrol.wait, then lets its own successor launch.
-# None: on where supported; the GPU check script toggles it to measure.
-PDL: bool | None = None
-
-
-def _launch(t: dict, device) -> dict:
-    opts = {"num_warps": t["warps"], "num_stages": t["stages"]}
-    if use_pdl(device):
-        opts["launch_pdl"] = True
-    return opts
-
-
-def use_pdl(device) -> bool:
-    if PDL is not None:
-        return PDL
-    return device.type == "cuda" and not _INTERPRET and _capability(device.index) >= (9, 0)
-
-
-def _capability(index) -> tuple[int, int]:
-    import torch
-
-    return torch.cuda.get_device_capability(index)
-
-
-@triton.jit
-def _wait_for_predecessor(PDL: tl.constexpr):
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def _launch(t: dict) -> dict:
+    return {"num_warps": t["warps"], "num_stages": t["stages"]}
 
 
 # -- split-K linear: out[m, n] += sum_k a'[m, k] w[n, k] (* wscale[n]) (* gate[n]) ------------------------------
@@ -88,20 +60,17 @@ def _wait_for_predecessor(PDL: tl.constexpr):
 def _linear_splitk(a_ptr, w_ptr, out_ptr, wscale_ptr, gate_ptr, mod_ptr, ss_ptr,
                    M, N, K, stride_am, stride_wn, stride_om, k_per_split,
                    A_NORM: tl.constexpr, HAS_MOD: tl.constexpr, HAS_WSCALE: tl.constexpr, HAS_GATE: tl.constexpr,
-                   PDL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    k0 = pid_k * k_per_split
-    wptr = w_ptr + rn[:, None] * stride_wn + k0 + tl.arange(0, BK)[None, :]
-    rk = k0 + tl.arange(0, BK)
-    w = tl.load(wptr, mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)  # weights: before the wait
-    _wait_for_predecessor(PDL)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     ss = tl.zeros((BM,), dtype=tl.float32)
     for kk in range(0, k_per_split, BK):
-        rk = k0 + kk + tl.arange(0, BK)
+        rk = pid_k * k_per_split + kk + tl.arange(0, BK)
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                    other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
                     other=0.0)
         if A_NORM:  # a is the fp32 residual stream: this split's share of sum(x^2), then pi0.5's (1 + scale)
             a = a.to(tl.float32)
@@ -109,9 +78,6 @@ def _linear_splitk(a_ptr, w_ptr, out_ptr, wscale_ptr, gate_ptr, mod_ptr, ss_ptr,
             if HAS_MOD:
                 a = a * tl.load(mod_ptr + rk, mask=rk < K, other=0.0)[None, :]
         acc = _mma(a, tl.trans(w), acc)
-        nk = rk + BK  # the next weight tile, one iteration ahead
-        w = tl.load(wptr + kk + BK, mask=(rn[:, None] < N) & (nk[None, :] < K) & (nk[None, :] < k0 + k_per_split),
-                    other=0.0)
     if HAS_WSCALE:
         acc = acc * tl.load(wscale_ptr + rn, mask=rn < N, other=0.0)[None, :]
     if HAS_GATE:
@@ -141,26 +107,18 @@ def linear_splitk(a: Tensor, w: Tensor, out: Tensor, *, wscale: Tensor | None = 
                          mod if mod is not None else dummy, ss if ss is not None else dummy,
                          m, n, k, a.stride(0), w.stride(0), out.stride(0), k_per_split,
                          A_NORM=ss is not None, HAS_MOD=mod is not None, HAS_WSCALE=wscale is not None,
-                         HAS_GATE=gate is not None, PDL=use_pdl(out.device), BM=bm, BN=bn, BK=bk,
-                         **_launch(t, out.device))
+                         HAS_GATE=gate is not None, BM=bm, BN=bn, BK=bk, **_launch(t))
 
 
 # -- RMSNorm + gate/up projection + GeGLU: h = gelu(g) * u, the MLP's hidden activations ----------------------------
 @triton.jit
 def _norm_geglu(x_ptr, w_ptr, h_ptr, wscale_ptr, mod_ptr, bias_ptr,
                 M, F, K, stride_xm, stride_wn, stride_hm, eps,
-                HAS_MOD: tl.constexpr, HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+                HAS_MOD: tl.constexpr, HAS_WSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)  # hidden columns: gate rows rn and up rows F + rn of the weight
-    gptr = w_ptr + rn[:, None] * stride_wn + tl.arange(0, BK)[None, :]
-    uptr = gptr + F * stride_wn
-    rk = tl.arange(0, BK)
-    wmask = (rn[:, None] < F) & (rk[None, :] < K)
-    wg = tl.load(gptr, mask=wmask, other=0.0)
-    wu = tl.load(uptr, mask=wmask, other=0.0)
-    _wait_for_predecessor(PDL)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     ss = tl.zeros((BM,), dtype=tl.float32)
@@ -172,12 +130,11 @@ def _norm_geglu(x_ptr, w_ptr, h_ptr, wscale_ptr, mod_ptr, bias_ptr,
         if HAS_MOD:
             a = a * tl.load(mod_ptr + rk, mask=rk < K, other=0.0)[None, :]
         a = a.to(tl.bfloat16)
+        wmask = (rn[:, None] < F) & (rk[None, :] < K)
+        wg = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask, other=0.0)
+        wu = tl.load(w_ptr + (F + rn[:, None]) * stride_wn + rk[None, :], mask=wmask, other=0.0)
         acc_g = _mma(a, tl.trans(wg), acc_g)
         acc_u = _mma(a, tl.trans(wu), acc_u)
-        nk = rk + BK  # the next weight tiles, one iteration ahead
-        wmask = (rn[:, None] < F) & (nk[None, :] < K)
-        wg = tl.load(gptr + k0 + BK, mask=wmask, other=0.0)
-        wu = tl.load(uptr + k0 + BK, mask=wmask, other=0.0)
     rs = 1.0 / tl.sqrt(ss / K + eps)
     g = acc_g * rs[:, None]
     u = acc_u * rs[:, None]
@@ -205,14 +162,13 @@ def norm_geglu(x: Tensor, w: Tensor, h: Tensor, eps: float, *, wscale: Tensor | 
         x, w, h, wscale if wscale is not None else dummy, mod if mod is not None else dummy,
         bias if bias is not None else dummy, m, f, k, x.stride(0), w.stride(0), h.stride(0), eps,
         HAS_MOD=mod is not None, HAS_WSCALE=wscale is not None, HAS_BIAS=bias is not None,
-        PDL=use_pdl(h.device), BM=bm, BN=bn, BK=bk, **_launch(t, h.device))
+        BM=bm, BN=bn, BK=bk, **_launch(t))
 
 
 # -- final RMSNorm + action projection + Euler update: x_t += dt * v ------------------------------------------------
 @triton.jit
 def _action_out(x_ptr, w_ptr, bias_ptr, mod_ptr, xt_ptr, R, HZ, S, A, K, stride_xm, stride_wn, eps, dt,
-                HAS_MOD: tl.constexpr, PDL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    _wait_for_predecessor(PDL)
+                HAS_MOD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rr = tl.program_id(0) * BM + tl.arange(0, BM)  # action rows, batch-major: (b, i) with i < HZ
     xrow = (rr // HZ) * S + (S - HZ) + rr % HZ  # the last HZ tokens of each batch's suffix are the actions
     rn = tl.arange(0, BN)
@@ -243,8 +199,7 @@ def action_out(x: Tensor, w: Tensor, bias: Tensor, xt: Tensor, eps: float, dt: f
     bm, bk = min(t["bm"], _pow2(b * hz)), min(t["bk"], _pow2(k))
     _action_out[(triton.cdiv(b * hz, bm),)](
         x, w, bias, mod if mod is not None else bias, xt, b * hz, hz, s, a_dim, k, x.stride(0), w.stride(0),
-        eps, dt, HAS_MOD=mod is not None, PDL=use_pdl(xt.device), BM=bm, BN=_pow2(a_dim), BK=bk,
-        **_launch(t, xt.device))
+        eps, dt, HAS_MOD=mod is not None, BM=bm, BN=_pow2(a_dim), BK=bk, **_launch(t))
 
 
 # -- attention of the suffix queries over [prefix cache, suffix], split over keys --------------------------------
@@ -283,8 +238,7 @@ def _normed_rope(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, tok, ok, col, d, d
 def _attn_split(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad_ptr, o_ptr, lse_ptr,
                 B, S, P, H, KVH, n_state, chunk, n_prefix_splits, stride_qkv, stride_kb, stride_kh, stride_kp,
                 stride_pad, K, eps, qk_scale,
-                HAS_BIAS: tl.constexpr, PDL: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BS: tl.constexpr):
+                HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr):
     # splits [0, n_prefix_splits): `chunk` cached prefix keys each; then one split per BS suffix keys
     pid_r, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, kvh = bh // KVH, bh % KVH
@@ -299,7 +253,6 @@ def _attn_split(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad
     tok = b * S + m
     cos = tl.load(cos_ptr + tok[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
     sin = tl.load(sin_ptr + tok[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    _wait_for_predecessor(PDL)
     # q: per-row columns h * D + d; gather with the row's head offset
     rs = 1.0 / tl.sqrt(tl.load(ss_ptr + tok, mask=row_ok, other=1.0) / K + eps)
     qbase = qkv_ptr + tok[:, None] * stride_qkv + h[:, None] * D
@@ -343,11 +296,9 @@ def _attn_split(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad
 
 @triton.jit
 def _attn_combine(o_ptr, lse_ptr, out_ptr, acc_ptr, ss_ptr, R, BS, H, n_acc, stride_out, stride_acc,
-                  NS: tl.constexpr, PDL: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
-                  BZ: tl.constexpr):
+                  NS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BZ: tl.constexpr):
     # BT tokens per program, each with its H heads: rows r = token * H + head of the (split, row, D) partials.
     # The split loops are unrolled (NS is a constant) so that every split's loads are in flight at once.
-    _wait_for_predecessor(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     hh = tl.arange(0, BH)
     r = t[:, None] * H + hh[None, :]
@@ -401,9 +352,9 @@ def attention(qkv: Tensor, ss: Tensor, k_cache: Tensor, v_cache: Tensor, pad: Te
         qkv, ss, bias if bias is not None else qkv, cos, sin, k_cache, v_cache, pad, o, lse,
         b, s, p, num_heads, kvh, n_state, chunk, n_prefix, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), pad.stride(0), norm_dim, eps, d**-0.5 * math.log2(math.e),
-        HAS_BIAS=bias is not None, PDL=use_pdl(out.device), D=d, BM=bm, BN=bn, BS=bs, **_launch(t, out.device))
+        HAS_BIAS=bias is not None, D=d, BM=bm, BN=bn, BS=bs, **_launch(t))
     bt = min(t.get("tokens", 1), triton.next_power_of_2(b * s))
     _attn_combine[(triton.cdiv(b * s, bt),)](
         o, lse, out, qkv, ss, b * s * num_heads, b * s, num_heads, qkv.shape[1], out.stride(0), qkv.stride(0),
-        NS=splits, PDL=use_pdl(out.device), D=d, BT=bt, BH=triton.next_power_of_2(num_heads), BZ=max(16, 1024 // bt),
-        **_launch({"warps": t.get("combine_warps", 4), "stages": 1}, out.device))
+        NS=splits, D=d, BT=bt, BH=triton.next_power_of_2(num_heads), BZ=max(16, 1024 // bt),
+        num_warps=4)
