@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from pi_policy.observation import DEFAULT_CAMERAS
-from pi_policy.runtime.options import BACKEND_CHOICES
+from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS
 
 NODE_NAME = "pi_policy_node"
 PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
@@ -49,6 +49,9 @@ class NodeParams:
     backend: str = _p("bf16", "Prefill backend: bf16, eager (no CUDA graphs), fp8 or tensorrt; the other "
                               "stages run bf16 with CUDA graphs.")
     engine_path: str = _p("", "TensorRT engine for the prefill when backend is tensorrt.")
+    denoise_backend: str = _p("bf16", "Denoise backend: bf16 (the PyTorch action expert, compiled on CUDA), "
+                                      "triton (fused Triton expert, CUDA) or fp8 (fused, FP8 expert weights); a "
+                                      "fused one that cannot run falls back to bf16 with a warning.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")
@@ -111,6 +114,8 @@ class NodeParams:
             problems.append(f"prompt_format '{self.prompt_format}' is not one of {', '.join(PROMPT_FORMATS)}")
         if self.backend not in BACKEND_CHOICES:
             problems.append(f"backend '{self.backend}' is not one of {', '.join(BACKEND_CHOICES)}")
+        if self.denoise_backend not in DENOISE_BACKENDS:
+            problems.append(f"denoise_backend '{self.denoise_backend}' is not one of {', '.join(DENOISE_BACKENDS)}")
         if self.backend == "tensorrt" and not self.engine_path:
             problems.append("backend tensorrt needs engine_path")
         positive = ("max_observation_age_s", "control_period_s", "latency_budget_ms")
@@ -148,7 +153,7 @@ class NodeParams:
                     prompt_format=self.prompt_format,
                     device=self.device, backend=self.backend, camera_names=self.served_cameras(),
                     seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
-                    warmup=self.warmup)
+                    warmup=self.warmup, denoise=self.denoise_backend)
 
 
 def is_compressed_topic(topic: str) -> bool:

@@ -23,6 +23,7 @@ from pi_policy.model.normalize import Normalizer
 from pi_policy.model.pi0 import PiModel
 from pi_policy.model.preprocess import pixels_to_model, resize_with_pad_tensor, to_rgb_uint8
 from pi_policy.observation import DEFAULT_CAMERAS, STAGES, LatencyRecord, Observation, PolicyOutput
+from pi_policy.runtime.expert import DenoiseChoice
 from pi_policy.runtime.timer import StageTimer
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class PolicyRunner:
 
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, camera_names: list[str] | None = None, *,
                  cuda_graphs: bool = True, prefill: PrefillFn | None = None, prefill_backend: str = "bf16",
-                 seed: int = 0, compile_stages: tuple[str, ...] = ()):
+                 seed: int = 0, compile_stages: tuple[str, ...] = (),
+                 denoise: DenoiseChoice | None = None):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
@@ -95,6 +97,10 @@ class PolicyRunner:
         self.backends["prefill"] = f"{prefill_backend}-{mode}" if prefill else self.backends["prefill"]
         for s in compile_stages if self.device.type == "cuda" else ():
             self.backends[s] += "-compiled"
+        self.denoise_fn = denoise.fn if denoise is not None else None  # None: the model's loop over velocity_fn
+        self._torch_denoise = self.backends["denoise"]
+        if self.denoise_fn is not None:
+            self.backends["denoise"] = f"{denoise.name}-{mode}"
         self.stages: dict[str, Callable[[], None]] = {
             "vision": self._vision, "embed_prefix": self._embed_prefix, "prefill": self._prefill,
             "denoise": self._denoise}
@@ -126,7 +132,10 @@ class PolicyRunner:
     @torch.no_grad()
     def _denoise(self) -> None:
         b = self.buf
-        b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise, velocity=self.velocity_fn))
+        if self.denoise_fn is not None:
+            b.actions.copy_(self.denoise_fn(b.kv, b.prefix_pad, b.state, b.noise))
+        else:
+            b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise, velocity=self.velocity_fn))
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, iters: int = 3, progress: bool = True) -> dict[str, float]:
@@ -141,15 +150,14 @@ class PolicyRunner:
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:
                 for i in range(iters):
-                    try:
-                        for fn in self.stages.values():
-                            fn()
-                    except Exception as e:  # noqa: BLE001 - a compiler failure must not stop the robot
-                        if i > 0 or not self.compiled:
-                            raise
-                        self._uncompile(f"{type(e).__name__}: {e}")
-                        for fn in self.stages.values():
-                            fn()
+                    for name, fn in self.stages.items():
+                        while True:
+                            try:
+                                fn()
+                                break
+                            except Exception as e:  # noqa: BLE001 - a compiler failure must not stop the robot
+                                if i > 0 or not self._fall_back(name, f"{type(e).__name__}: {e}"):
+                                    raise
                     bar.update()
             if stream is not None:
                 torch.cuda.current_stream().wait_stream(stream)
@@ -166,13 +174,30 @@ class PolicyRunner:
         self.startup_ms["warmup_and_capture"] = (time.perf_counter() - t0) * 1e3
         return self.startup_ms
 
+    def _fall_back(self, stage: str, reason: str) -> bool:
+        """A stage failed on its first run: drop the fused denoise or torch.compile, whichever is in play and can
+        be the cause. False when neither is left to drop."""
+        if stage == "denoise" and self.denoise_fn is not None:
+            self.denoise_fn = None
+            note = f"fused denoise failed, the PyTorch path runs: {reason.splitlines()[0][:300]}"
+            self.compile_note = "; ".join(n for n in (self.compile_note, note) if n)
+            log.warning(note)
+            self.backends["denoise"] = self._torch_denoise
+            return True
+        if self.compiled:
+            self._uncompile(reason)
+            return True
+        return False
+
     def _uncompile(self, reason: str) -> None:
         """torch.compile failed (no Triton on this platform, say): run the same stages uncompiled, visibly."""
-        self.compile_note = f"torch.compile failed, stages run uncompiled: {reason.splitlines()[0][:300]}"
-        log.warning(self.compile_note)
+        note = f"torch.compile failed, stages run uncompiled: {reason.splitlines()[0][:300]}"
+        self.compile_note = "; ".join(n for n in (self.compile_note, note) if n)
+        log.warning(note)
         self.vision_fn, self.prefill_fn, self.velocity_fn = self._plain
         for s in self.compiled:
             self.backends[s] = self.backends[s].removesuffix("-compiled")
+        self._torch_denoise = self._torch_denoise.removesuffix("-compiled")
         self.compiled = ()
 
     # -- per call --------------------------------------------------------------------------------

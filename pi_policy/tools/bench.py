@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pi_policy.model.tokenizer import PROMPT_FORMATS
 from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_model, build_runner
-from pi_policy.runtime.options import BACKEND_CHOICES, parse_stages
+from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, parse_stages
 from pi_policy.runtime.roofline import format_roofline, measure_peaks, roofline
 from pi_policy.runtime.stats import action_accuracy, action_stats, comparison_table, stage_table, summarize
 from pi_policy.tools.flags import add_fp8_arguments, fp8_options
@@ -39,9 +39,11 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
               fp8_options: dict | None = None, roofline_peaks: dict | None = None,
-              prompt_format: str = "auto") -> dict:
-    """The BENCHMARKING.md workload per backend; with roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or
-    {"measure": True} on a GPU) each backend also gets the roofline of its stages."""
+              prompt_format: str = "auto", denoise: tuple[str, ...] = ()) -> dict:
+    """The BENCHMARKING.md workload: each backend (x each denoise, when several are given) on the same
+    observation and noise; the first configuration is the baseline of the comparison and accuracy blocks. With
+    roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or {"measure": True} on a GPU) each configuration also gets
+    the roofline of its stages."""
     if not 1 <= cameras <= len(DEFAULT_CAMERAS):
         raise ValueError(f"--cameras must be 1..{len(DEFAULT_CAMERAS)}")
     model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)  # buffers and graphs for N views
@@ -53,17 +55,19 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
                            "batch": 1, "iters": iters, "weights": checkpoint or f"random seed {seed}"},
               "machine": machine_info(next(model.parameters()).device), "backends": {}}
-    for backend in backends:
+    configs = [(b, d) for b in backends for d in (denoise or (None,))]
+    for backend, den in configs:
+        name = f"{backend}/{den}" if len(denoise) > 1 else backend
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
                               engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
-                              fp8_options=fp8_options, prompt_format=prompt_format,
+                              fp8_options=fp8_options, prompt_format=prompt_format, denoise=den,
                               require_assets=False)  # timing only: no robot
         actions = runner.infer(obs, noise=noise).actions
-        records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {backend}", disable=not progress,
+        records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {name}", disable=not progress,
                                                            leave=False)]
         entry = summarize(records) | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
                                       "actions": actions.tolist()}
-        result["backends"][backend] = entry
+        result["backends"][name] = entry
         del runner
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -72,13 +76,14 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
         peaks = measure_peaks(device) if roofline_peaks.get("measure") else dict(roofline_peaks)
         peaks.setdefault("fp8_tflops", 2 * peaks["bf16_tflops"])  # FP8 tensor cores: twice bf16 on Hopper and Thor
         result["roofline_peaks"] = peaks
-        for backend, entry in result["backends"].items():
+        for (backend, den), entry in zip(configs, result["backends"].values(), strict=True):
             measured = {s: entry[s]["p50"] for s in ("vision", "embed_prefix", "prefill", "denoise")}
-            entry["roofline"] = roofline(cfg, measured, peaks, prefill_fp8=backend in ("fp8", "tensorrt"))
-    first = backends[0]
-    for backend in backends[1:]:
-        result["backends"][backend]["accuracy_vs_" + first] = action_accuracy(
-            np.array(result["backends"][backend]["actions"]), np.array(result["backends"][first]["actions"]))
+            entry["roofline"] = roofline(cfg, measured, peaks, prefill_fp8=backend in ("fp8", "tensorrt"),
+                                         denoise_fp8=den == "fp8")
+    first, *rest = result["backends"]
+    for name in rest:
+        result["backends"][name]["accuracy_vs_" + first] = action_accuracy(
+            np.array(result["backends"][name]["actions"]), np.array(result["backends"][first]["actions"]))
     return result
 
 
@@ -97,7 +102,7 @@ def format_result(result: dict) -> str:
         acc = cand["accuracy_vs_" + names[0]]
         lines += ["", comparison_table(base, cand, names[0], name),
                   f"{name} vs {names[0]}: max diff {acc['max_diff']:.4f}, mean diff {acc['mean_diff']:.4f}, "
-                  f"relative error {100 * acc['relative_error']:.2f}%"]
+                  f"relative error {100 * acc['relative_error']:.2f}%, cosine {acc['cosine']:.6f}"]
     for name in names:
         if "roofline" in result["backends"][name]:
             lines += ["", f"backend {name}: " + format_roofline(result["backends"][name]["roofline"],
@@ -110,6 +115,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="pi0")
     p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
                    help="repeat to compare (the first is the baseline); default bf16")
+    p.add_argument("--denoise", action="append", choices=DENOISE_BACKENDS,
+                   help="denoise: bf16 (PyTorch, the default), triton or fp8 (fused Triton expert); repeat to "
+                        "compare (the first is the baseline)")
     p.add_argument("--cameras", type=int, default=3, help="camera views the runner is built for, 1-3 (default 3)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -133,7 +141,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
-                       fp8_options(args), roofline_peaks(args), args.prompt_format)
+                       fp8_options(args), roofline_peaks(args), args.prompt_format, tuple(args.denoise or ()))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -14,16 +14,19 @@ from tqdm import tqdm
 
 from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_runner
+from pi_policy.runtime.options import DENOISE_BACKENDS
 from pi_policy.runtime.stats import action_stats, stage_table, summarize
 from pi_policy.tools.synthetic import synthetic_observation
 
 
 def run_demo(preset: str = "tiny", device: str = "cpu", iters: int = 20, seed: int = 0, progress: bool = True,
-             out: str | Path | None = "reports/demo") -> dict:
+             out: str | Path | None = "reports/demo", denoise: str | None = None) -> dict:
     """Synthetic observations through every stage (latency table, action statistics); then, with `out`,
     a generated rosbag replayed through the node's own logic into an evaluation report."""
     t0 = time.perf_counter()
-    runner = build_runner(preset, device=device, seed=seed, progress=progress)
+    runner = build_runner(preset, device=device, seed=seed, progress=progress, denoise=denoise)
+    if runner.backend_note:
+        print(f"note: {runner.backend_note}")
     cfg = runner.cfg
     print(f"model {cfg.name}: {sum(p.numel() for p in runner.model.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.num_cameras} cameras x {cfg.vision.num_tokens} tokens + {cfg.max_token_len} prompt tokens, "
@@ -78,6 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="reports/demo", help="where the generated bag and its report go")
     p.add_argument("--no-bag", action="store_true", help="skip the rosbag replay")
+    p.add_argument("--denoise", choices=DENOISE_BACKENDS, default="bf16",
+                   help="bf16 (PyTorch, the default), triton or fp8 (fused Triton expert)")
     p.set_defaults(func=run)
 
 
@@ -86,5 +91,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"pi-policy demo: error: --device {args.device} but torch sees no CUDA GPU (use --device cpu)",
               file=sys.stderr)
         return 2
-    run_demo(args.preset, args.device, args.iters, args.seed, out=None if args.no_bag else args.out)
+    run_demo(args.preset, args.device, args.iters, args.seed, out=None if args.no_bag else args.out,
+             denoise=args.denoise)
     return 0

@@ -20,12 +20,13 @@ import torch
 from pi_policy.model.checkpoint import weights_fingerprint
 from pi_policy.observation import Observation
 from pi_policy.runtime import build_model, build_runner
-from pi_policy.runtime.options import PREFILL_BACKENDS
+from pi_policy.runtime.expert import NAMES
+from pi_policy.runtime.options import DENOISE_BACKENDS, PREFILL_BACKENDS
 from pi_policy.runtime.stats import relative_error
 from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, fp8_options
 from pi_policy.tools.synthetic import sample_observations
 
-CANDIDATES = tuple(b for b in PREFILL_BACKENDS if b != "bf16")
+CANDIDATES = PREFILL_BACKENDS  # bf16: the prefill unchanged, a fused denoise (--denoise) is the candidate
 
 
 class VerifyError(RuntimeError):
@@ -39,6 +40,7 @@ class Captured:
     v: torch.Tensor
     prefill_backend: str
     prefill_ms: float
+    denoise_backend: str
 
 
 def capture(runner, obs: Observation, noise: np.ndarray) -> Captured:
@@ -46,7 +48,7 @@ def capture(runner, obs: Observation, noise: np.ndarray) -> Captured:
         out = runner.infer(obs, noise=noise)
     k, v = (t.detach().float().cpu().clone() for t in runner.buf.kv)
     return Captured(np.array(out.actions, dtype=np.float32, copy=True), k, v, out.latency.backends["prefill"],
-                    out.latency.stages_ms["prefill"])
+                    out.latency.stages_ms["prefill"], out.latency.backends["denoise"])
 
 
 def calibration_samples(runner, observations: list[Observation], noise: np.ndarray
@@ -82,8 +84,14 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
            seed: int = 0, engine_path: str | None = None, max_rel_error: float = 0.03, scales: str = "dynamic",
            calibration_samples_n: int = 4, check_baseline: bool = False, progress: bool = True,
            norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None,
-           cameras: int | None = None, prompt_format: str = "auto") -> dict:
-    """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error)."""
+           cameras: int | None = None, prompt_format: str = "auto", denoise: str = "bf16") -> dict:
+    """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error).
+    The baseline always runs the PyTorch denoise; `denoise` is the candidate's."""
+    if denoise not in DENOISE_BACKENDS:
+        raise VerifyError(f"unknown denoise {denoise!r}; choose one of {DENOISE_BACKENDS}")
+    if backend == "bf16" and denoise == "bf16":
+        raise VerifyError("nothing to compare: the candidate is the baseline (give --backend fp8|tensorrt or "
+                          "--denoise triton|fp8)")
     if backend not in CANDIDATES:
         raise VerifyError(f"unknown candidate backend {backend!r}; choose one of {CANDIDATES}")
     if scales not in ("dynamic", "static"):
@@ -97,7 +105,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     # 1. The baseline: its own model instance, fingerprinted, run first.
     base_model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)
     fp_before = weights_fingerprint(base_model)
-    base_runner = build_runner(preset, checkpoint, device=device, backend="bf16", model=base_model, **common)
+    base_runner = build_runner(preset, checkpoint, device=device, backend="bf16", model=base_model, denoise="bf16",
+                               **common)
     cfg = base_model.cfg
     state_dim = base_runner.normalizer.action_dim
     obs, *calib_obs = sample_observations(base_runner.camera_names, cfg.vision.image_size, state_dim,
@@ -114,11 +123,14 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     if backend == "fp8" and scales == "static":
         extra["calibration"] = calibration_samples(base_runner, calib_obs, noise)
     cand_runner = build_runner(preset, checkpoint, device=device, backend=backend, model=cand_model,
-                               engine_path=engine_path, **extra, **common)
+                               engine_path=engine_path, denoise=denoise, **extra, **common)
     note = getattr(cand_runner, "backend_note", "")
     cand = capture(cand_runner, obs, noise)
-    if not cand.prefill_backend.startswith(backend):
+    if backend != "bf16" and not cand.prefill_backend.startswith(backend):
         raise VerifyError(f"candidate backend {backend!r} did not run (prefill ran as {cand.prefill_backend!r}): "
+                          f"{note or 'no reason given'}")
+    if denoise != "bf16" and not cand.denoise_backend.startswith(NAMES[denoise]):
+        raise VerifyError(f"candidate denoise {denoise!r} did not run (denoise ran as {cand.denoise_backend!r}): "
                           f"{note or 'no reason given'}")
 
     # 3. The baseline's weights must be exactly what they were.
@@ -128,6 +140,7 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
                           f"{fp_after[:16]}): building or running {backend!r} corrupted the shared model")
 
     report = {"backend": backend, "baseline_backend": base.prefill_backend, "candidate_backend": cand.prefill_backend,
+              "baseline_denoise": base.denoise_backend, "candidate_denoise": cand.denoise_backend,
               "candidate_note": note, "preset": preset, "checkpoint": checkpoint or f"random-seed-{seed}",
               "device": str(next(base_model.parameters()).device),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None,
@@ -151,7 +164,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
 def format_report(r: dict) -> str:
     b, c = r["bf16"], r["candidate"]
     lines = [
-        f"verify {r['candidate_backend']} vs {r['baseline_backend']} ({r['preset']}, {r['checkpoint']}, "
+        f"verify {r['candidate_backend']} + denoise {r['candidate_denoise']} vs {r['baseline_backend']} + denoise "
+        f"{r['baseline_denoise']} ({r['preset']}, {r['checkpoint']}, "
         f"{r['gpu'] or r['device']})",
         f"  BF16 range: [{b['min']:.4f}, {b['max']:.4f}], mean: {b['mean']:.4f}",
         f"  {r['backend']} range: [{c['min']:.4f}, {c['max']:.4f}], mean: {c['mean']:.4f}",
@@ -185,7 +199,10 @@ def write_report(report: dict, path: str | Path) -> Path:
 def add_parser(subparsers) -> None:
     v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) with the BF16 baseline")
     add_model_arguments(v)
-    v.add_argument("--backend", required=True, choices=CANDIDATES, help="the candidate prefill backend")
+    v.add_argument("--backend", required=True, choices=CANDIDATES,
+                   help="the candidate's prefill (bf16: unchanged, to verify a --denoise alone)")
+    v.add_argument("--denoise", default="bf16", choices=DENOISE_BACKENDS,
+                   help="the candidate's denoise: bf16 (PyTorch, as the baseline), triton or fp8 (fused expert)")
     v.add_argument("--engine", default=None, help="TensorRT engine (for --backend tensorrt)")
     v.add_argument("--max-rel-error", type=float, default=0.03, help="fail above this action relative error")
     v.add_argument("--scales", default="dynamic", choices=("dynamic", "static"), help="FP8 activation scales")
@@ -203,7 +220,7 @@ def run_verify(args: argparse.Namespace) -> int:
                         args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
                         progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
                         fp8_options=fp8_options(args), cameras=args.cameras,
-                        prompt_format=args.prompt_format)
+                        prompt_format=args.prompt_format, denoise=args.denoise)
     except VerifyError as e:
         print(f"verify: ERROR: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,110 @@
+"""Choosing the denoise backend: runner, bench, verify and the node parameter; the fused path and its fallbacks
+are visible in the stage backend names. The fused kernels run under Triton's CPU interpreter here."""
+
+import importlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before their module is imported
+pytest.importorskip("triton")
+if "pi_policy.runtime.expert.kernels" in sys.modules:
+    importlib.reload(sys.modules["pi_policy.runtime.expert.kernels"])
+
+from pi_policy.model import PiModel, get_config, init_random  # noqa: E402
+from pi_policy.node.params import PARAMS, ParamError, params_from_dict  # noqa: E402
+from pi_policy.observation import DEFAULT_CAMERAS  # noqa: E402
+from pi_policy.runtime import build_runner  # noqa: E402
+from pi_policy.runtime.expert import kernels  # noqa: E402
+from pi_policy.tools.bench import synthetic_observation  # noqa: E402
+from pi_policy.tools.cli import main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _few_programs(monkeypatch):
+    """Large tiles: the interpreter's cost is per program."""
+    monkeypatch.setitem(kernels.TILES, "attn", dict(bm=64, bn=64, bs=64, chunk=128, warps=4, stages=1, tokens=64))
+
+
+def two_step_model() -> PiModel:
+    return init_random(PiModel(get_config("tiny", num_steps=2)), 0).eval()
+
+
+def infer(runner):
+    obs = synthetic_observation(DEFAULT_CAMERAS[:2], 56, seed=1)  # one camera missing: a hole in the prefix keys
+    return runner.infer(obs, noise=np.random.default_rng(0).standard_normal((50, 32)).astype(np.float32))
+
+
+def test_the_runner_runs_the_fused_expert_and_says_so():
+    model = two_step_model()
+    fused = build_runner(model=model, denoise="triton", progress=False, warmup=False)
+    fused.warmup(iters=1, progress=False)
+    out = infer(fused)
+    assert out.latency.backends["denoise"] == "triton-eager" and fused.backend_note == ""
+    ref = infer(build_runner(model=model, denoise="bf16", progress=False))
+    assert ref.latency.backends["denoise"] == "float32-eager"
+    err = np.linalg.norm(out.actions - ref.actions) / np.linalg.norm(ref.actions)
+    assert err < 5e-3
+
+
+def test_a_fused_expert_that_fails_at_warm_up_falls_back_visibly(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(kernels, "attention", broken)
+    runner = build_runner(model=two_step_model(), denoise="fp8", progress=False, warmup=False)
+    assert runner.backends["denoise"] == "fp8w-eager"
+    runner.warmup(iters=1, progress=False)
+    assert runner.backends["denoise"] == "float32-eager"
+    assert "fused denoise failed" in runner.compile_note and "no kernel image" in runner.compile_note
+    assert np.isfinite(infer(runner).actions).all()
+
+
+def test_without_a_gpu_the_fused_expert_is_refused_with_a_note(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    runner = build_runner("tiny", denoise="triton", progress=False, warmup=False)
+    assert runner.backends["denoise"] == "float32-eager"
+    assert "denoise triton unavailable (needs a CUDA GPU" in runner.backend_note
+    with pytest.raises(ValueError, match="unknown denoise backend"):
+        build_runner("tiny", denoise="int4", progress=False, warmup=False)
+
+
+def test_bench_compares_denoise_backends_with_an_accuracy_block(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET")  # 10 interpreted steps per inference would take minutes
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--denoise", "bf16", "--denoise", "fp8",
+                 "--iters", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "denoise fp8 unavailable" in text and "cosine 1.000000" in text
+    result = json.loads(out.read_text())
+    assert list(result["backends"]) == ["bf16/bf16", "bf16/fp8"]
+    acc = result["backends"]["bf16/fp8"]["accuracy_vs_bf16/bf16"]
+    assert acc["relative_error"] == 0.0 and acc["cosine"] == pytest.approx(1.0)
+
+
+def test_verify_needs_a_candidate_and_refuses_one_that_did_not_run(monkeypatch, capsys):
+    assert main(["verify", "--backend", "bf16", "--device", "cpu", "--no-progress"]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert main(["verify", "--backend", "bf16", "--denoise", "triton", "--device", "cpu", "--no-progress"]) == 2
+    assert "candidate denoise 'triton' did not run" in capsys.readouterr().err
+
+
+def test_denoise_backend_is_a_node_parameter():
+    param = next(p for p in PARAMS if p.name == "denoise_backend")
+    assert param.default == "bf16" and "triton" in param.description and "fp8" in param.description
+    base = {"joint_names": ["j1"], "preset": "tiny"}
+    assert params_from_dict(base | {"denoise_backend": "fp8"}).runner_kwargs()["denoise"] == "fp8"
+    with pytest.raises(ParamError, match="denoise_backend 'int4' is not one of bf16, triton, fp8"):
+        params_from_dict(base | {"denoise_backend": "int4"})
+
+
+def test_fused_expert_on_cpu_keeps_the_model_untouched():
+    model = two_step_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    build_runner(model=model, denoise="fp8", progress=False, warmup=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
