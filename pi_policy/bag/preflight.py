@@ -42,13 +42,13 @@ def preflight(info: BagInfo, setup: ReplaySetup) -> list[str]:
     images = _topics_of(info, IMAGE, COMPRESSED)
     for cam, topic in setup.cameras.items():
         want = COMPRESSED if is_compressed_topic(topic) else IMAGE
-        problem = _topic_problem(info, topic, (want,), images)
+        problem = _topic_problem(info, topic, (want,), images, "image")
         if problem:
             role = "required" if cam in required else "optional"
             problems.append(f"camera {cam} ({role}): {problem}")
 
     js = setup.joint_states_topic
-    problem = _topic_problem(info, js, (JOINT_STATE,), _topics_of(info, JOINT_STATE))
+    problem = _topic_problem(info, js, (JOINT_STATE,), _topics_of(info, JOINT_STATE), "joint state")
     if problem:
         problems.append(f"joint states: {problem}")
     else:
@@ -70,7 +70,7 @@ def preflight(info: BagInfo, setup: ReplaySetup) -> list[str]:
             problem = ("no recorded-action topic is set: give --recorded-action-topic, or recorded_action_topic in "
                        f"the config's eval_bag section (or --recorded-action-source joints); candidates: {listed}")
         else:
-            problem = _topic_problem(info, topic, ACTION_TYPES, candidates)
+            problem = _topic_problem(info, topic, ACTION_TYPES, candidates, "action")
         if problem:
             problems.append(f"recorded actions: {problem}")
         else:
@@ -93,17 +93,18 @@ def _topics_of(info: BagInfo, *types: str) -> list[str]:
     return sorted(t for t, ty in info.topics.items() if ty in types and info.counts.get(t))
 
 
-def _topic_problem(info: BagInfo, topic: str, types: tuple[str, ...], candidates: list[str]) -> str | None:
-    """Why `topic` cannot be read as one of `types`, with the closest candidates; None when it can."""
+def _topic_problem(info: BagInfo, topic: str, types: tuple[str, ...], candidates: list[str],
+                   label: str) -> str | None:
+    """Why `topic` cannot be read as one of `types`, with the closest of the bag's `label` topics; None if it can."""
     kinds = " or ".join(short(t) for t in types)
     if topic not in info.topics:
         close = difflib.get_close_matches(topic, candidates, n=3, cutoff=0.5)
         if close:
-            hint = f"; closest {kinds} topics: {', '.join(close)}"
+            hint = f"; closest {label} topics: {', '.join(close)}"
         elif candidates:
-            hint = f"; {kinds} topics in the bag: {', '.join(candidates[:8])}"
+            hint = f"; {label} topics in the bag: {', '.join(candidates[:8])}"
         else:
-            hint = f"; the bag has no {kinds} topic"
+            hint = f"; the bag has no {label} topic ({kinds})"
         return f"topic {topic} is not in the bag{hint}"
     if not info.counts.get(topic):
         return f"topic {topic} has no messages"

@@ -18,9 +18,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Once(logging.Filter):
+    """Lets each distinct message through once: building a second model (a second backend, verify's candidate)
+    must not repeat the first one's warnings."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    once = Once()  # one per command: a previous main() in this process does not hide this one's warnings
+    for handler in logging.getLogger().handlers:
+        for old in [f for f in handler.filters if isinstance(f, Once)]:
+            handler.removeFilter(old)
+        handler.addFilter(once)
     try:
         return args.func(args)
     except ModuleNotFoundError as e:  # an optional dependency of this command
