@@ -66,13 +66,8 @@ def find_bags(paths: list[str | Path]) -> list[Path]:
 def report_names(bags: list[Path]) -> list[str]:
     """A distinct folder name per bag: its own name, made unique with its parent's where two share one."""
     names = [b.stem if b.is_file() else b.name for b in bags]
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            names[i] = f"{bags[i].parent.name}_{name}"
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            names[i] = f"{name}_{i}"
-    return names
+    names = [f"{b.parent.name}_{n}" if names.count(n) > 1 else n for b, n in zip(bags, names, strict=True)]
+    return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 @dataclass

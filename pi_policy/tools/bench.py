@@ -69,10 +69,12 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
 
 
 def ran_as(name: str, stage_backends: dict[str, str]) -> str:
-    """The backend's name when its stages ran what it names; else what they ran (a CPU runs float32, not bf16)."""
-    ran = list(dict.fromkeys(stage_backends.values()))
-    named = ("bf16", "bf16" if name == "eager" else name)
-    return name if all(b.startswith(named) for b in ran) else " + ".join(ran)
+    """A backend named by what its stages ran: its own name where the model is bf16 (a GPU); where it is not (a CPU
+    runs float32), that dtype: 'float32' for bf16 and eager, 'fp8/float32' for fp8."""
+    dtype = stage_backends.get("vision", "bf16").split("-")[0]
+    if dtype == "bf16":
+        return name
+    return dtype if name in ("bf16", "eager") else f"{name}/{dtype}"
 
 
 def format_result(result: dict) -> str:
@@ -84,7 +86,7 @@ def format_result(result: dict) -> str:
     for name in names:
         e = result["backends"][name]
         title = f"backend {name}" if label[name] == name else \
-            f"backend {name}, run as {label[name]} (on {m['device']} the model is float32; bf16 needs a GPU)"
+            f"backend {name}, run as {label[name]}: on {m['device']} the model runs in float32 (bf16 needs a GPU)"
         lines += ["", stage_table(e, title + (f"  [{e['note']}]" if e["note"] else "")),
                   f"start-up (warm-up + graph capture): {e['startup_ms'].get('warmup_and_capture', 0):.0f} ms",
                   action_stats(np.array(e["actions"]))]

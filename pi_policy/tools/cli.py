@@ -37,11 +37,10 @@ class Once(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    once = Once()  # one per command: a previous main() in this process does not hide this one's warnings
-    for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers:  # a fresh filter per handler and per command
         for old in [f for f in handler.filters if isinstance(f, Once)]:
             handler.removeFilter(old)
-        handler.addFilter(once)
+        handler.addFilter(Once())
     try:
         return args.func(args)
     except ModuleNotFoundError as e:  # an optional dependency of this command
