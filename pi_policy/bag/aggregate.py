@@ -24,7 +24,8 @@ def _status(r: BagResult) -> str:
     return "failed" if r.error else "too few scored" if r.verdict else "ok"
 
 
-def aggregate(results: list[BagResult], backends: list[str], first_k: int, root: str | Path) -> dict:
+def aggregate(results: list[BagResult], backends: list[str], first_k: int, root: str | Path,
+              min_scored: float = 0.5) -> dict:
     """The aggregate.json dict of the results (in name order); report links are relative to `root`."""
     root = Path(root)
     results = sorted(results, key=lambda r: r.name)
@@ -59,6 +60,7 @@ def aggregate(results: list[BagResult], backends: list[str], first_k: int, root:
     worst = sorted(([w | {"bag": r.name} for r in ok for w in r.worst]), key=lambda w: -w["mae"])[:WORST]
     report_of = {row["name"]: row.get("report") for row in rows}
     return {
+        "min_scored": min_scored,
         "bags": rows,
         "counts": {"bags": len(results), "evaluated": len(ok), "failed": sum(r.error is not None for r in results),
                    "too_few_scored": sum(r.verdict is not None for r in results)},
@@ -87,36 +89,36 @@ def write_bags_csv(agg: dict, path: Path) -> None:
 
 
 def plot_bags(agg: dict, path: Path) -> Figure:
-    """Per bag: each backend's MAE (bars side by side) and the share of ticks scored."""
+    """Per bag: each backend's MAE (bars side by side, the pooled value as a line) and the share of ticks scored."""
     rows = agg["bags"]
     backends = list(agg["pooled"])
-    height = 1.2 + 0.32 * max(1, len(rows)) * max(1, len(backends))
+    height = 1.4 + 0.3 * max(1, len(rows)) * max(1, len(backends))
+    left = 0.3 + 0.075 * max((len(row["name"]) for row in rows), default=4)  # inches for the bag names
     fig = Figure(figsize=(10, height))
-    fig.subplots_adjust(left=0.2, right=0.97, top=1 - 0.5 / height, bottom=0.6 / height, wspace=0.08)
+    fig.subplots_adjust(left=left / 10, right=0.97, top=1 - 0.75 / height, bottom=0.55 / height, wspace=0.06)
     ax_err, ax_scored = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1]})
     y = np.arange(len(rows))
     bar = 0.8 / max(1, len(backends))
     for b, name in enumerate(backends):
         mae = [row.get("backends", {}).get(name, {}).get("mae") for row in rows]
-        vals = np.array([np.nan if v is None else v for v in mae])
         st = style(b)
-        ax_err.barh(y + (b - (len(backends) - 1) / 2) * bar, np.nan_to_num(vals), height=bar, color=st["color"],
-                    hatch=["", "//", "..", "xx", "\\\\"][b % 5], edgecolor="white", label=name)
+        ax_err.barh(y + (b - (len(backends) - 1) / 2) * bar, [0.0 if v is None else v for v in mae], height=bar,
+                    color=st["color"], hatch=["", "//", "..", "xx", "\\\\"][b % 5], edgecolor="white", label=name)
         pooled = agg["pooled"][name]["mae"]
         if pooled is not None:
-            ax_err.axvline(pooled, color=st["color"], ls=st["ls"], lw=1, label=f"{name} pooled {pooled:.3g}")
+            ax_err.axvline(pooled, color="black", ls=st["ls"], lw=1, label=f"{name} pooled {pooled:.3g}")
     scored = [row["scored"] / row["scheduled"] if row.get("scheduled") else 0.0 for row in rows]
     ax_scored.barh(y, scored, color=["tab:gray" if row["status"] == "ok" else "tab:red" for row in rows])
+    ax_scored.axvline(agg["min_scored"], color="tab:red", ls="--", lw=1)
     ax_scored.set_xlim(0, 1)
-    ax_scored.set_xlabel("ticks scored")
-    ax_err.set_yticks(y, [f"{row['name']}{'' if row['status'] == 'ok' else ' (' + row['status'] + ')'}"
-                          for row in rows], fontsize=8)
+    ax_scored.set_xlabel("ticks scored (dashed: --min-scored)", fontsize=8)
+    ax_err.set_yticks(y, [row["name"] for row in rows], fontsize=8)
     ax_err.invert_yaxis()
     ax_err.set_xlabel("MAE over the chunk (robot units)")
     for ax in (ax_err, ax_scored):
         ax.grid(axis="x", alpha=0.3)
     if backends:
-        ax_err.legend(fontsize=7, loc="lower right")
+        ax_err.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2 * len(backends), frameon=False)
     fig.suptitle(f"{len(rows)} bags: error per bag and pooled, share of ticks scored", fontsize=10)
     fig.savefig(path, dpi=90)
     return fig
@@ -170,11 +172,12 @@ def _num(x) -> str:
     return "-" if x is None or x == "" else f"{x:.4g}"
 
 
-def write_aggregate(results: list[BagResult], backends: list[str], first_k: int, out: str | Path) -> dict:
+def write_aggregate(results: list[BagResult], backends: list[str], first_k: int, out: str | Path,
+                    min_scored: float = 0.5) -> dict:
     """Write every aggregate file into `out` (next to the per-bag report folders); returns the aggregate dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    agg = aggregate(results, backends, first_k, out)
+    agg = aggregate(results, backends, first_k, out, min_scored)
     (out / "aggregate.json").write_text(json.dumps(agg, indent=2, allow_nan=False))
     write_bags_csv(agg, out / "bags.csv")
     plot_bags(agg, out / "bags.png")

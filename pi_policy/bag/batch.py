@@ -133,8 +133,8 @@ def worst_ticks(ev: Evaluation, n: int = WORST) -> list[dict]:
         return []
     mae, _ = tick_errors(tr)
     order = np.argsort(-np.nan_to_num(mae, nan=-np.inf), kind="stable")[:n]
-    return [{"tick": int(tr.ticks[i]), "time_s": round(float(tr.times[i] - t0), 3), "mae": float(mae[i]),
-             "backend": tr.backend} for i in order if np.isfinite(mae[i])]
+    return [{"tick": int(tr.ticks[i]), "time_s": round(float(ev.first.tick_times[tr.ticks[i]] - t0), 3),
+             "mae": float(mae[i]), "backend": tr.backend} for i in order if np.isfinite(mae[i])]
 
 
 def evaluate_job(job: BagJob, policies: PolicyCache, progress: bool = False) -> BagResult:
@@ -232,6 +232,8 @@ def run_local(jobs: list[BagJob], workers: int = 1, progress: bool = True) -> It
         with ctx.Pool(workers, _init_worker, (counter, devices, log_queue, threads)) as pool:
             yield from tqdm(pool.imap_unordered(_run_in_worker, jobs), total=len(jobs), desc="bags", unit="bag",
                             disable=not progress)
+            pool.close()  # let the workers exit on their own: a terminated one leaves its semaphores behind
+            pool.join()
     finally:
         listener.stop()
 

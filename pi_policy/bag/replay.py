@@ -314,11 +314,12 @@ class Evaluation:
 
 def evaluate(bag: str | Path, settings: ReplaySetup, make_policy: PolicyFactory, backends: list[str],
              progress: bool = True, keep_outputs: bool = False) -> Evaluation:
-    """Replay the bag once per backend, each pass with a fresh policy built by make_policy(backend).
+    """Check the bag against the settings (pre-flight, before any policy exists), then replay it once per backend,
+    each pass with the policy make_policy(backend) returns.
 
-    Backends run one after another, never side by side, so the first (the baseline of comparisons)
-    runs in a state that nothing else has touched, and one backend is released before the next is
-    built. Every pass sees the same ticks; comparisons use the ticks that all of them scored.
+    Backends run one after another, never side by side, each on its own model, so the first (the baseline of
+    comparisons) runs in a state that no other backend touched. Every pass sees the same ticks; comparisons use
+    the ticks that all of them scored.
     """
     if not backends:
         raise ValueError("no backend to evaluate")

@@ -211,8 +211,11 @@ def report_one(result: BagResult) -> int:
 def report_many(args: argparse.Namespace, results: list[BagResult], backends: list[str]) -> int:
     from pi_policy.bag.aggregate import format_aggregate, write_aggregate
 
-    agg = write_aggregate(results, backends, args.first_k, args.out)
+    agg = write_aggregate(results, backends, args.first_k, args.out, args.min_scored)
     print(format_aggregate(agg, args.out))
+    written = [r for r in results if r.written]
+    if written:
+        print(f"wrote {len(written)} output bags under {args.write_bag}")
     bad = agg["counts"]["failed"] + agg["counts"]["too_few_scored"]
     if bad:
         return _fail(BagError(f"{bad} of {len(results)} bags failed or scored too few ticks (listed above)"))

@@ -19,14 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Once(logging.Filter):
-    """Lets each distinct message through once: building a second model (a second backend, verify's candidate)
-    must not repeat the first one's warnings."""
+    """Lets each distinct warning (or error) through once: building a second model (a second backend, verify's
+    candidate, an eval-bag worker) must not repeat the first one's warnings."""
 
     def __init__(self):
         super().__init__()
         self.seen: set[tuple[str, int, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
         key = (record.name, record.levelno, record.getMessage())
         if key in self.seen:
             return False
