@@ -112,3 +112,15 @@ def test_one_bad_bag_fails_the_batch_before_any_model(fleet, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert err.startswith("error: 4 of 4 bags cannot be evaluated:")
     assert err.count("joint states: missing joints elbo") == 3 and "cannot read bag" in err
+
+
+def test_workers_take_the_gpus_round_robin(monkeypatch):
+    import torch
+
+    from pi_policy.bag.parallel import worker_devices
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert worker_devices("cuda", 3) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices("cuda:1", 3) == [] and worker_devices("cpu", 3) == [] and worker_devices("cuda", 1) == []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_devices("cuda", 3) == []  # one GPU: every worker on it, as configured

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from pi_policy.bag.batch import BagJob, BagResult, check_bags, find_bags, report_names, run_local, run_ray
+from pi_policy.bag.batch import BagJob, BagResult, check_bags, find_bags, report_names
 from pi_policy.bag.demo_bag import STORAGES, DemoSpec, write_demo_bag
 from pi_policy.bag.eval_config import read_eval_config
+from pi_policy.bag.parallel import run_local, run_ray
 from pi_policy.bag.preflight import BagMismatch
 from pi_policy.bag.reader import BagError
 from pi_policy.bag.replay import ACTION_SOURCES, ReplaySetup

@@ -39,10 +39,9 @@ class Once(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    for handler in logging.getLogger().handlers:  # a fresh filter per handler and per command
-        for old in [f for f in handler.filters if isinstance(f, Once)]:
-            handler.removeFilter(old)
-        handler.addFilter(Once())
+    filtered = [(handler, Once()) for handler in logging.getLogger().handlers]  # a filter per handler
+    for handler, once in filtered:
+        handler.addFilter(once)
     try:
         return args.func(args)
     except ModuleNotFoundError as e:  # an optional dependency of this command
@@ -53,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"pi-policy {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:  # the handlers outlive this command (a test runner's, an embedding program's)
+        for handler, once in filtered:
+            handler.removeFilter(once)
 
 
 if __name__ == "__main__":
