@@ -33,6 +33,7 @@ setup(
     extras_require={
         "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "openpi-client"],
         "onnx": ["onnx", "onnxruntime"],
+        "ray": ["ray"],
     },
     zip_safe=True,
     maintainer="pi_policy developers",

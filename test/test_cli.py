@@ -56,3 +56,36 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
         pytest.skip("this machine has a GPU")
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_on_cpu_says_it_ran_float32(capsys):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--iters", "1", "--backend", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "backend bf16, run as float32: on cpu the model runs in float32" in out
+    assert "float32-eager" in out and "bf16-" not in out
+
+
+def test_warnings_print_once_for_two_models(caplog):
+    # two backends build two models; each warns about the missing norm stats, the log shows it once
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--iters", "1", "--backend", "eager",
+                 "--backend", "bf16"]) == 0
+    assert caplog.text.count("no normalization stats given") == 1, caplog.text
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from pi_policy.tools.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not isinstance(action, argparse._HelpAction) and not (action.help or "").strip():
+                missing.append(" ".join([*path, *(action.option_strings or [action.dest])]))
+
+    walk(build_parser(), ["pi-policy"])
+    assert not missing, missing

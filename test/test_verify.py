@@ -1,6 +1,5 @@
 """`pi-policy verify`: the report has every field, the baseline is protected, bad requests fail clearly."""
 
-import importlib.util
 import json
 
 import pytest
@@ -9,7 +8,7 @@ from pi_policy.tools.cli import main
 from pi_policy.tools.verify import VerifyError, format_report, verify
 
 FIELDS = {"backend", "baseline_backend", "candidate_backend", "candidate_note", "preset", "checkpoint", "device",
-          "gpu", "torch", "seed", "weights_fingerprint_before", "weights_fingerprint_after", "bf16", "candidate",
+          "gpu", "torch", "seed", "weights_fingerprint_before", "weights_fingerprint_after", "baseline", "candidate",
           "max_diff", "mean_diff", "rel_error", "kv_layers", "max_rel_error", "passed", "baseline_bit_identical"}
 
 
@@ -20,7 +19,7 @@ def report():
 
 def test_report_has_every_field(report):
     assert FIELDS <= set(report)
-    for block in ("bf16", "candidate"):
+    for block in ("baseline", "candidate"):
         assert set(report[block]) == {"min", "max", "mean"}
     assert len(report["kv_layers"]) == 2
     assert {"layer", "k_max_diff", "v_max_diff"} <= set(report["kv_layers"][0])
@@ -33,7 +32,8 @@ def test_report_has_every_field(report):
 
 def test_printed_block(report):
     text = format_report(report)
-    for words in ("BF16 range", "fp8 range", "Max diff", "Mean diff", "Relative error", "K max diff", "PASS"):
+    base = "BF16" if report["baseline_backend"].startswith("bf16") else "float32"  # a CPU runs float32
+    for words in (f"{base} range", "fp8 range", "Max diff", "Mean diff", "Relative error", "K max diff", "PASS"):
         assert words in text
 
 
@@ -61,15 +61,25 @@ def test_bad_requests():
         verify("fp8", max_rel_error=0, progress=False)
 
 
-def test_build_engine_writes_onnx_without_tensorrt(tmp_path, capsys):
+def test_build_engine_writes_onnx_and_fails_without_an_engine(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    assert cli("build-engine", "--out", str(tmp_path), "--no-progress", "--device", "cpu") == 0
-    text = capsys.readouterr().out
-    assert (tmp_path / "prefill.onnx").is_file()
-    assert "onnx.checker passed" in text
-    assert "2/2 layers" in text
-    if importlib.util.find_spec("tensorrt") is None:
-        assert "engine build skipped: tensorrt not importable" in text
+    # on a CPU (and without tensorrt) no engine can be built: the ONNX graph is written, the exit status says so
+    assert cli("build-engine", "--out", str(tmp_path), "--no-progress", "--device", "cpu") == 1
+    captured = capsys.readouterr()
+    assert (tmp_path / "prefill.onnx").is_file() and not (tmp_path / "prefill.engine").exists()
+    assert "onnx.checker passed" in captured.out
+    assert "2/2 layers" in captured.out
+    assert "error: no engine built" in captured.err and "--onnx-only" in captured.err
+    assert captured.err.count("\n") == 1
+    assert cli("build-engine", "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu", "--onnx-only") == 0
+
+
+def test_calibrate_and_verify_count_the_same_fp8_linears(tmp_path, capsys):
+    # tiny has 2 layers x 4 linears; the last layer computes only K/V, so 5 of the 8 run in the prefill
+    assert cli("calibrate", "--out", str(tmp_path / "cal.json"), "--samples", "1", "--no-progress",
+               "--device", "cpu") == 0
+    assert "scales for 5 of the 5 FP8 linears the prefill runs (of 8 quantized" in capsys.readouterr().out
+    assert "5 FP8 linears run in the prefill (8/8 quantized" in verify("fp8", "tiny", progress=False)["candidate_note"]
 
 
 def test_calibrate_then_build_from_file(tmp_path):

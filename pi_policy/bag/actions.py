@@ -121,12 +121,12 @@ def load_action_series(bag: str | Path, topic: str, source: str,
     for bm in read_messages(bag, [topic]):
         report.messages += 1
         if bm.msg is None:
-            report.problem("undecodable", bm.error)
+            report.problem("undecodable", bm.error, bm.log_ns / 1e9)
             continue
         try:
             samples = action_samples(bm, joint_names)
         except MessageError as exc:
-            report.problem("invalid", str(exc))
+            report.problem("invalid", str(exc), bm.log_ns / 1e9)
             continue
         for i, (t, v) in enumerate(samples):
             times.append(t)

@@ -70,36 +70,74 @@ def discontinuity(trace: Trace) -> np.ndarray:
     return out
 
 
-def summarize(trace: Trace, first_k: int) -> dict:
-    """The metrics.json block of one backend."""
-    err = trace.predicted - trace.recorded
-    mask = trace.valid[:, :, None]
-    k = max(1, min(first_k, err.shape[1])) if err.ndim == 3 else 1
-    per_joint = {}
-    for j, name in enumerate(trace.joint_names):
-        e, m = err[:, :, j], trace.valid
-        per_joint[name] = {
-            "mae": _scalar(_masked_mean(np.abs(e), m, None)),
-            "mse": _scalar(_masked_mean(e**2, m, None)),
-            "mae_first_k": _scalar(_masked_mean(np.abs(e[:, :k]), m[:, :k], None)),
-            "mse_first_k": _scalar(_masked_mean(e[:, :k] ** 2, m[:, :k], None)),
-        }
-    tick_mae, tick_mse = tick_errors(trace)
-    jumps = discontinuity(trace)
-    finite_jumps = jumps[np.isfinite(jumps)]
+@dataclass
+class Pool:
+    """One backend's scored ticks reduced to what the metrics need: error sums over ticks and steps, which add
+    up across bags, and the per-tick values that percentiles need, which concatenate. summarize() of the pool
+    of several bags is the metrics of all their ticks together."""
+
+    joint_names: list[str]
+    abs_sum: np.ndarray  # (H, J) sum over ticks of |error| at valid steps
+    sq_sum: np.ndarray  # (H, J) the same for error^2
+    count: np.ndarray  # (H,) ticks with a valid target at each step
+    tick_mae: np.ndarray  # (N,)
+    jumps: np.ndarray  # (N - 1,) per bag: discontinuity(), NaN where undefined
+    latency_ms: dict[str, np.ndarray]  # stage -> (N,)
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> Pool:
+        err = trace.predicted - trace.recorded
+        valid = trace.valid[:, :, None]
+        return cls(list(trace.joint_names), np.where(valid, np.abs(err), 0.0).sum(axis=0),
+                   np.where(valid, err**2, 0.0).sum(axis=0), trace.valid.sum(axis=0).astype(np.int64),
+                   tick_errors(trace)[0], discontinuity(trace), dict(trace.latency_ms))
+
+    @classmethod
+    def merge(cls, pools: list[Pool]) -> Pool:
+        """The pool of several bags' ticks (same joints and horizon)."""
+        if not pools:
+            raise ValueError("no pools to merge")
+        first = pools[0]
+        for p in pools[1:]:
+            if p.joint_names != first.joint_names or p.abs_sum.shape != first.abs_sum.shape:
+                raise ValueError(f"cannot pool {p.joint_names} x {p.abs_sum.shape[0]} steps with "
+                                 f"{first.joint_names} x {first.abs_sum.shape[0]} steps")
+        stages = list(dict.fromkeys(k for p in pools for k in p.latency_ms))
+        latency = {k: np.concatenate([p.latency_ms.get(k, np.full(len(p.tick_mae), np.nan)) for p in pools])
+                   for k in stages}
+        return cls(list(first.joint_names), sum(p.abs_sum for p in pools), sum(p.sq_sum for p in pools),
+                   sum(p.count for p in pools), np.concatenate([p.tick_mae for p in pools]),
+                   np.concatenate([p.jumps for p in pools]), latency)
+
+
+def summarize(trace: Trace | Pool, first_k: int) -> dict:
+    """The metrics.json block of one backend: of one bag's trace, or of a pool of bags."""
+    pool = trace if isinstance(trace, Pool) else Pool.from_trace(trace)
+    horizon, n_joints = pool.abs_sum.shape
+    k = max(1, min(first_k, horizon))
+
+    def mean(total, count) -> float | None:
+        return _scalar(total / count) if count > 0 else None
+
+    n, n_k = pool.count.sum(), pool.count[:k].sum()
+    per_joint = {name: {"mae": mean(pool.abs_sum[:, j].sum(), n), "mse": mean(pool.sq_sum[:, j].sum(), n),
+                        "mae_first_k": mean(pool.abs_sum[:k, j].sum(), n_k),
+                        "mse_first_k": mean(pool.sq_sum[:k, j].sum(), n_k)}
+                 for j, name in enumerate(pool.joint_names)}
+    jumps = pool.jumps[np.isfinite(pool.jumps)]
     return {
-        "ticks": int(len(trace.times)),
+        "ticks": int(len(pool.tick_mae)),
+        "valid_steps": int(n),
         "first_k": k,
-        "mae": _scalar(_masked_mean(np.abs(err), mask, None)),
-        "mse": _scalar(_masked_mean(err**2, mask, None)),
-        "mae_first_k": _scalar(_masked_mean(np.abs(err[:, :k]), mask[:, :k], None)),
-        "mse_first_k": _scalar(_masked_mean(err[:, :k] ** 2, mask[:, :k], None)),
+        "mae": mean(pool.abs_sum.sum(), n * n_joints),
+        "mse": mean(pool.sq_sum.sum(), n * n_joints),
+        "mae_first_k": mean(pool.abs_sum[:k].sum(), n_k * n_joints),
+        "mse_first_k": mean(pool.sq_sum[:k].sum(), n_k * n_joints),
         "per_joint": per_joint,
-        "mae_by_step": [_scalar(v) for v in _masked_mean(np.abs(err), mask, (0, 2))] if err.ndim == 3 else [],
-        "tick_mae": percentiles(tick_mae),
-        "discontinuity": percentiles(finite_jumps) | {"max": _scalar(finite_jumps.max())
-                                                       if finite_jumps.size else None},
-        "latency_ms": {stage: percentiles(v) for stage, v in trace.latency_ms.items()},
+        "mae_by_step": [mean(pool.abs_sum[h].sum(), pool.count[h] * n_joints) for h in range(horizon)],
+        "tick_mae": percentiles(pool.tick_mae),
+        "discontinuity": percentiles(jumps) | {"max": _scalar(jumps.max()) if jumps.size else None},
+        "latency_ms": {stage: percentiles(v) for stage, v in pool.latency_ms.items()},
     }
 
 

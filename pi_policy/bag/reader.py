@@ -114,8 +114,11 @@ class TopicReport:
     undecodable: int = 0  # CDR bytes that do not deserialize
     invalid: int = 0  # decoded, but not usable (pi_policy.node.inputs.MessageError)
     examples: list[str] = field(default_factory=list)
+    first_s: list[float] = field(default_factory=list)  # log times (s) of the first few problems
 
-    def problem(self, kind: str, text: str) -> None:
+    def problem(self, kind: str, text: str, log_s: float | None = None) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
         if len(self.examples) < 3 and text not in self.examples:
             self.examples.append(text)
+        if log_s is not None and len(self.first_s) < 5:
+            self.first_s.append(log_s)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from pi_policy.bag.actions import ActionSeries, find_gaps, load_action_series
 from pi_policy.bag.metrics import Trace
+from pi_policy.bag.preflight import preflight
 from pi_policy.bag.reader import TYPESTORE, BagInfo, BagMessage, TopicReport, inspect_bag, read_messages
 from pi_policy.node.logic import DROPPED, PolicyNodeLogic
 from pi_policy.node.outputs import MessageClasses, MessageFactory
@@ -49,8 +50,6 @@ class ReplaySetup:
     def __post_init__(self) -> None:
         if self.action_source not in ACTION_SOURCES:
             raise ValueError(f"action source must be one of {ACTION_SOURCES}, got {self.action_source!r}")
-        if self.action_source == "topic" and not self.action_topic:
-            raise ValueError("action source 'topic' needs an action topic (--action-topic)")
 
     def topic(self, name: str) -> str:
         return resolve_topic(name, self.namespace)
@@ -83,7 +82,9 @@ class ReplaySetup:
 
     @property
     def action_series_topic(self) -> str:
-        return self.topic(self.action_topic) if self.action_source == "topic" else self.joint_states_topic
+        if self.action_source == "joints":
+            return self.joint_states_topic
+        return self.topic(self.action_topic) if self.action_topic else ""  # none set: the pre-flight check says so
 
     @property
     def input_topics(self) -> list[str]:
@@ -145,6 +146,20 @@ def skip_counts(skipped: dict[int, list[str]]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def reason_details(by_tick: dict[int, list[str]], tick_times: np.ndarray, t0: float = 0.0,
+                   first: int = 3) -> dict[str, dict]:
+    """skip_counts' groups, each with its count, its first real reason (numbers and all) and the times (s since
+    t0) of its first few ticks: what a reader needs to find the problem in the bag."""
+    details: dict[str, dict] = {}
+    for i in sorted(by_tick):
+        for reason in by_tick[i]:
+            d = details.setdefault(reason_key(reason), {"count": 0, "example": reason, "first_s": []})
+            d["count"] += 1
+            if len(d["first_s"]) < first:
+                d["first_s"].append(round(float(tick_times[i]) - t0, 3))
+    return dict(sorted(details.items(), key=lambda kv: -kv[1]["count"]))
+
+
 class _Feeder:
     """Hands bag messages to the node logic's subscription callbacks and counts what they reject."""
 
@@ -160,12 +175,13 @@ class _Feeder:
         report.messages += 1
         self.arrival[bm.topic].append(bm.log_ns / 1e9)
         if bm.msg is None:
-            report.problem("undecodable", bm.error)
+            report.problem("undecodable", bm.error, bm.log_ns / 1e9)
             return False
         expected = self._expected(bm.topic)
         if bm.msgtype != expected:
             # a subscription of another type would never see these messages
-            report.problem("invalid", f"{bm.topic} carries {bm.msgtype}; the node subscribes {expected}")
+            report.problem("invalid", f"{bm.topic} carries {bm.msgtype}; the node subscribes {expected}",
+                           bm.log_ns / 1e9)
             return False
         if bm.topic in self.cam_of:
             error = self.logic.on_image(self.cam_of[bm.topic], bm.msg, compressed=is_compressed_topic(bm.topic))
@@ -174,7 +190,7 @@ class _Feeder:
         else:
             error = self.logic.on_prompt(bm.msg)
         if error is not None:
-            report.problem("invalid", error)
+            report.problem("invalid", error, bm.log_ns / 1e9)
         return error is None
 
     def _expected(self, topic: str) -> str:
@@ -289,6 +305,7 @@ class Evaluation:
     replays: list[Replay]
     missing_topics: list[str]
     gaps: dict[str, list[tuple[float, float]]]
+    notes: list[str] = field(default_factory=list)  # what the pre-flight check noticed without failing
 
     @property
     def first(self) -> Replay:
@@ -297,17 +314,19 @@ class Evaluation:
 
 def evaluate(bag: str | Path, settings: ReplaySetup, make_policy: PolicyFactory, backends: list[str],
              progress: bool = True, keep_outputs: bool = False) -> Evaluation:
-    """Replay the bag once per backend, each pass with a fresh policy built by make_policy(backend).
+    """Check the bag against the settings (pre-flight, before any policy exists), then replay it once per backend,
+    each pass with the policy make_policy(backend) returns.
 
-    Backends run one after another, never side by side, so the first (the baseline of comparisons)
-    runs in a state that nothing else has touched, and one backend is released before the next is
-    built. Every pass sees the same ticks; comparisons use the ticks that all of them scored.
+    Backends run one after another, never side by side, each on its own model, so the first (the baseline of
+    comparisons) runs in a state that no other backend touched. Every pass sees the same ticks; comparisons use
+    the ticks that all of them scored.
     """
     if not backends:
         raise ValueError("no backend to evaluate")
     if len(set(backends)) != len(backends):
         raise ValueError(f"backends repeat: {backends}")
     info = inspect_bag(bag)
+    notes = preflight(info, settings)  # before any model is built
     wanted = [*settings.input_topics, settings.action_series_topic]
     missing = [t for t in dict.fromkeys(wanted) if not info.counts.get(t)]
     actions, action_report = load_actions(bag, settings)
@@ -323,4 +342,4 @@ def evaluate(bag: str | Path, settings: ReplaySetup, make_policy: PolicyFactory,
             gaps[topic] = found
     if actions.gaps:
         gaps.setdefault(settings.action_series_topic, actions.gaps)
-    return Evaluation(info, settings, actions, action_report, replays, missing, gaps)
+    return Evaluation(info, settings, actions, action_report, replays, missing, gaps, notes)

@@ -12,7 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure  # Figure.savefig renders with Agg; no pyplot, no display needed
 
 from pi_policy.bag.metrics import compare, discontinuity, summarize, tick_errors
-from pi_policy.bag.replay import Evaluation, reason_key, skip_counts
+from pi_policy.bag.replay import Evaluation, reason_details, reason_key, skip_counts
+from pi_policy.bag.summary import input_problem_lines, reason_lines
 from pi_policy.runtime.stats import percentiles
 
 PLOTS = {
@@ -31,6 +32,10 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
     for reasons in first.warnings.values():
         for r in reasons:
             warnings[reason_key(r)] = warnings.get(reason_key(r), 0) + 1
+
+    def topic_report(r) -> dict:
+        return dataclasses.asdict(r) | {"first_s": [round(t - t0, 3) for t in r.first_s]}
+
     return {
         "run": meta or {},
         "bag": {
@@ -44,18 +49,22 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
             "skipped": len(first.skipped),
             "skipped_by_reason": skip_counts(first.skipped),
             "warnings_by_reason": dict(sorted(warnings.items(), key=lambda kv: -kv[1])),
+            "skipped_details": reason_details(first.skipped, first.tick_times, t0),
+            "warning_details": reason_details(first.warnings, first.tick_times, t0),
         },
         "inputs": {
+            "notes": list(ev.notes),
             "missing_topics": ev.missing_topics,
-            "topics": {t: dataclasses.asdict(r) for t, r in first.topics.items()},
+            "topics": {t: topic_report(r) for t, r in first.topics.items()},
             "actions": {"source": ev.settings.action_source, "topic": ev.settings.action_series_topic,
-                        "samples": int(len(ev.actions.times))} | dataclasses.asdict(ev.action_report),
+                        "samples": int(len(ev.actions.times))} | topic_report(ev.action_report),
             "gaps": {t: [{"start_s": a - t0, "end_s": b - t0, "duration_s": b - a} for a, b in g]
                      for t, g in ev.gaps.items()},
             "observation_age_ms": percentiles(first.obs_age_s * 1e3),
         },
-        "backends": {r.backend: summarize(r.trace, first_k) | {"stage_backends": r.stage_backends}
-                     for r in ev.replays},
+        "backends": {r.backend: summarize(r.trace, first_k) | {
+            "stage_backends": r.stage_backends, "skipped_details": reason_details(r.skipped, r.tick_times, t0)}
+            for r in ev.replays},
         "comparison": [compare(r.trace, first.trace) for r in ev.replays[1:]],
     }
 
@@ -96,7 +105,28 @@ def _num(x: float) -> str:
     return "" if not np.isfinite(x) else f"{x:.6g}"
 
 
-def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> None:
+# One look per backend, told apart by colour, marker and line style, so that a second backend never hides the first.
+STYLES = [dict(color="tab:blue", marker="o", ls="-"), dict(color="tab:orange", marker="x", ls="--"),
+          dict(color="tab:green", marker="^", ls=":"), dict(color="tab:red", marker="s", ls="-."),
+          dict(color="tab:purple", marker="+", ls=(0, (5, 1)))]
+
+
+def style(b: int) -> dict:
+    return STYLES[b % len(STYLES)]
+
+
+def with_breaks(x: np.ndarray, y: np.ndarray, breaks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x and y with a NaN after every index where `breaks` is set, so that a line stops there."""
+    idx = np.nonzero(breaks)[0] + 1
+    return np.insert(np.asarray(x, float), idx, np.nan), np.insert(np.asarray(y, float), idx, np.nan)
+
+
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty legend() warns on the terminal
+        ax.legend(**kwargs)
+
+
+def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> Figure:
     """Recorded actions, the executed part of each backend's chunks, and a few whole chunks, per joint."""
     p, t0 = ev.settings.params, ev.info.start_ns / 1e9
     names = p.joint_names
@@ -105,28 +135,30 @@ def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> None:
     fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.45 / height, bottom=0.55 / height, hspace=0.12)
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
     per_tick = max(1, int(round(1.0 / (p.inference_rate_hz * p.control_period_s)))) if p.inference_rate_hz else 1
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    rec_t = ev.actions.times - t0
     for j, ax in enumerate(axes):
-        if len(ev.actions.times):
-            ax.plot(ev.actions.times - t0, ev.actions.values[:, j], color="black", lw=1.2, label="recorded")
+        if len(rec_t):
+            x, y = with_breaks(rec_t, ev.actions.values[:, j], np.diff(ev.actions.times) > ev.actions.max_gap_s)
+            ax.plot(x, y, color="black", lw=1.2, label="recorded")
         for b, r in enumerate(ev.replays):
-            tr, c = r.trace, colors[b % len(colors)]
+            tr, st = r.trace, style(b)
             if not len(tr.times):
                 continue
             steps = (np.arange(tr.predicted.shape[1]) + tr.step_offset) * tr.control_period_s
-            chosen = np.linspace(0, len(tr.times) - 1, min(max_chunks, len(tr.times))).astype(int) if b == 0 else []
-            for i in chosen:
-                ax.plot(tr.times[i] + steps - t0, tr.predicted[i, :, j], color=c, lw=0.6, alpha=0.35)
+            for i in np.linspace(0, len(tr.times) - 1, min(max_chunks, len(tr.times))).astype(int):
+                ax.plot(tr.times[i] + steps - t0, tr.predicted[i, :, j], color=st["color"], ls=st["ls"], lw=0.6,
+                        alpha=0.35)
             # The part of each chunk the robot would execute before the next tick replaces it.
             xs = (tr.times[:, None] + steps[None, :per_tick] - t0).reshape(-1)
             ys = tr.predicted[:, :per_tick, j].reshape(-1)
-            ax.plot(xs, ys, ".", color=c, ms=2.5, label=f"{r.backend} (executed part)")
+            ax.plot(xs, ys, st["marker"], color=st["color"], ms=3, mfc="none", label=f"{r.backend} (executed part)")
         ax.set_ylabel(names[j], fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper right")
+    _legend(axes[0], fontsize=7, loc="upper right")
     axes[-1].set_xlabel("time since bag start (s)")
     fig.suptitle(f"{ev.info.path.name}: predicted chunks (thin: whole chunks) vs recorded actions", fontsize=10)
     fig.savefig(path, dpi=90)
+    return fig
 
 
 def _line_plot() -> tuple[Figure, object]:
@@ -135,41 +167,45 @@ def _line_plot() -> tuple[Figure, object]:
     return fig, fig.subplots()
 
 
-def _finish_line_plot(fig: Figure, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+def _finish_line_plot(fig: Figure, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Figure:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     fig.savefig(path, dpi=90)
+    return fig
 
 
-def plot_horizon_error(ev: Evaluation, path: Path) -> None:
+def plot_horizon_error(ev: Evaluation, path: Path) -> Figure:
     fig, ax = _line_plot()
-    for r in ev.replays:
-        tr = r.trace
-        err = np.abs(tr.predicted - tr.recorded)
-        mask = np.broadcast_to(tr.valid[:, :, None], err.shape)
-        count = mask.sum(axis=(0, 2))
-        mae = np.where(count > 0, np.where(mask, err, 0).sum(axis=(0, 2)) / np.maximum(count, 1), np.nan)
-        ax.plot(np.arange(len(mae)), mae, marker=".", label=r.backend)
-    _finish_line_plot(fig, ax, path, "chunk step", "MAE (robot units)",
-                      "Error over the horizon (mean over ticks and joints)")
+    for b, r in enumerate(ev.replays):
+        mae = summarize(r.trace, 1)["mae_by_step"]
+        if any(v is not None for v in mae):
+            ax.plot(np.arange(len(mae)), [np.nan if v is None else v for v in mae], ms=4, mfc="none", **style(b),
+                    label=r.backend)
+    return _finish_line_plot(fig, ax, path, "chunk step", "MAE (robot units)",
+                             "Error over the horizon (mean over ticks and joints)")
 
 
-def plot_tick_error(ev: Evaluation, path: Path) -> None:
+def plot_tick_error(ev: Evaluation, path: Path) -> Figure:
+    """Each backend's error per scored tick; the line stops across skipped ticks, which are marked."""
     fig, ax = _line_plot()
     t0 = ev.info.start_ns / 1e9
-    for r in ev.replays:
+    for b, r in enumerate(ev.replays):
+        if not len(r.trace.times):
+            continue
         mae, _ = tick_errors(r.trace)
-        ax.plot(r.trace.times - t0, mae, marker=".", label=r.backend)
+        x, y = with_breaks(r.trace.times - t0, mae, np.diff(r.trace.ticks) > 1)
+        ax.plot(x, y, ms=4, mfc="none", **style(b), label=r.backend)
     skipped = [ev.first.tick_times[i] - t0 for i in ev.first.skipped]
     if skipped:
-        ax.plot(skipped, np.zeros(len(skipped)), "x", color="gray", label="skipped tick")
-    _finish_line_plot(fig, ax, path, "observation stamp since bag start (s)", "MAE over the chunk", "Error per tick")
+        ax.plot(skipped, np.zeros(len(skipped)), "|", color="gray", ms=10, label="skipped tick")
+    return _finish_line_plot(fig, ax, path, "observation stamp since bag start (s)", "MAE over the chunk",
+                             "Error per tick")
 
 
-def plot_latency(ev: Evaluation, path: Path) -> None:
+def plot_latency(ev: Evaluation, path: Path) -> Figure:
     stages = list(dict.fromkeys(k for r in ev.replays for k in r.trace.latency_ms))
     cols = min(3, max(len(stages), 1))
     rows = max(1, -(-len(stages) // cols))
@@ -180,18 +216,21 @@ def plot_latency(ev: Evaluation, path: Path) -> None:
     for ax in axes[len(stages):]:
         ax.set_visible(False)
     for ax, stage in zip(axes, stages, strict=False):
-        for r in ev.replays:
+        for b, r in enumerate(ev.replays):
             v = r.trace.latency_ms.get(stage, np.zeros(0))
             v = v[np.isfinite(v)]
             if v.size:
-                ax.hist(v, bins=30, alpha=0.55, label=f"{r.backend} p50 {np.median(v):.2f}")
+                st = style(b)
+                ax.hist(v, bins=30, histtype="step", lw=1.4, color=st["color"], ls=st["ls"],
+                        label=f"{r.backend} p50 {np.median(v):.2f}")
         ax.set_title(stage, fontsize=9)
         ax.set_xlabel("ms")
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     if not stages:
         axes[0].set_visible(True)
         axes[0].text(0.5, 0.5, "no evaluated ticks", ha="center", va="center")
     fig.savefig(path, dpi=90)
+    return fig
 
 
 def write_html(metrics: dict, path: Path) -> None:
@@ -224,17 +263,9 @@ def write_html(metrics: dict, path: Path) -> None:
         parts.append(f"<p>{e(c['candidate'])} vs {e(c['baseline'])}: max |diff| {_fmt(a['max_abs_diff'])}, "
                      f"mean |diff| {_fmt(a['mean_abs_diff'])}, relative error {_fmt(a['rel_err'])}, "
                      f"MAE delta {_fmt(c['mae_delta'])}</p>")
-    parts.append(_list("Skipped ticks, by reason", ticks["skipped_by_reason"]))
-    parts.append(_list("Warnings, by reason", ticks["warnings_by_reason"]))
-    inputs = metrics["inputs"]
-    problems = {t: f"{r['undecodable']} undecodable, {r['invalid']} invalid of {r['messages']}: "
-                   + " | ".join(r["examples"])
-                for t, r in [*inputs["topics"].items(), (inputs["actions"]["topic"], inputs["actions"])]
-                if r["undecodable"] or r["invalid"]}
-    problems |= {t: "missing from the bag" for t in inputs["missing_topics"]}
-    problems |= {f"{t} (gaps)": ", ".join(f"{g['start_s']:.2f}-{g['end_s']:.2f} s" for g in gs)
-                 for t, gs in inputs["gaps"].items()}
-    parts.append(_list("Input problems", problems))
+    parts.append(_list("Skipped ticks, by reason", reason_lines(ticks["skipped_details"])))
+    parts.append(_list("Warnings (the tick ran), by reason", reason_lines(ticks["warning_details"])))
+    parts.append(_list("Input problems", input_problem_lines(metrics["inputs"])))
     for name, title in PLOTS.items():
         parts.append(f"<h2>{e(title)}</h2><img src='{name}' alt='{e(title)}'>")
     parts.append("<p>All numbers: <a href='metrics.json'>metrics.json</a>, per tick: "
@@ -246,12 +277,11 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def _list(title: str, items: dict) -> str:
+def _list(title: str, items: list[str]) -> str:
     e = html.escape
     if not items:
         return f"<h3>{e(title)}</h3><p>none</p>"
-    lis = "".join(f"<li><b>{e(str(k))}</b>: {e(str(v))}</li>" for k, v in items.items())
-    return f"<h3>{e(title)}</h3><ul>{lis}</ul>"
+    return f"<h3>{e(title)}</h3><ul>" + "".join(f"<li>{e(item)}</li>" for item in items) + "</ul>"
 
 
 def write_report(ev: Evaluation, out: str | Path, first_k: int = 10, meta: dict | None = None) -> dict:
@@ -273,31 +303,24 @@ def write_report(ev: Evaluation, out: str | Path, first_k: int = 10, meta: dict 
 
 
 def format_summary(m: dict, out: str | Path) -> str:
-    """The terminal summary of a report's metrics."""
+    """The terminal summary of a report's metrics: ticks, why ticks were skipped or warned (real examples and
+    times), input problems, then the table of backends."""
     lines = []
     t = m["ticks"]
     lines.append(f"ticks: {t['scheduled']} scheduled, {t['evaluated']} scored, {t['skipped']} skipped")
-    for reason, n in t["skipped_by_reason"].items():
-        lines.append(f"  skipped {n:4d}: {reason}")
-    inputs = m["inputs"]
-    for topic in inputs["missing_topics"]:
-        lines.append(f"  missing topic: {topic}")
-    for topic, r in [*inputs["topics"].items(), (inputs["actions"]["topic"], inputs["actions"])]:
-        if r["undecodable"] or r["invalid"]:
-            lines.append(f"  {topic}: {r['undecodable']} undecodable, {r['invalid']} invalid of "
-                         f"{r['messages']} messages")
-    for topic, gaps in inputs["gaps"].items():
-        lines.append(f"  {topic}: {len(gaps)} gap(s), longest {max(g['duration_s'] for g in gaps):.2f} s")
-    lines.append(f"{'backend':<12}{'MAE':>10}{'MSE':>10}{'MAE@k':>10}{'jump p50':>10}{'total ms p50':>14}")
+    lines += [f"  skipped {line}" for line in reason_lines(t["skipped_details"])]
+    lines += [f"  warned {line}" for line in reason_lines(t["warning_details"])]
+    lines += [f"  input: {line}" for line in input_problem_lines(m["inputs"])]
+    lines.append(f"{'backend':<16}{'MAE':>10}{'MSE':>10}{'MAE@k':>10}{'jump p50':>10}{'total ms p50':>14}")
     for name, b in m["backends"].items():
         total = b["latency_ms"].get("total", {}).get("p50")
-        cells = [b["mae"], b["mse"], b["mae_first_k"], b["discontinuity"]["p50"], total]
-        lines.append(f"{name:<12}" + "".join(f"{'-' if v is None else f'{v:.4g}':>10}" for v in cells[:4])
-              + f"{'-' if total is None else f'{total:.2f}':>14}")
+        cells = [b["mae"], b["mse"], b["mae_first_k"], b["discontinuity"]["p50"]]
+        lines.append(f"{name:<16}" + "".join(f"{'-' if v is None else f'{v:.4g}':>10}" for v in cells)
+                     + f"{'-' if total is None else f'{total:.2f}':>14}")
     for c in m["comparison"]:
         a = c["actions"]
         rel = "-" if a["rel_err"] is None else f"{a['rel_err']:.4g}"
         lines.append(f"{c['candidate']} vs {c['baseline']} on {c['common_ticks']} ticks: max |diff| "
-              f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative error {rel}")
+                     f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative error {rel}")
     lines.append(f"report: {Path(out) / 'index.html'}")
     return "\n".join(lines)

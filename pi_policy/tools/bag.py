@@ -1,16 +1,22 @@
-"""`pi-policy make-demo-bag` and `pi-policy eval-bag`: argument parsing and the one-line error boundary."""
+"""`pi-policy make-demo-bag` and `pi-policy eval-bag`: argument parsing, the checks before any model is built,
+and the exit status a CI job can trust."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 import yaml
 
-from pi_policy.bag.demo_bag import ACTION_TOPIC, STORAGES, DemoSpec, write_demo_bag
+from pi_policy.bag.batch import BagJob, BagResult, check_bags, find_bags, report_names
+from pi_policy.bag.demo_bag import STORAGES, DemoSpec, write_demo_bag
+from pi_policy.bag.eval_config import read_eval_config
+from pi_policy.bag.parallel import run_local, run_ray
+from pi_policy.bag.preflight import BagMismatch
 from pi_policy.bag.reader import BagError
-from pi_policy.bag.replay import ACTION_SOURCES, ReplaySetup, evaluate, resolve_topic
+from pi_policy.bag.replay import ACTION_SOURCES, ReplaySetup
 from pi_policy.node import params as node_params
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict
 
@@ -21,15 +27,30 @@ def add_parser(subparsers) -> None:
                               description="Write a small synthetic rosbag2: three cameras (raw and jpeg), "
                                           "joint states, a prompt and recorded actions.")
     p.add_argument("out", help="output bag directory (must not exist)")
-    p.add_argument("--storage", choices=sorted(STORAGES), default="mcap")
+    p.add_argument("--storage", choices=sorted(STORAGES), default="mcap", help="storage format (default: %(default)s)")
     p.add_argument("--duration", type=float, default=DemoSpec.duration_s, help="seconds (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the recorded motion and delays (default: 0)")
     p.set_defaults(func=run_make_demo_bag)
 
-    e = subparsers.add_parser("eval-bag", help="replay a rosbag2 through the policy and score it",
-                              description="Replay a rosbag2 (mcap or sqlite3) through the node's observation "
-                                          "logic and the policy; compare chunks with the recorded actions.")
-    e.add_argument("bag", help="rosbag2 directory (or a single .mcap / .db3 file)")
+    e = subparsers.add_parser(
+        "eval-bag", help="replay rosbag2 recordings through the policy and score them",
+        description="Replay rosbag2 recordings (mcap or sqlite3) through the node's observation logic and the "
+                    "policy; compare chunks with the recorded actions. The bags are checked against the config "
+                    "before any model is built. Exit status 1 when a bag does not fit the config, cannot be read, "
+                    "or scored fewer than --min-scored of its ticks.")
+    e.add_argument("bags", nargs="+", metavar="BAG",
+                   help="rosbag2 folder, single .mcap / .db3 file, or a folder of bags (each bag inside is "
+                        "evaluated); several bags get a report each and an aggregate report")
+    add_config_arguments(e)
+    add_recorded_action_arguments(e)
+    add_scoring_arguments(e)
+    add_output_arguments(e)
+    add_parallel_arguments(e)
+    e.set_defaults(func=run_eval_bag)
+
+
+def add_config_arguments(e: argparse.ArgumentParser) -> None:
+    """The node's parameter file and the command line's overrides of it."""
     e.add_argument("--config", required=True,
                    help="the node's ROS 2 parameter file, e.g. config/thor.yaml (config/demo_bag.yaml for the demo)")
     e.add_argument("--backend", action="append", default=None,
@@ -46,19 +67,45 @@ def add_parser(subparsers) -> None:
     e.add_argument("--prompt-topic", help="override the prompt topic")
     e.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="overrides",
                    help="override any node parameter (value in YAML syntax, e.g. max_observation_age_s=0.3)")
-    e.add_argument("--action-source", choices=ACTION_SOURCES, default="topic",
-                   help="recorded actions: an action topic, or future joint positions (default: %(default)s)")
-    e.add_argument("--action-topic", default=ACTION_TOPIC,
-                   help="topic of the recorded actions: JointTrajectory, JointState or Float32/64MultiArray "
-                        "(default: %(default)s)")
     e.add_argument("--namespace", default="/", help="the node's namespace, for its relative topic names "
                                                      "(default: %(default)s)")
+
+
+def add_recorded_action_arguments(e: argparse.ArgumentParser) -> None:
+    """What the chunks are compared with; the config's eval_bag section sets the same, the flags override it."""
+    e.add_argument("--recorded-action-source", "--action-source", choices=ACTION_SOURCES, default=None,
+                   help="compare with a recorded action topic, or with the future measured joint positions "
+                        "(default: the config's eval_bag.recorded_action_source, else topic)")
+    e.add_argument("--recorded-action-topic", "--action-topic", default=None, metavar="TOPIC",
+                   help="topic of the recorded actions: JointTrajectory, JointState or Float32/64MultiArray "
+                        "(default: the config's eval_bag.recorded_action_topic)")
+
+
+def add_scoring_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--first-k", type=int, default=10, help="steps for the first-k metrics (default: %(default)s)")
-    e.add_argument("--max-ticks", type=int, help="stop after this many ticks")
-    e.add_argument("--out", default="reports/eval-bag", help="report folder (default: %(default)s)")
-    e.add_argument("--write-bag", metavar="OUT", help="also write the published chunks and latency to a new bag")
-    e.add_argument("--write-bag-storage", choices=sorted(STORAGES), default="mcap")
-    e.set_defaults(func=run_eval_bag)
+    e.add_argument("--max-ticks", type=int, help="stop each bag after this many ticks")
+    e.add_argument("--min-scored", type=float, default=0.5, metavar="FRACTION",
+                   help="exit 1 when a backend scored fewer than this fraction of a bag's ticks (default: "
+                        "%(default)s; 0 to never fail on it)")
+
+
+def add_output_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--out", default="reports/eval-bag",
+                   help="report folder; with several bags, one subfolder per bag plus the aggregate report "
+                        "(default: %(default)s)")
+    e.add_argument("--write-bag", metavar="OUT",
+                   help="also write the published chunks and latency to a new bag (with several bags: OUT/<bag>)")
+    e.add_argument("--write-bag-storage", choices=sorted(STORAGES), default="mcap",
+                   help="storage format of --write-bag (default: %(default)s)")
+
+
+def add_parallel_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--workers", type=int, default=1,
+                   help="evaluate bags in this many processes, one model each (GPUs round-robin for --device "
+                        "cuda); with --ray, the CPUs of the local Ray instance (default: %(default)s)")
+    e.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run each bag as a Ray task: a local Ray instance, or the cluster at ADDRESS (e.g. auto, "
+                        "ray://head:10001); needs pip install -e \".[ray]\"")
 
 
 def run_make_demo_bag(args: argparse.Namespace) -> int:
@@ -99,36 +146,89 @@ def load_params(args: argparse.Namespace) -> NodeParams:
         raise ParamError(f"{args.config} with the command line's overrides: {exc}") from None
 
 
-def run_eval_bag(args: argparse.Namespace) -> int:
-    from pi_policy.bag.report import format_summary, write_report
-    from pi_policy.bag.writer import write_output_bag
+def load_setup(args: argparse.Namespace, params: NodeParams) -> ReplaySetup:
+    """The replay's settings: the recorded-action source from the flags, else the config's eval_bag section."""
+    config = read_eval_config(args.config)
+    source = args.recorded_action_source or config.recorded_action_source
+    topic = args.recorded_action_topic or config.recorded_action_topic or None
+    return ReplaySetup(params, source, topic, args.namespace, args.max_ticks)
 
+
+def make_jobs(args: argparse.Namespace, setup: ReplaySetup, backends: list[str]) -> list[BagJob]:
+    """One job per bag: its report folder, and its output bag with --write-bag."""
+    if not 0 <= args.min_scored <= 1:
+        raise ValueError(f"--min-scored must be a fraction in [0, 1], got {args.min_scored}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.write_bag and Path(args.write_bag).exists():
+        raise FileExistsError(f"--write-bag {args.write_bag} exists already")
+    bags = find_bags(args.bags)
+    single = len(bags) == 1
+    meta = {"command": " ".join(sys.argv), "config": args.config, "backends": backends} | {
+        k: v for k, v in setup.params.runner_kwargs().items() if k in ("preset", "checkpoint", "device", "seed")}
+    jobs = []
+    for bag, name in zip(bags, report_names(bags), strict=True):
+        out = Path(args.out) if single else Path(args.out) / name
+        write = None if not args.write_bag else args.write_bag if single else str(Path(args.write_bag) / name)
+        jobs.append(BagJob(str(bag), name, str(out), setup, backends, args.first_k, args.min_scored, meta, write,
+                           args.write_bag_storage))
+    return jobs
+
+
+def run_jobs(args: argparse.Namespace, jobs: list[BagJob]) -> list[BagResult]:
+    if args.ray is not None:
+        return list(run_ray(jobs, None if args.ray == "local" else args.ray, args.workers if args.workers > 1
+                            else None))
+    if args.write_bag and len(jobs) > 1:
+        Path(args.write_bag).mkdir(parents=True)
+    return list(run_local(jobs, args.workers))
+
+
+def run_eval_bag(args: argparse.Namespace) -> int:
     try:
         params = load_params(args)
-        settings = ReplaySetup(params, args.action_source, args.action_topic, args.namespace, args.max_ticks)
-        if args.write_bag and Path(args.write_bag).exists():
-            raise FileExistsError(f"--write-bag {args.write_bag} exists already")
+        setup = load_setup(args, params)
         backends = args.backend or [params.backend]
-
-        def make_policy(backend: str):
-            from pi_policy.runtime import build_runner
-
-            return build_runner(**(params.runner_kwargs() | {"backend": backend, "progress": True}))
-
-        ev = evaluate(args.bag, settings, make_policy, backends, keep_outputs=bool(args.write_bag))
+        jobs = make_jobs(args, setup, backends)
+        if args.ray is not None and importlib.util.find_spec("ray") is None:
+            raise ModuleNotFoundError("--ray needs Ray", name="ray")
+        check_bags(jobs)  # every bag against the config, before any model is built
     except (BagError, ValueError, OSError, RuntimeError) as exc:  # ParamError is a ValueError
         return _fail(exc)
-    meta = {"command": " ".join(sys.argv), "config": args.config, "backends": backends} | {
-        k: v for k, v in params.runner_kwargs().items() if k in ("preset", "checkpoint", "device", "seed")}
-    metrics = write_report(ev, args.out, args.first_k, meta)
-    print(format_summary(metrics, args.out))
-    if args.write_bag:
-        counts = write_output_bag(ev, args.write_bag, resolve_topic(params.action_topic, args.namespace),
-                                  resolve_topic(params.latency_topic, args.namespace), args.write_bag_storage)
-        print(f"wrote {args.write_bag}: " + ", ".join(f"{t} ({n})" for t, n in counts.items()))
+    results = run_jobs(args, jobs)
+    return report_one(results[0]) if len(jobs) == 1 else report_many(args, results, backends)
+
+
+def report_one(result: BagResult) -> int:
+    from pi_policy.bag.report import format_summary
+
+    if result.error:
+        return _fail(BagError(result.error))
+    print(format_summary(result.metrics, result.out))
+    if result.written:
+        print("wrote output bag: " + ", ".join(f"{t} ({n})" for t, n in result.written.items()))
+    if result.verdict:
+        return _fail(BagError(result.verdict))
+    return 0
+
+
+def report_many(args: argparse.Namespace, results: list[BagResult], backends: list[str]) -> int:
+    from pi_policy.bag.aggregate import format_aggregate, write_aggregate
+
+    agg = write_aggregate(results, backends, args.first_k, args.out, args.min_scored)
+    print(format_aggregate(agg, args.out))
+    written = [r for r in results if r.written]
+    if written:
+        print(f"wrote {len(written)} output bags under {args.write_bag}")
+    bad = agg["counts"]["failed"] + agg["counts"]["too_few_scored"]
+    if bad:
+        return _fail(BagError(f"{bad} of {len(results)} bags failed or scored too few ticks (listed above)"))
     return 0
 
 
 def _fail(exc: Exception) -> int:
-    print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, also for multi-line messages
+    if isinstance(exc, BagMismatch):  # a list of problems, one per line
+        print("error: " + str(exc), file=sys.stderr)
+    else:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, also for multi-line messages
     return 1

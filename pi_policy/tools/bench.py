@@ -87,22 +87,35 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
     return result
 
 
+def ran_as(name: str, stage_backends: dict[str, str]) -> str:
+    """A backend named by what its stages ran: its own name where the model is bf16 (a GPU); where it is not (a CPU
+    runs float32), that dtype: 'float32' for bf16 and eager, 'fp8/float32' for fp8."""
+    dtype = stage_backends.get("vision", "bf16").split("-")[0]
+    if dtype == "bf16":
+        return name
+    return dtype if name in ("bf16", "eager") else f"{name}/{dtype}"
+
+
 def format_result(result: dict) -> str:
     w, m = result["workload"], result["machine"]
     lines = [f"pi-policy bench: {w['preset']}, {w['cameras']} cameras, {w['denoise_steps']} steps, "
              f"{w['iters']} iters on {m.get('gpu', m['device'])} (torch {m['torch']})"]
     names = list(result["backends"])
+    label = {name: ran_as(name, result["backends"][name]["backends"]) for name in names}
     for name in names:
         e = result["backends"][name]
-        lines += ["", stage_table(e, f"backend {name}" + (f"  [{e['note']}]" if e["note"] else "")),
+        title = f"backend {name}" if label[name] == name else \
+            f"backend {name}, run as {label[name]}: on {m['device']} the model runs in float32 (bf16 needs a GPU)"
+        lines += ["", stage_table(e, title + (f"  [{e['note']}]" if e["note"] else "")),
                   f"start-up (warm-up + graph capture): {e['startup_ms'].get('warmup_and_capture', 0):.0f} ms",
                   action_stats(np.array(e["actions"]))]
     for name in names[1:]:
         base, cand = result["backends"][names[0]], result["backends"][name]
         acc = cand["accuracy_vs_" + names[0]]
-        lines += ["", comparison_table(base, cand, names[0], name),
-                  f"{name} vs {names[0]}: max diff {acc['max_diff']:.4f}, mean diff {acc['mean_diff']:.4f}, "
-                  f"relative error {100 * acc['relative_error']:.2f}%, cosine {acc['cosine']:.6f}"]
+        lines += ["", comparison_table(base, cand, label[names[0]], label[name]),
+                  f"{label[name]} vs {label[names[0]]}: max diff {acc['max_diff']:.4f}, "
+                  f"mean diff {acc['mean_diff']:.4f}, relative error {100 * acc['relative_error']:.2f}%, "
+                  f"cosine {acc['cosine']:.6f}"]
     for name in names:
         if "roofline" in result["backends"][name]:
             lines += ["", f"backend {name}: " + format_roofline(result["backends"][name]["roofline"],
@@ -112,20 +125,21 @@ def format_result(result: dict) -> str:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time each stage on the fixed benchmark workload")
-    p.add_argument("--preset", default="pi0")
+    p.add_argument("--preset", default="pi0", help="model preset: pi0, pi05, tiny, tiny05 (default: %(default)s)")
     p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
-                   help="repeat to compare (the first is the baseline); default bf16")
+                   help="repeat to compare (the first is the baseline); default bf16 (float32 on a CPU)")
     p.add_argument("--denoise", action="append", choices=DENOISE_BACKENDS,
                    help="denoise: bf16 (PyTorch, the default), triton or fp8 (fused Triton expert); repeat to "
                         "compare (the first is the baseline)")
     p.add_argument("--cameras", type=int, default=3, help="camera views the runner is built for, 1-3 (default 3)")
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=200, help="timed inferences per backend (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--checkpoint", help="safetensors checkpoint (file or folder); default: random weights")
     p.add_argument("--prompt-format", default="auto", choices=("auto", *PROMPT_FORMATS),
                    help="how the checkpoint's trainer wrote prompts (default: detected beside it)")
     p.add_argument("--engine", help="TensorRT engine for --backend tensorrt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--compile", default=None,
                    help="comma-separated stages to torch.compile; default prefill,denoise on CUDA; 'none' for none")

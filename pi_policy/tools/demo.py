@@ -75,10 +75,10 @@ def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, prog
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a tiny built-in model (CPU, seconds)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, tiny05, pi0, pi05 (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=20, help="inferences on synthetic inputs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: %(default)s)")
     p.add_argument("--out", default="reports/demo", help="where the generated bag and its report go")
     p.add_argument("--no-bag", action="store_true", help="skip the rosbag replay")
     p.add_argument("--denoise", choices=DENOISE_BACKENDS, default="bf16",

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate on --samples now)")
     b.add_argument("--samples", type=int, default=4, help="sample observations to calibrate on (default 4)")
     b.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
-    b.add_argument("--opset", type=int, default=19)
+    b.add_argument("--opset", type=int, default=19, help="ONNX opset of the export (default: %(default)s)")
     b.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT builder workspace")
     b.add_argument("--onnx-only", action="store_true", help="stop after writing and checking the ONNX graph")
     b.set_defaults(func=run_build_engine)
@@ -67,7 +68,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
             if lin.act_scale is not None}
     path = save_calibration(args.out, amax, {"preset": args.preset, "samples": args.samples,
                                              "checkpoint": weights_tag(args.checkpoint, args.seed)})
-    print(f"wrote {path}: static activation scales for {len(amax)} FP8 linears from {args.samples} observations")
+    running = len(choice.fn.running_linears())
+    print(f"wrote {path}: static activation scales for {len(amax)} of the {running} FP8 linears the prefill runs "
+          f"(of {len(choice.fn.linears())} quantized: the last layer computes only K/V), from {args.samples} "
+          "observations")
     return 0
 
 
@@ -94,11 +98,9 @@ def run_build_engine(args: argparse.Namespace) -> int:
     try:
         trt = import_tensorrt()
     except ImportError as e:
-        print(f"engine build skipped: tensorrt not importable ({e}); the ONNX graph is written")
-        return 0
+        return _no_engine(f"tensorrt is not importable ({e})", out)
     if next(model.parameters()).device.type != "cuda":
-        print("engine build skipped: TensorRT needs --device cuda; the ONNX graph is written")
-        return 0
+        return _no_engine("TensorRT needs --device cuda", out)
     t0 = time.perf_counter()
     meta = engine_meta(model, gpu=gpu_identity(), tensorrt_version=trt.__version__,
                        checkpoint_tag=weights_tag(args.checkpoint, args.seed), onnx_info=info,
@@ -110,6 +112,12 @@ def run_build_engine(args: argparse.Namespace) -> int:
     print(f"wrote {engine} + {engine.name}.json: {meta['gpu_name']} sm_{meta['compute_capability']}, TensorRT "
           f"{meta['tensorrt_version']}, layers {meta['layers_compiled']}, {meta['build_s']} s")
     return 0
+
+
+def _no_engine(why: str, out: Path) -> int:
+    print(f"pi-policy build-engine: error: no engine built: {why}; the ONNX graph is in {out / 'prefill.onnx'} "
+          "(--onnx-only stops there on purpose)", file=sys.stderr)
+    return 1
 
 
 def layers_in_graph(path: str | Path) -> set[int]:

@@ -75,7 +75,7 @@ def compare(base: Captured, cand: Captured) -> dict:
                "k_rel_error": float((cand.k[i] - base.k[i]).norm() / base.k[i].norm().clamp(min=1e-30)),
                "v_rel_error": float((cand.v[i] - base.v[i]).norm() / base.v[i].norm().clamp(min=1e-30))}
               for i in range(base.k.shape[0])]
-    return {"bf16": stats(b), "candidate": stats(a), "max_diff": float(diff.max()), "mean_diff": float(diff.mean()),
+    return {"baseline": stats(b), "candidate": stats(a), "max_diff": float(diff.max()), "mean_diff": float(diff.mean()),
             "rel_error": rel if rel is not None else float(np.linalg.norm(a - b)),
             "kv_layers": layers}
 
@@ -136,7 +136,7 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     # 3. The baseline's weights must be exactly what they were.
     fp_after = weights_fingerprint(base_model)
     if fp_after != fp_before:
-        raise VerifyError(f"BF16 baseline weights changed while the candidate ran ({fp_before[:16]} -> "
+        raise VerifyError(f"baseline weights changed while the candidate ran ({fp_before[:16]} -> "
                           f"{fp_after[:16]}): building or running {backend!r} corrupted the shared model")
 
     report = {"backend": backend, "baseline_backend": base.prefill_backend, "candidate_backend": cand.prefill_backend,
@@ -153,7 +153,7 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
         report["baseline_bit_identical"] = bool(np.array_equal(again.actions, base.actions)
                                                 and torch.equal(again.k, base.k) and torch.equal(again.v, base.v))
         if not report["baseline_bit_identical"]:
-            raise VerifyError("BF16 baseline rerun after the candidate is not bit-identical to the first run")
+            raise VerifyError("baseline rerun after the candidate is not bit-identical to the first run")
     else:
         report["baseline_bit_identical"] = None
     report["passed"] = report["rel_error"] <= max_rel_error
@@ -161,13 +161,20 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     return report
 
 
+def baseline_label(baseline_backend: str) -> str:
+    """The baseline by its real dtype: BF16 on a GPU, float32 on a CPU (where the model runs in float32)."""
+    dtype = baseline_backend.split("-")[0]
+    return "BF16" if dtype == "bf16" else dtype
+
+
 def format_report(r: dict) -> str:
-    b, c = r["bf16"], r["candidate"]
+    b, c = r["baseline"], r["candidate"]
+    base = baseline_label(r["baseline_backend"])
     lines = [
         f"verify {r['candidate_backend']} + denoise {r['candidate_denoise']} vs {r['baseline_backend']} + denoise "
         f"{r['baseline_denoise']} ({r['preset']}, {r['checkpoint']}, "
         f"{r['gpu'] or r['device']})",
-        f"  BF16 range: [{b['min']:.4f}, {b['max']:.4f}], mean: {b['mean']:.4f}",
+        f"  {base} range: [{b['min']:.4f}, {b['max']:.4f}], mean: {b['mean']:.4f}",
         f"  {r['backend']} range: [{c['min']:.4f}, {c['max']:.4f}], mean: {c['mean']:.4f}",
         f"  Max diff: {r['max_diff']:.4g}",
         f"  Mean diff: {r['mean_diff']:.4g}",
@@ -178,7 +185,7 @@ def format_report(r: dict) -> str:
         f"{r['weights_fingerprint_after'][:16]} after (unchanged)",
     ]
     if r["baseline_bit_identical"] is not None:
-        lines.append(f"  BF16 rerun bit-identical: {r['baseline_bit_identical']}")
+        lines.append(f"  {base} rerun bit-identical: {r['baseline_bit_identical']}")
     if r["candidate_note"]:
         lines.append(f"  note: {r['candidate_note']}")
     lines += ["", "| Layer | K max diff | V max diff | K rel | V rel |", "|---|---|---|---|---|"]
@@ -197,7 +204,8 @@ def write_report(report: dict, path: str | Path) -> Path:
 
 
 def add_parser(subparsers) -> None:
-    v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) with the BF16 baseline")
+    v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) with the untouched baseline "
+                                                     "(bf16 on a GPU, float32 on a CPU)")
     add_model_arguments(v)
     v.add_argument("--backend", required=True, choices=CANDIDATES,
                    help="the candidate's prefill (bf16: unchanged, to verify a --denoise alone)")
@@ -208,7 +216,7 @@ def add_parser(subparsers) -> None:
     v.add_argument("--scales", default="dynamic", choices=("dynamic", "static"), help="FP8 activation scales")
     v.add_argument("--calibration-samples", type=int, default=4, help="observations for static scales")
     v.add_argument("--check-baseline", action="store_true",
-                   help="rerun BF16 after the candidate and require bit-identical actions and KV")
+                   help="rerun the baseline after the candidate and require bit-identical actions and KV")
     v.add_argument("--json", default=None, help="write the report here")
     add_fp8_arguments(v)
     v.set_defaults(func=run_verify)

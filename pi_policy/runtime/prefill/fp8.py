@@ -216,12 +216,20 @@ class FP8Prefill:
         return {f"layers.{i}.{name}": get_module(blk, name) for i, blk in enumerate(self.layers)
                 for name in QUANTIZED if isinstance(get_module(blk, name), FP8Linear)}
 
+    def running_linears(self) -> dict[str, FP8Linear]:
+        """The FP8 linears the prefill runs. PiModel.prefill computes only K/V in the last layer, so that layer's
+        wo, mlp.gate_up and mlp.down are quantized but never run (and calibration never sees them)."""
+        last = f"layers.{len(self.layers) - 1}."
+        return {n: lin for n, lin in self.linears().items() if not n.startswith(last) or n == last + "wqkv"}
+
     def summary(self) -> str:
         n_fp8, total = len(self.linears()), len(self.layers) * len(QUANTIZED)
+        running = self.running_linears()
         fp8_layers = sum(all(isinstance(get_module(b, n), FP8Linear) for n in QUANTIZED) for b in self.layers)
-        static = sum(lin.act_scale is not None for lin in self.linears().values())
-        return (f"{n_fp8}/{total} linears FP8, {fp8_layers}/{len(self.layers)} layers fully FP8, "
-                f"{static}/{n_fp8} static activation scales (others dynamic), kernel {self.kernel}")
+        static = sum(lin.act_scale is not None for lin in running.values())
+        return (f"{len(running)} FP8 linears run in the prefill ({n_fp8}/{total} quantized; the last layer computes "
+                f"only K/V), {static}/{len(running)} with static activation scales (others dynamic), "
+                f"{fp8_layers}/{len(self.layers)} layers fully FP8, kernel {self.kernel}")
 
     @torch.no_grad()
     def calibrate(self, samples: Iterable[tuple[Tensor, Tensor]], progress: bool = False) -> dict[str, float]:
