@@ -31,7 +31,8 @@ setup(
         "msgpack>=1.0",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "openpi-client"],
+        # triton: the fused-kernel tests run under its CPU interpreter; ray: eval-bag --ray is tested for real
+        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "openpi-client", "triton", "ray"],
         "onnx": ["onnx", "onnxruntime"],
         "ray": ["ray"],
     },

@@ -34,7 +34,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+    return float(F.cosine_similarity(a.detach().flatten().double(), b.detach().flatten().double(), dim=0))
 
 
 def expert_model(preset: str, steps: int = 2) -> PiModel:
