@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # The GPU benchmark behind docs/performance.md. Usage: scripts/gpu_bench.sh OUT_DIR PART
-#   part a: eager vs graph-captured (uncompiled) pi0, then bf16 vs fp8 (compiled, the default) pi0
-#   part b: verify fp8 (all linears, and with wqkv kept bf16), pi0.5 bench, the pi0 demo on CUDA
+#   part a: pi0, 3 views: {bf16, fp8} prefill x {bf16 (compiled PyTorch), triton, fp8 weights} denoise, with the
+#           roofline; then pi0.5 with the PyTorch and the fused denoise
+#   part b: pi0 with 1 and 2 views; the openpi server's overhead over in-process infer; RTC denoise modes
+# Every comparison's baseline (the first configuration) runs in the same process, on the same card.
 set -uo pipefail
-out=${1:?usage: gpu_bench.sh OUT_DIR a|b}; part=${2:?part a or b}
+out=${1:?usage: gpu_bench.sh OUT_DIR a|b}; part=${2:?part a or b}; iters=${ITERS:-100}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 clean() { tr '\r' '\n' | grep -v 'it/s\|s/it\|%|\|^ *$\|WARNING'; }
 bench() {  # name, then bench arguments
   local name=$1; shift
-  python -m pi_policy bench --json "$out/$name.json" "$@" 2>&1 | clean | tee "$out/$name.txt"
+  timeout 420 python -m pi_policy bench --iters "$iters" --json "$out/$name.json" "$@" 2>&1 | clean > "$out/$name.txt"
+  grep -A9 '^| Component' "$out/$name.txt" | head -60; grep 'vs \|backend ' "$out/$name.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu_$part.txt"
 if [ "$part" = a ]; then
-  bench pi0_eager_vs_graph --preset pi0 --backend eager --backend bf16 --compile none --iters 100
-  bench pi0_bf16_vs_fp8 --preset pi0 --backend bf16 --backend fp8 --iters 200
+  bench pi0_3views --preset pi0 --backend bf16 --backend fp8 --denoise bf16 --denoise triton --denoise fp8 --roofline
+  bench pi05_3views --preset pi05 --denoise bf16 --denoise triton
 else
-  python -m pi_policy verify --preset pi0 --backend fp8 --check-baseline --json "$out/verify_fp8.json" \
-    2>&1 | clean | tee "$out/verify_fp8.txt"
-  python -m pi_policy verify --preset pi0 --backend fp8 --fp8-keep-bf16 wqkv --json "$out/verify_fp8_wqkv_bf16.json" \
-    2>&1 | clean | tail -12 | tee "$out/verify_fp8_wqkv_bf16.txt"
-  bench pi05_bf16 --preset pi05 --backend bf16 --iters 200
-  python -m pi_policy demo --preset pi0 --device cuda --out "$out/demo" 2>&1 | clean | tee "$out/demo_pi0.txt"
+  bench pi0_1view --preset pi0 --cameras 1
+  bench pi0_2views --preset pi0 --cameras 2
+  timeout 240 python scripts/serve_overhead.py --preset pi0 --device cuda --iters 200 --json "$out/serve_overhead_pi0.json" \
+    2>&1 | clean | tail -12 | tee "$out/serve_overhead_pi0.txt"
+  if python -m pi_policy bench --help | grep -q -- '--rtc'; then
+    bench pi0_rtc --preset pi0 --rtc off --rtc inpaint --rtc guided
+  fi
 fi
