@@ -21,6 +21,10 @@ if [ "$part" = a ]; then
 else
   bench pi0_1view --preset pi0 --cameras 1
   bench pi0_2views --preset pi0 --cameras 2
+  for views in 3 1; do
+    timeout 120 python scripts/host_breakdown.py --preset pi0 --cameras $views --iters 300 2>&1 | clean | tail -8 \
+      | tee "$out/host_breakdown_pi0_${views}views.txt"
+  done
   timeout 240 python scripts/serve_overhead.py --preset pi0 --device cuda --iters 200 --json "$out/serve_overhead_pi0.json" \
     2>&1 | clean | tail -12 | tee "$out/serve_overhead_pi0.txt"
   if python -m pi_policy bench --help | grep -q -- '--rtc'; then
