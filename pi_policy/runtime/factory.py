@@ -10,7 +10,7 @@ from pi_policy.model import PiModel, cast_for_inference, get_config, init_random
 from pi_policy.model.checkpoint import load_checkpoint
 from pi_policy.model.normalize import Normalizer, default_mode, load_norm_stats
 from pi_policy.model.tokenizer import load_tokenizer
-from pi_policy.runtime.options import DEFAULT_COMPILE, resolve_backend
+from pi_policy.runtime.options import DEFAULT_COMPILE, RTCSettings, resolve_backend
 from pi_policy.runtime.prefill import make_prefill
 from pi_policy.runtime.runner import PolicyRunner
 
@@ -45,11 +45,12 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  engine_path: str | None = None, action_dim: int | None = None,
                  model: PiModel | None = None, warmup: bool = True,
                  compile_stages: tuple[str, ...] | None = None, calibration=None,
-                 fp8_options: dict | None = None, cuda_graphs: bool = True) -> PolicyRunner:
+                 fp8_options: dict | None = None, cuda_graphs: bool = True,
+                 rtc: RTCSettings | None = None) -> PolicyRunner:
     """A runner ready to serve. `backend` names the prefill (pi_policy.runtime.options; `eager` = bf16 without
     graphs or compilation). On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
     reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
-    configure the fp8 prefill."""
+    configure the fp8 prefill; `rtc` real-time chunking (off when None)."""
     mode = resolve_backend(backend, cuda_graphs, compile_stages)
     model = model or build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
@@ -68,7 +69,7 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
         log.warning("prefill backend: %s", choice.note)
     runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=mode.cuda_graphs,
                           prefill=choice.fn, prefill_backend=choice.name, seed=seed,
-                          compile_stages=compile_stages)
+                          compile_stages=compile_stages, rtc=rtc)
     runner.backend_note = choice.note
     if warmup:
         runner.warmup(progress=progress)

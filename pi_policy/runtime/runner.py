@@ -2,6 +2,7 @@
 
 All stage inputs and outputs live in preallocated device buffers, so each stage is one CUDA graph
 (captured once at start-up) and a replay is a single launch. On CPU the same stages run eagerly.
+With real-time chunking on, the previous chunk and its weights are buffers too, read by the denoise graph.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from tqdm import tqdm
 from pi_policy.model.normalize import Normalizer
 from pi_policy.model.pi0 import PiModel
 from pi_policy.model.preprocess import pixels_to_model, resize_with_pad_tensor, to_rgb_uint8
+from pi_policy.model.rtc import RTCInputs, prefix_weights
 from pi_policy.observation import DEFAULT_CAMERAS, STAGES, LatencyRecord, Observation, PolicyOutput
+from pi_policy.runtime.options import RTCSettings
 from pi_policy.runtime.timer import StageTimer
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,7 @@ PrefillFn = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tens
 class StaticBuffers:
     """Every tensor the stages read or write, allocated once."""
 
-    def __init__(self, model: PiModel, device: torch.device, batch: int = 1):
+    def __init__(self, model: PiModel, device: torch.device, batch: int = 1, rtc: bool = False):
         cfg, dtype = model.cfg, model.dtype
         n, s, g = cfg.num_cameras, cfg.vision.image_size, cfg.llm
         kv_shape = (g.depth, batch, g.num_kv_heads, cfg.prefix_len, g.head_dim)
@@ -50,6 +53,11 @@ class StaticBuffers:
         self.kv = (z(*kv_shape), z(*kv_shape))
         self.actions = z(batch, cfg.horizon, cfg.action_dim, dt=torch.float32)
         self.inputs = ("images", "image_masks", "tokens", "token_masks", "state", "noise")
+        if rtc:  # the previous chunk (model action space, aligned to the new chunk's steps) and its weights
+            self.prev = z(batch, cfg.horizon, cfg.action_dim, dt=torch.float32)
+            self.prev_weights = z(cfg.horizon, cfg.action_dim, dt=torch.float32)
+            self.max_weight = z((), dt=torch.float32)
+            self.inputs += ("prev", "prev_weights", "max_weight")
         pin = device.type == "cuda"
         self.host = {k: torch.zeros_like(getattr(self, k), device="cpu").pin_memory() if pin
                      else torch.zeros_like(getattr(self, k), device="cpu") for k in self.inputs}
@@ -61,7 +69,7 @@ class PolicyRunner:
 
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, camera_names: list[str] | None = None, *,
                  cuda_graphs: bool = True, prefill: PrefillFn | None = None, prefill_backend: str = "bf16",
-                 seed: int = 0, compile_stages: tuple[str, ...] = ()):
+                 seed: int = 0, compile_stages: tuple[str, ...] = (), rtc: RTCSettings | None = None):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
@@ -70,11 +78,20 @@ class PolicyRunner:
         if len(self.camera_names) != cfg.num_cameras:
             raise ValueError(f"preset {cfg.name!r} takes {cfg.num_cameras} cameras, got {self.camera_names}")
         self.horizon, self.action_dim = cfg.horizon, normalizer.action_dim
-        self.buf = StaticBuffers(model, self.device)
+        self.rtc = rtc if rtc is not None and rtc.on else None
+        model.requires_grad_(False)  # inference only: guided RTC differentiates with respect to the actions alone
+        self.buf = StaticBuffers(model, self.device, rtc=self.rtc is not None)
+        self.rtc_inputs = None
+        if self.rtc is not None:
+            b = self.buf
+            self.rtc_inputs = RTCInputs(self.rtc.mode, b.prev, b.prev_weights, b.max_weight)
         self.prefill_fn = prefill or model.prefill
         self.velocity_fn = model.velocity
+        # Guided RTC backpropagates through the velocity: it uses the model's own (plain or torch.compile'd, which
+        # supports autograd), never a replacement kernel that might not.
+        self.guided_velocity_fn = model.velocity
         self.vision_fn = model.embed_images
-        self._plain = (self.vision_fn, self.prefill_fn, self.velocity_fn)
+        self._plain = (self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn)
         self.compile_note = ""
         self.compiled = tuple(compile_stages) if self.device.type == "cuda" else ()
         mode = os.environ.get("PI_POLICY_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
@@ -84,12 +101,15 @@ class PolicyRunner:
             self.prefill_fn = torch.compile(self.prefill_fn, dynamic=False, mode=mode)
         if "denoise" in self.compiled:  # one step compiled; the 10-step loop is captured in one CUDA graph
             self.velocity_fn = torch.compile(model.velocity, dynamic=False, mode=mode)
+            self.guided_velocity_fn = self.velocity_fn
         base = "bf16" if model.dtype == torch.bfloat16 else str(model.dtype).removeprefix("torch.")
         mode = "graph" if cuda_graphs and self.device.type == "cuda" else "eager"
         self.backends = {s: f"{base}-{mode}" for s in STAGES}
         self.backends["prefill"] = f"{prefill_backend}-{mode}" if prefill else self.backends["prefill"]
         for s in compile_stages if self.device.type == "cuda" else ():
             self.backends[s] += "-compiled"
+        if self.rtc is not None:
+            self.backends["denoise"] += f"+rtc-{self.rtc.mode}"
         self.stages: dict[str, Callable[[], None]] = {
             "vision": self._vision, "embed_prefix": self._embed_prefix, "prefill": self._prefill,
             "denoise": self._denoise}
@@ -121,7 +141,10 @@ class PolicyRunner:
     @torch.no_grad()
     def _denoise(self) -> None:
         b = self.buf
-        b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise, velocity=self.velocity_fn))
+        guided = self.rtc is not None and self.rtc.mode == "guided"
+        velocity = self.guided_velocity_fn if guided else self.velocity_fn
+        b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise, velocity=velocity,
+                                           rtc=self.rtc_inputs))
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, iters: int = 3, progress: bool = True) -> dict[str, float]:
@@ -164,10 +187,12 @@ class PolicyRunner:
         """torch.compile failed (no Triton on this platform, say): run the same stages uncompiled, visibly."""
         self.compile_note = f"torch.compile failed, stages run uncompiled: {reason.splitlines()[0][:300]}"
         log.warning(self.compile_note)
-        self.vision_fn, self.prefill_fn, self.velocity_fn = self._plain
+        self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn = self._plain
         for s in self.compiled:
             self.backends[s] = self.backends[s].removesuffix("-compiled")
         self.compiled = ()
+        if self.rtc is not None:
+            self.backends["denoise"] = self.backends["denoise"].replace("-compiled", "")
 
     # -- per call --------------------------------------------------------------------------------
     def load_inputs(self, obs: Observation, noise: np.ndarray | None = None) -> None:
@@ -197,7 +222,7 @@ class PolicyRunner:
         h["tokens"][0].copy_(torch.from_numpy(tokens.astype(np.int64)))
         h["token_masks"][0].copy_(torch.from_numpy(mask))
         for k in self.buf.inputs:
-            if k != "noise":
+            if k not in ("noise", "prev", "prev_weights", "max_weight"):
                 getattr(self.buf, k).copy_(h[k], non_blocking=True)
         if noise is None:
             self.buf.noise.normal_(generator=self.generator)
@@ -207,6 +232,31 @@ class PolicyRunner:
                 raise ValueError(f"noise must have shape {(cfg.horizon, cfg.action_dim)}, got {noise.shape}")
             h["noise"][0].copy_(torch.from_numpy(noise))
             self.buf.noise.copy_(h["noise"], non_blocking=True)
+
+    def load_previous_chunk(self, prev_chunk: np.ndarray | None, delay: int = 0) -> None:
+        """Stage the unexecuted rest of the chunk being executed, in robot units, row j at this observation's
+        stamp + j * control period, and the delay (steps executed before the new chunk arrives)."""
+        if self.rtc is None:
+            if prev_chunk is not None:
+                raise ValueError("a previous chunk was given, but this runner was built with real-time chunking off")
+            return
+        h, n = self.buf.host, 0
+        h["prev"].zero_()
+        h["prev_weights"].zero_()
+        if prev_chunk is not None:
+            prev = np.asarray(prev_chunk, np.float32)
+            if prev.ndim != 2 or prev.shape[1] != self.action_dim:
+                raise ValueError(f"previous chunk must have shape (steps, {self.action_dim}), got {prev.shape}")
+            if isinstance(delay, bool) or not isinstance(delay, int | np.integer) or delay < 0:
+                raise ValueError(f"delay must be a whole number of control periods >= 0, got {delay!r}")
+            n = min(len(prev), self.horizon)
+        if n:
+            h["prev"][0, :n].copy_(torch.from_numpy(self.normalizer.normalize_actions(prev[:n])))
+            w = prefix_weights(int(delay), self.rtc.execution_horizon, n, self.rtc.prefix_schedule)
+            h["prev_weights"][:n, : self.action_dim] = w[:, None]  # padded action dims are never pulled
+        h["max_weight"].fill_(self.rtc.max_guidance_weight)
+        for k in ("prev", "prev_weights", "max_weight"):
+            getattr(self.buf, k).copy_(h[k], non_blocking=True)
 
     def _tokenize(self, prompt: str, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(prompt, str):
@@ -233,9 +283,13 @@ class PolicyRunner:
                 self.timer.run(name, run)
         return self.timer.read()
 
-    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> PolicyOutput:
+    def infer(self, obs: Observation, noise: np.ndarray | None = None, prev_chunk: np.ndarray | None = None,
+              delay: int = 0) -> PolicyOutput:
+        """One chunk for `obs`. With real-time chunking on, `prev_chunk` (robot units) is the rest of the chunk
+        being executed and `delay` the control periods before the new one reaches the robot."""
         t0 = time.perf_counter()
         self.load_inputs(obs, noise)
+        self.load_previous_chunk(prev_chunk, delay)
         prep_ms = (time.perf_counter() - t0) * 1e3
         stages_ms = self.run_stages()
         self.buf.host_actions.copy_(self.buf.actions)
