@@ -81,6 +81,8 @@ class RTCInputs:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             v = velocity(x)
+            if not v.requires_grad:  # e.g. a fused kernel without a backward: the guidance would be silently wrong
+                raise RuntimeError("guided RTC needs a velocity that supports autograd; this one returned no grad")
             a_hat = x - t * v
             error = self.weights * (self.prev - a_hat.detach())
             (correction,) = torch.autograd.grad(a_hat, x, error)

@@ -10,6 +10,11 @@ Decisions:
   total_ms exceeds the latency budget, an optional camera was masked, or an input message was rejected since
   the last tick; OK otherwise. Latency keys appear only when inference ran.
 - A tick that finds inference still running is DROPPED (counted, no diagnostics): ticks never queue.
+- The last published chunk is the one being executed. With real-time chunking on, its rest from the new
+  observation's stamp on goes into the next inference, with the delay: a fixed number of control periods, or
+  ceil(p95 of the recent end-to-end latency, observation stamp to publication, / control period).
+- With an action stream, every chunk also goes into the ActionQueue that stream_tick reads once a period; its
+  misses (chunk used up, deadline passed) are counted in the diagnostics.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pi_policy.node.action_queue import ActionQueue
 from pi_policy.node.assembler import Assembled, ObservationAssembler
 from pi_policy.node.inputs import (
     MessageError,
@@ -33,7 +39,9 @@ from pi_policy.node.inputs import (
 )
 from pi_policy.node.outputs import MessageFactory
 from pi_policy.node.params import NodeParams
+from pi_policy.node.rtc_state import DelayEstimator, ExecutingChunk
 from pi_policy.observation import STAGES, Policy, PolicyOutput
+from pi_policy.runtime.options import RTC_MODES, parse_delay
 
 OK, WARN, ERROR, DROPPED = "OK", "WARN", "ERROR", "DROPPED"
 
@@ -77,6 +85,10 @@ class PolicyNodeLogic:
         hardware_id: str = "",
         frame_id: str = "",
         publish_raw: bool = True,
+        rtc_mode: str = "off",
+        delay_steps: int | None = None,
+        stream: ActionQueue | None = None,
+        stream_type: str = "float64_array",
     ):
         unknown = [c for c in assembler.camera_names if c not in policy.camera_names]
         if unknown:
@@ -90,6 +102,8 @@ class PolicyNodeLogic:
                 raise ValueError(f"{what} repeats a joint: {names}")
         if not control_period_s > 0 or not latency_budget_ms > 0:
             raise ValueError("control_period_s and latency_budget_ms must be > 0")
+        if rtc_mode not in RTC_MODES:
+            raise ValueError(f"rtc_mode {rtc_mode!r} is not one of {', '.join(RTC_MODES)}")
         self.policy = policy
         self.assembler = assembler
         self.factory = factory
@@ -101,6 +115,10 @@ class PolicyNodeLogic:
         self.hardware_id = hardware_id
         self.frame_id = frame_id
         self.publish_raw = publish_raw
+        self.rtc_mode, self.delay_steps = rtc_mode, delay_steps  # delay_steps None: measured
+        self.delay = DelayEstimator(control_period_s)
+        self.executing: ExecutingChunk | None = None
+        self.stream, self.stream_type = stream, stream_type
         self.counts = dict(ticks=0, inferences=0, dropped_ticks=0, skipped_ticks=0, failed_ticks=0,
                            rejected_messages=0)
         self._input_errors: dict[str, str] = {}  # source -> latest rejection, until it sends a good message
@@ -113,10 +131,15 @@ class PolicyNodeLogic:
         """The node's parameters -> its assembler and logic: the one wiring, for the rclpy node and bag replay."""
         assembler = ObservationAssembler(params.camera_names, params.required_cameras or None,
                                          params.max_observation_age_s, params.max_future_skew_s, params.prompt)
+        stream = None
+        if params.action_stream_topic:
+            stream = ActionQueue(params.control_period_s, params.safe_action or None, params.action_stream_deadline_s)
         return cls(policy, assembler, factory, params.joint_names, params.outputs(), params.control_period_s,
                    params.latency_budget_ms, status_name=f"{node_name}: inference",
                    hardware_id=params.device if hardware_id is None else hardware_id, frame_id=params.frame_id,
-                   publish_raw=bool(params.raw_action_topic))
+                   publish_raw=bool(params.raw_action_topic), rtc_mode=params.rtc_mode,
+                   delay_steps=parse_delay(params.inference_delay_steps), stream=stream,
+                   stream_type=params.action_stream_type)
 
     # -- inputs (subscription callbacks): convert, store, never raise --
 
@@ -183,7 +206,7 @@ class PolicyNodeLogic:
         values["observation_age_ms"] = _ms(assembled.age_s * 1e3)
         start = time.perf_counter()
         try:
-            output = self.policy.infer(obs)
+            output = self.policy.infer(obs, **self._continuation(obs.stamp, values))
             actions = self._check_output(output)
         except Exception as e:  # noqa: BLE001 - a failing model is reported, and the next tick tries again
             self.counts["failed_ticks"] += 1
@@ -192,8 +215,12 @@ class PolicyNodeLogic:
             result = self._result(ERROR, f"inference failed: {detail}", now, values)
             result.assembled, result.input_errors = assembled, input_errors
             return result
-        values["infer_wall_ms"] = _ms((time.perf_counter() - start) * 1e3)
+        wall_s = time.perf_counter() - start
+        values["infer_wall_ms"] = _ms(wall_s * 1e3)
         self.counts["inferences"] += 1
+        self.delay.add(assembled.age_s + wall_s)  # observation stamp -> chunk published
+        values["e2e_ms"] = _ms((assembled.age_s + wall_s) * 1e3)
+        self.executing = ExecutingChunk(obs.stamp, actions)
         lat = output.latency
         for stage in STAGES:
             values[f"{stage}_ms"] = _ms(lat.stages_ms[stage]) if stage in lat.stages_ms else "n/a"
@@ -217,7 +244,29 @@ class PolicyNodeLogic:
                                                         self.control_period_s, self.frame_id)
         if self.publish_raw:
             result.raw = self.factory.raw_chunk(actions)
+        if self.stream is not None:
+            self.stream.push(obs.stamp, actions[:, :n])
         return result
+
+    def _continuation(self, stamp: float, values: dict[str, str]) -> dict:
+        """The real-time chunking arguments of the next inference: the executing chunk's rest, and the delay."""
+        if self.rtc_mode == "off" or self.executing is None:
+            return {}
+        rest = self.executing.remainder(stamp, self.control_period_s)
+        delay = self.delay_steps if self.delay_steps is not None else self.delay.steps()
+        if rest is None or delay is None:
+            return {}
+        values["rtc_delay_steps"] = str(delay)
+        return {"prev_chunk": rest, "delay": delay}
+
+    def stream_tick(self, now: float):
+        """The action stream's message for the control period starting at `now`, or None (nothing to send)."""
+        if self.stream is None:
+            return None
+        step = self.stream.next(now)
+        if step.action is None:
+            return None
+        return self.factory.stream_action(self.stream_type, step.action, self.output_joint_names, now, self.frame_id)
 
     def _check_output(self, output: PolicyOutput) -> np.ndarray:
         actions = getattr(output, "actions", None)
@@ -237,6 +286,8 @@ class PolicyNodeLogic:
         values = dict(values)
         values["prompt"] = self.assembler.prompt
         values.update({k: str(v) for k, v in self.counts.items()})
+        if self.stream is not None:
+            values.update({k: str(v) for k, v in self.stream.counts.items()})
         status = self.factory.status(level, self.status_name, message, self.hardware_id, values)
         return TickResult(level, message, diagnostics=self.factory.diagnostics(now, [status]))
 
