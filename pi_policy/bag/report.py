@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # Figure.savefig renders with Agg; no pyplot, no display needed
 
+from pi_policy.bag.execution import execution_metrics, format_execution, plot_executed
 from pi_policy.bag.metrics import compare, discontinuity, summarize, tick_errors
 from pi_policy.bag.replay import Evaluation, reason_key, skip_counts
 from pi_policy.runtime.stats import percentiles
@@ -20,6 +21,7 @@ PLOTS = {
     "horizon_error.png": "Error over the horizon",
     "tick_error.png": "Error per tick",
     "latency.png": "Latency per stage",
+    "executed.png": "Executed actions across chunk switches",
 }
 REPORT_FILES = ("metrics.json", "ticks.csv", *PLOTS, "index.html")
 
@@ -57,6 +59,7 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
         "backends": {r.backend: summarize(r.trace, first_k) | {"stage_backends": r.stage_backends}
                      for r in ev.replays},
         "comparison": [compare(r.trace, first.trace) for r in ev.replays[1:]],
+        "execution": execution_metrics(ev),
     }
 
 
@@ -224,6 +227,7 @@ def write_html(metrics: dict, path: Path) -> None:
         parts.append(f"<p>{e(c['candidate'])} vs {e(c['baseline'])}: max |diff| {_fmt(a['max_abs_diff'])}, "
                      f"mean |diff| {_fmt(a['mean_abs_diff'])}, relative error {_fmt(a['rel_err'])}, "
                      f"MAE delta {_fmt(c['mae_delta'])}</p>")
+    parts.append("<pre>" + e("\n".join(format_execution(metrics))) + "</pre>")
     parts.append(_list("Skipped ticks, by reason", ticks["skipped_by_reason"]))
     parts.append(_list("Warnings, by reason", ticks["warnings_by_reason"]))
     inputs = metrics["inputs"]
@@ -268,6 +272,7 @@ def write_report(ev: Evaluation, out: str | Path, first_k: int = 10, meta: dict 
     plot_horizon_error(ev, out / "horizon_error.png")
     plot_tick_error(ev, out / "tick_error.png")
     plot_latency(ev, out / "latency.png")
+    plot_executed(ev, out / "executed.png")
     write_html(metrics, out / "index.html")
     return metrics
 
@@ -299,5 +304,6 @@ def format_summary(m: dict, out: str | Path) -> str:
         rel = "-" if a["rel_err"] is None else f"{a['rel_err']:.4g}"
         lines.append(f"{c['candidate']} vs {c['baseline']} on {c['common_ticks']} ticks: max |diff| "
               f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative error {rel}")
+    lines += format_execution(m)
     lines.append(f"report: {Path(out) / 'index.html'}")
     return "\n".join(lines)

@@ -16,13 +16,15 @@ import numpy as np
 
 
 def sample_chunk(actions: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """actions (H, A) at fractional step positions (n,) in [0, H - 1], linearly interpolated: (n, A)."""
+    """actions (H, A) at fractional step positions (n,) in [0, H - 1], linearly interpolated: (n, A), float32 or
+    float64 as the actions are."""
     steps = np.asarray(steps, np.float64)
     lo = np.clip(np.floor(steps).astype(np.int64), 0, len(actions) - 1)
     hi = np.minimum(lo + 1, len(actions) - 1)
     frac = (steps - lo)[:, None]
-    a = np.asarray(actions, np.float64)
-    return (a[lo] * (1.0 - frac) + a[hi] * frac).astype(np.float32)
+    a = np.asarray(actions)
+    out = a[lo].astype(np.float64) * (1.0 - frac) + a[hi].astype(np.float64) * frac
+    return out.astype(np.result_type(a.dtype, np.float32))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from pi_policy.bag.reader import BagError
 from pi_policy.bag.replay import ACTION_SOURCES, ReplaySetup, evaluate, resolve_topic
 from pi_policy.node import params as node_params
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict
+from pi_policy.runtime.options import RTC_MODES
 
 
 def add_parser(subparsers) -> None:
@@ -51,6 +53,13 @@ def add_parser(subparsers) -> None:
                         "(default: %(default)s)")
     e.add_argument("--namespace", default="/", help="the node's namespace, for its relative topic names "
                                                      "(default: %(default)s)")
+    e.add_argument("--rtc", action="append", choices=RTC_MODES, default=None,
+                   help="real-time chunking mode; repeat to compare modes on one backend (default: the config's)")
+    e.add_argument("--delay", help="control periods from an observation to its chunk reaching the robot: auto "
+                                   "(measured end to end) or N (default: the config's inference_delay_steps)")
+    e.add_argument("--realtime", action="store_true",
+                   help="inference takes bag time: drop the ticks the node would drop while a slow inference runs "
+                        "(implied by --rtc)")
     e.add_argument("--first-k", type=int, default=10, help="steps for the first-k metrics (default: %(default)s)")
     e.add_argument("--max-ticks", type=int, help="stop after this many ticks")
     e.add_argument("--out", default="reports/eval-bag", help="report folder (default: %(default)s)")
@@ -87,7 +96,7 @@ def load_params(args: argparse.Namespace) -> NodeParams:
         values["camera_topics"] = list(topics.values())
     for flag, name in (("preset", "preset"), ("device", "device"), ("checkpoint", "checkpoint"),
                        ("rate", "inference_rate_hz"), ("joint_state_topic", "joint_state_topic"),
-                       ("prompt_topic", "prompt_topic")):
+                       ("prompt_topic", "prompt_topic"), ("delay", "inference_delay_steps")):
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
     try:
@@ -102,20 +111,28 @@ def run_eval_bag(args: argparse.Namespace) -> int:
 
     try:
         params = load_params(args)
-        settings = ReplaySetup(params, args.action_source, args.action_topic, args.namespace, args.max_ticks)
+        settings = ReplaySetup(params, args.action_source, args.action_topic, args.namespace, args.max_ticks,
+                               realtime=args.realtime or bool(args.rtc))
         if args.write_bag and Path(args.write_bag).exists():
             raise FileExistsError(f"--write-bag {args.write_bag} exists already")
         backends = args.backend or [params.backend]
+        passes = {b: dataclasses.replace(params, backend=b) for b in backends}
+        if args.rtc:  # one pass per mode, on one backend
+            if len(backends) > 1:
+                raise ValueError("--rtc compares real-time chunking modes on one backend; give one --backend")
+            passes = {m: dataclasses.replace(params, backend=backends[0], rtc_mode=m) for m in dict.fromkeys(args.rtc)}
+        setups = {name: dataclasses.replace(settings, params=p) for name, p in passes.items()}
 
-        def make_policy(backend: str):
+        def make_policy(name: str):
             from pi_policy.runtime import build_runner
 
-            return build_runner(**(params.runner_kwargs() | {"backend": backend, "progress": True}))
+            return build_runner(**(passes[name].runner_kwargs() | {"progress": True}))
 
-        ev = evaluate(args.bag, settings, make_policy, backends, keep_outputs=bool(args.write_bag))
+        ev = evaluate(args.bag, settings, make_policy, list(passes), keep_outputs=bool(args.write_bag), setups=setups)
     except (BagError, ValueError, OSError, RuntimeError) as exc:  # ParamError is a ValueError
         return _fail(exc)
-    meta = {"command": " ".join(sys.argv), "config": args.config, "backends": backends} | {
+    meta = {"command": " ".join(sys.argv), "config": args.config, "backends": backends,
+            "rtc_modes": list(passes) if args.rtc else [params.rtc_mode]} | {
         k: v for k, v in params.runner_kwargs().items() if k in ("preset", "checkpoint", "device", "seed")}
     metrics = write_report(ev, args.out, args.first_k, meta)
     print(format_summary(metrics, args.out))
