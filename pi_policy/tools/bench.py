@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_model, build_runner
-from pi_policy.runtime.options import BACKEND_CHOICES, parse_stages
+from pi_policy.runtime.options import BACKEND_CHOICES, RTC_MODES, RTCSettings, parse_stages
 from pi_policy.runtime.stats import action_accuracy, action_stats, comparison_table, stage_table, summarize
 from pi_policy.tools.flags import add_fp8_arguments, fp8_options
 from pi_policy.tools.synthetic import synthetic_observation
@@ -36,7 +36,12 @@ def machine_info(device: torch.device) -> dict:
 def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), cameras: int = 3, iters: int = 200,
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
-              fp8_options: dict | None = None) -> dict:
+              fp8_options: dict | None = None, rtc_modes: tuple[str, ...] = ()) -> dict:
+    """Each backend (and, with rtc_modes, each real-time chunking mode on it) timed on the same observation.
+
+    An RTC mode is timed continuing a previous chunk: the runner's own first chunk with RTC_EXECUTED steps
+    executed, and a delay of RTC_DELAY steps, so that every RTC operation runs.
+    """
     model = build_model(preset, checkpoint, device, seed)
     cfg = model.cfg
     if not 0 <= cameras <= cfg.num_cameras:
@@ -48,24 +53,48 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
                            "batch": 1, "iters": iters, "weights": checkpoint or f"random seed {seed}"},
               "machine": machine_info(model.time_freqs.device), "backends": {}}
-    for backend in backends:
+    if rtc_modes:
+        defaults = {k: v for k, v in vars(RTCSettings()).items() if k != "mode"}
+        result["workload"]["rtc"] = {"executed_steps": RTC_EXECUTED, "delay": RTC_DELAY} | defaults
+    runs = [(b, m) for b in backends for m in (rtc_modes or (None,))]
+    for backend, mode in runs:
+        name = backend if mode is None else f"{backend}+rtc-{mode}"
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
                               engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
-                              fp8_options=fp8_options)
+                              fp8_options=fp8_options, rtc=RTCSettings(mode) if mode else None)
         actions = runner.infer(obs, noise=noise).actions
-        records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {backend}", disable=not progress,
-                                                           leave=False)]
+        cont = {}
+        if mode not in (None, "off"):
+            cont = {"prev_chunk": actions[RTC_EXECUTED:], "delay": RTC_DELAY}
+            actions = runner.infer(obs, noise=noise, **cont).actions
+        records = [runner.infer(obs, **cont).latency
+                   for _ in tqdm(range(iters), desc=f"bench {name}", disable=not progress, leave=False)]
         entry = summarize(records) | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
                                       "actions": actions.tolist()}
-        result["backends"][backend] = entry
+        result["backends"][name] = entry
         del runner
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    first = backends[0]
-    for backend in backends[1:]:
-        result["backends"][backend]["accuracy_vs_" + first] = action_accuracy(
-            np.array(result["backends"][backend]["actions"]), np.array(result["backends"][first]["actions"]))
+    names = list(result["backends"])
+    for name in names[1:]:
+        result["backends"][name]["accuracy_vs_" + names[0]] = action_accuracy(
+            np.array(result["backends"][name]["actions"]), np.array(result["backends"][names[0]]["actions"]))
+    if rtc_modes:
+        result["rtc"] = rtc_costs(result, backends, rtc_modes)
     return result
+
+
+RTC_EXECUTED, RTC_DELAY = 5, 4  # the previous chunk bench continues: 5 steps executed, the next 4 frozen
+
+
+def rtc_costs(result: dict, backends: tuple[str, ...], modes: tuple[str, ...]) -> dict:
+    """Denoise p50 of each RTC mode per backend, and its ratio to `off` when off was timed."""
+    out = {}
+    for backend in backends:
+        ms = {m: result["backends"][f"{backend}+rtc-{m}"]["denoise"]["p50"] for m in modes}
+        out[backend] = {m: {"denoise_p50_ms": v, "vs_off": v / ms["off"] if "off" in ms and ms["off"] else None}
+                        for m, v in ms.items()}
+    return out
 
 
 def format_result(result: dict) -> str:
@@ -84,6 +113,12 @@ def format_result(result: dict) -> str:
         lines += ["", comparison_table(base, cand, names[0], name),
                   f"{name} vs {names[0]}: max diff {acc['max_diff']:.4f}, mean diff {acc['mean_diff']:.4f}, "
                   f"relative error {100 * acc['relative_error']:.2f}%"]
+    for backend, costs in result.get("rtc", {}).items():
+        w = result["workload"]["rtc"]
+        cells = [f"{m} {c['denoise_p50_ms']:.2f} ms" + (f" ({c['vs_off']:.2f}x off)" if c["vs_off"] and m != "off"
+                                                          else "") for m, c in costs.items()]
+        lines += ["", f"real-time chunking, {backend}, denoise p50 (continuing a chunk with {w['executed_steps']} "
+                      f"steps executed, delay {w['delay']}): " + "; ".join(cells)]
     return "\n".join(lines)
 
 
@@ -92,6 +127,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="pi0")
     p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
                    help="repeat to compare (the first is the baseline); default bf16")
+    p.add_argument("--rtc", action="append", choices=RTC_MODES,
+                   help="real-time chunking mode; repeat to compare (e.g. --rtc off --rtc inpaint --rtc guided)")
     p.add_argument("--cameras", type=int, default=3)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +145,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
-                       fp8_options(args))
+                       fp8_options(args), tuple(dict.fromkeys(args.rtc or ())))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
