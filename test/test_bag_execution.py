@@ -1,6 +1,7 @@
 """Executed-trajectory simulation in eval-bag: chunk switches at arrival, jump, jerk and error against the recording,
 the realtime replay that drops ticks like the node, and `eval-bag --rtc ... --delay N` with the tiny model."""
 
+import csv
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from pi_policy.bag.demo_bag import ACTION_TOPIC, DEMO_CAMERAS, DemoSpec, demo_pa
 from pi_policy.bag.execution import execute, jerk, summarize_execution
 from pi_policy.bag.metrics import Trace
 from pi_policy.bag.replay import BUSY, ReplaySetup, evaluate, load_actions
+from pi_policy.bag.report import write_report
 from pi_policy.node.params import params_from_dict
 from pi_policy.observation import STAGES, LatencyRecord, PolicyOutput
 from pi_policy.tools.cli import main
@@ -67,15 +69,15 @@ class SlowReplayPolicy:
 
     camera_names, horizon, action_dim = list(DEMO_CAMERAS), 20, 8
 
-    def __init__(self, bag, s):
+    def __init__(self, bag, s, host_ms=250.0):
         self.actions, _ = load_actions(bag, s)
-        self.s = s
+        self.s, self.host_ms = s, host_ms
 
     def infer(self, obs, **continuation):
         t = obs.stamp + np.arange(self.horizon) * self.s.params.control_period_s
         out = np.zeros((self.horizon, self.action_dim), np.float32)
         out[:, :7] = self.actions.sample(t)[0]
-        return PolicyOutput(out, LatencyRecord(dict.fromkeys(STAGES, 60.0), host_ms=250.0))
+        return PolicyOutput(out, LatencyRecord(dict.fromkeys(STAGES, 60.0), host_ms=self.host_ms))
 
 
 @pytest.mark.parametrize("delay, dropped", [("auto", True), ("1", False)])
@@ -89,6 +91,17 @@ def test_realtime_replay_drops_the_ticks_the_node_would_drop(bag, delay, dropped
         assert np.all(np.diff(ev.first.tick_times[ev.first.evaluated]) > 0.25)  # each after the last finished
     else:  # a fixed 1-step delay: the chunk is in place long before the next tick
         assert not busy
+
+
+def test_a_report_of_passes_that_dropped_different_ticks(bag, tmp_path):
+    s = ReplaySetup(params_from_dict(demo_params()), "topic", ACTION_TOPIC, realtime=True)
+    ev = evaluate(bag, s, lambda name: SlowReplayPolicy(bag, s, 250.0 if name == "slow" else 5.0), ["slow", "fast"],
+                  progress=False)
+    assert len(ev.replays[1].evaluated) > len(ev.replays[0].evaluated)
+    m = write_report(ev, tmp_path / "r")
+    rows = list(csv.DictReader((tmp_path / "r" / "ticks.csv").open()))
+    assert sum(bool(r["slow_mae"]) for r in rows) == len(ev.replays[0].evaluated)
+    assert m["execution"]["slow"]["switches"] < m["execution"]["fast"]["switches"]
 
 
 def test_eval_bag_compares_rtc_modes_side_by_side(bag, tmp_path, capsys):

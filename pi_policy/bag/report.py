@@ -73,9 +73,10 @@ def write_ticks_csv(ev: Evaluation, path: Path, first_k: int) -> None:
                                   valid=r.trace.valid[:, :k])
         mae_k, _ = tick_errors(sub)
         jumps = np.concatenate([[np.nan], discontinuity(r.trace)])
-        per_backend.append((r, {"mae": mae, "mse": mse, "mae_first_k": mae_k, "jump": jumps}))
+        rows = {tick: j for j, tick in enumerate(r.evaluated)}  # realtime replays score different ticks
+        per_backend.append((r, {"mae": mae, "mse": mse, "mae_first_k": mae_k, "jump": jumps}, rows))
     header = ["tick", "time_s", "status", "reasons", "obs_stamp_s", "obs_age_ms", "valid_steps"]
-    for r, cols in per_backend:
+    for r, cols, _ in per_backend:
         header += [f"{r.backend}_{c}" for c in cols] + [f"{r.backend}_{s}_ms" for s in r.trace.latency_ms]
     row_of = {tick: n for n, tick in enumerate(first.evaluated)}
     with path.open("w", newline="") as f:
@@ -90,8 +91,11 @@ def write_ticks_csv(ev: Evaluation, path: Path, first_k: int) -> None:
                 continue
             row += [f"{first.trace.times[n] - t0:.4f}", f"{first.obs_age_s[n] * 1e3:.2f}",
                     int(first.trace.valid[n].sum())]
-            for r, cols in per_backend:
-                row += [_num(v[n]) for v in cols.values()] + [_num(v[n]) for v in r.trace.latency_ms.values()]
+            for r, cols, rows in per_backend:
+                m = rows.get(i)
+                width = len(cols) + len(r.trace.latency_ms)
+                row += [""] * width if m is None else ([_num(v[m]) for v in cols.values()]
+                                                       + [_num(v[m]) for v in r.trace.latency_ms.values()])
             w.writerow(row)
 
 

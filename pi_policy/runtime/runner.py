@@ -53,14 +53,14 @@ class StaticBuffers:
         self.kv = (z(*kv_shape), z(*kv_shape))
         self.actions = z(batch, cfg.horizon, cfg.action_dim, dt=torch.float32)
         self.inputs = ("images", "image_masks", "tokens", "token_masks", "state", "noise")
+        self.rtc_inputs = ("prev", "prev_weights", "max_weight") if rtc else ()
         if rtc:  # the previous chunk (model action space, aligned to the new chunk's steps) and its weights
             self.prev = z(batch, cfg.horizon, cfg.action_dim, dt=torch.float32)
             self.prev_weights = z(cfg.horizon, cfg.action_dim, dt=torch.float32)
             self.max_weight = z((), dt=torch.float32)
-            self.inputs += ("prev", "prev_weights", "max_weight")
         pin = device.type == "cuda"
         self.host = {k: torch.zeros_like(getattr(self, k), device="cpu").pin_memory() if pin
-                     else torch.zeros_like(getattr(self, k), device="cpu") for k in self.inputs}
+                     else torch.zeros_like(getattr(self, k), device="cpu") for k in self.inputs + self.rtc_inputs}
         self.host_actions = torch.zeros_like(self.actions, device="cpu")
 
 
@@ -189,10 +189,8 @@ class PolicyRunner:
         log.warning(self.compile_note)
         self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn = self._plain
         for s in self.compiled:
-            self.backends[s] = self.backends[s].removesuffix("-compiled")
+            self.backends[s] = self.backends[s].replace("-compiled", "")  # denoise may end in +rtc-MODE
         self.compiled = ()
-        if self.rtc is not None:
-            self.backends["denoise"] = self.backends["denoise"].replace("-compiled", "")
 
     # -- per call --------------------------------------------------------------------------------
     def load_inputs(self, obs: Observation, noise: np.ndarray | None = None) -> None:
@@ -222,7 +220,7 @@ class PolicyRunner:
         h["tokens"][0].copy_(torch.from_numpy(tokens.astype(np.int64)))
         h["token_masks"][0].copy_(torch.from_numpy(mask))
         for k in self.buf.inputs:
-            if k not in ("noise", "prev", "prev_weights", "max_weight"):
+            if k != "noise":
                 getattr(self.buf, k).copy_(h[k], non_blocking=True)
         if noise is None:
             self.buf.noise.normal_(generator=self.generator)
@@ -255,7 +253,7 @@ class PolicyRunner:
             w = prefix_weights(int(delay), self.rtc.execution_horizon, n, self.rtc.prefix_schedule)
             h["prev_weights"][:n, : self.action_dim] = w[:, None]  # padded action dims are never pulled
         h["max_weight"].fill_(self.rtc.max_guidance_weight)
-        for k in ("prev", "prev_weights", "max_weight"):
+        for k in self.buf.rtc_inputs:
             getattr(self.buf, k).copy_(h[k], non_blocking=True)
 
     def _tokenize(self, prompt: str, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
