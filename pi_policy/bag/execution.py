@@ -129,7 +129,7 @@ def format_execution(metrics: dict) -> list[str]:
     return lines
 
 
-def plot_executed(ev: Evaluation, path, window_s: float = 2.0, max_joints: int = 3) -> None:
+def plot_executed(ev: Evaluation, path, window_s: float = 1.5, max_joints: int = 3) -> None:
     """The executed trajectory of each backend or mode over `window_s` in the middle of the bag, chunk switches
     marked, against the recording; one panel per joint (the first `max_joints`)."""
     runs = executions(ev)
