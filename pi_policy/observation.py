@@ -52,10 +52,14 @@ class PolicyOutput:
 
 
 class Policy(Protocol):
-    """What the ROS node and the bag evaluator call. PolicyRunner implements it."""
+    """What the ROS node and the bag evaluator call. PolicyRunner implements it.
+
+    With real-time chunking on, the node also passes prev_chunk (the rest of the chunk being executed, robot
+    units, row j at obs.stamp + j control periods) and delay (control periods until the new chunk arrives).
+    """
 
     camera_names: list[str]
     horizon: int
     action_dim: int
 
-    def infer(self, obs: Observation) -> PolicyOutput: ...
+    def infer(self, obs: Observation, **continuation) -> PolicyOutput: ...

@@ -44,6 +44,23 @@ def test_bench_writes_the_benchmarking_json(tmp_path, capsys):
     assert 0 < acc["relative_error"] < 0.03  # simulated FP8 on CPU moves the actions, a little
 
 
+def test_bench_reports_the_denoise_cost_of_each_rtc_mode(tmp_path, capsys):
+    path = tmp_path / "rtc.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--iters", "2", "--backend", "eager",
+                 "--rtc", "off", "--rtc", "inpaint", "--rtc", "guided", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "real-time chunking, eager, denoise p50" in out and "x off" in out
+    result = json.loads(path.read_text())
+    costs = result["rtc"]["eager"]
+    assert set(costs) == {"off", "inpaint", "guided"} and costs["off"]["vs_off"] == 1.0
+    assert all(c["denoise_p50_ms"] > 0 and c["vs_off"] > 0 for c in costs.values())
+    assert result["workload"]["rtc"]["delay"] == 4
+    backends = result["backends"]
+    assert backends["eager+rtc-guided"]["backends"]["denoise"].endswith("+rtc-guided")
+    # continuing a chunk changes the actions: the RTC modes differ from off, off from nothing
+    assert backends["eager+rtc-inpaint"]["accuracy_vs_eager+rtc-off"]["max_diff"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--preset", "pi2", "--device", "cpu"], "unknown preset"),
     (["bench", "--preset", "tiny", "--device", "cpu", "--compile", "warp"], "unknown stage"),

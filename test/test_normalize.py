@@ -91,6 +91,20 @@ def test_quantile_formula_maps_q01_q99_to_unit_range(stats_file):
     np.testing.assert_allclose(norm.unnormalize_actions(y), ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["mean_std", "quantile"])
+def test_actions_given_back_to_the_model_round_trip(stats_file, mode):
+    norm = Normalizer.from_file(stats_file, mode=mode, model_dim=8, action_dim=3)
+    model = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    robot = norm.unnormalize_actions(model)
+    back = norm.normalize_actions(robot)
+    assert back.shape == (5, 8) and back.dtype == np.float32 and not back[:, 3:].any()  # padded dims zero
+    np.testing.assert_allclose(back[:, :3], model[:, :3], atol=1e-5)
+    with pytest.raises(ValueError, match="last dim 3"):
+        norm.normalize_actions(np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        norm.normalize_actions(np.full((2, 3), np.nan))
+
+
 def test_identity_when_no_stats(captured_log):
     with captured_log("pi_policy.model.normalize") as log:
         norm = Normalizer(None, model_dim=32, action_dim=6)

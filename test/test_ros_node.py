@@ -12,7 +12,7 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
-from std_msgs.msg import Float32MultiArray  # noqa: E402
+from std_msgs.msg import Float32MultiArray, Float64MultiArray  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from pi_policy.ros.node import PolicyNode, drain  # noqa: E402
@@ -155,3 +155,23 @@ def test_integer_for_a_double_and_unknown_parameters(ros):
         node.destroy_node()
     with pytest.raises(ParamError, match=r"parameter 'control_period_s' must be a double, got 'fast' \(string\)"):
         PolicyNode(parameter_overrides=overrides(control_period_s="fast", autostart=False))
+
+
+def test_action_stream_publishes_at_the_control_rate_and_stops_on_deactivate(ros):
+    node = PolicyNode(parameter_overrides=overrides(action_stream_topic="policy/command", control_period_s=0.05,
+                                                    safe_action=[0.0, 0.0, 0.0]))
+    h = Harness(node)
+    stream = []
+    h.io.create_subscription(Float64MultiArray, "policy/command", stream.append, 10)
+    try:
+        assert h.wait_for(lambda: len(stream) >= 3)
+        assert all(len(m.data) == len(JOINTS) for m in stream)
+        assert h.wait_for(lambda: any("stream_sent" in {kv.key for kv in a.status[0].values}
+                                      for a in h.got["latency"]))
+        node.trigger_deactivate()
+        time.sleep(0.5)
+        n = len(stream)
+        time.sleep(0.5)
+        assert len(stream) == n  # stopped
+    finally:
+        h.close()

@@ -79,6 +79,7 @@ class BagJob:
     meta: dict = field(default_factory=dict)
     write_bag: str | None = None
     write_bag_storage: str = "mcap"
+    setups: dict[str, ReplaySetup] = field(default_factory=dict)  # a pass's own parameters (eval-bag --rtc)
 
 
 @dataclass
@@ -139,8 +140,12 @@ def evaluate_job(job: BagJob, policies: PolicyCache, progress: bool = False) -> 
 
     result = BagResult(job.name, job.bag, job.out)
     try:
-        ev = evaluate(job.bag, job.setup, lambda backend: policies.get(job.setup, backend), job.backends,
-                      progress=progress, keep_outputs=bool(job.write_bag))
+        def policy(name: str) -> Policy:  # a pass is a backend, or (with setups) its own parameters
+            setup = job.setups.get(name)
+            return policies.get(job.setup, name) if setup is None else policies.get(setup, setup.params.backend)
+
+        ev = evaluate(job.bag, job.setup, policy, job.backends, progress=progress,
+                      keep_outputs=bool(job.write_bag), setups=job.setups or None)
         result.metrics = write_report(ev, job.out, job.first_k, job.meta | {"bag_name": job.name})
         if job.write_bag:
             p, ns = job.setup.params, job.setup.namespace

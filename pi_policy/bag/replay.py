@@ -19,10 +19,12 @@ from pi_policy.node.logic import DROPPED, PolicyNodeLogic
 from pi_policy.node.outputs import MessageClasses, MessageFactory
 from pi_policy.node.params import NODE_NAME, NodeParams, is_compressed_topic
 from pi_policy.observation import STAGES, Policy
+from pi_policy.runtime.options import parse_delay
 
 FACTORY = MessageFactory(MessageClasses.from_typestore(TYPESTORE))
 ACTION_SOURCES = ("topic", "joints")
 NO_ACTIONS = "not scored: no recorded actions cover the chunk (past the recording or in a gap)"
+BUSY = "dropped: the previous inference was still running (realtime replay)"
 PolicyFactory = Callable[[str], Policy]
 
 
@@ -39,13 +41,19 @@ def resolve_topic(name: str, namespace: str = "/", node: str = NODE_NAME) -> str
 @dataclass
 class ReplaySetup:
     """The node's parameters, plus the evaluation's own choices: where the recorded actions come from, the
-    namespace the node's relative topics resolve in, and a tick limit."""
+    namespace the node's relative topics resolve in, a tick limit, and whether inference takes bag time.
+
+    realtime: a tick that comes before the previous chunk would have reached the robot (its observation stamp
+    plus the fixed inference_delay_steps, or the tick plus the measured host latency with 'auto') is dropped,
+    as the node drops it; otherwise every tick runs.
+    """
 
     params: NodeParams
     action_source: str = "topic"
     action_topic: str | None = None  # the recorded actions, when action_source is "topic"
     namespace: str = "/"
     max_ticks: int | None = None
+    realtime: bool = False
 
     def __post_init__(self) -> None:
         if self.action_source not in ACTION_SOURCES:
@@ -101,7 +109,8 @@ class ReplaySetup:
                 "required_cameras": list(p.required_cameras) or list(p.camera_names), "prompt": p.prompt,
                 "latency_budget_ms": p.latency_budget_ms, "action_source": self.action_source,
                 "action_topic": self.action_series_topic, "namespace": self.namespace,
-                "max_ticks": self.max_ticks, "step_offset": self.step_offset}
+                "max_ticks": self.max_ticks, "step_offset": self.step_offset, "realtime": self.realtime,
+                "inference_delay_steps": p.inference_delay_steps}
 
 
 def load_actions(bag: str | Path, setup: ReplaySetup) -> tuple[ActionSeries, TopicReport]:
@@ -245,13 +254,21 @@ def replay(bag: str | Path, settings: ReplaySetup, policy: Policy, actions: Acti
     latency: dict[str, list[float]] = {}
     stage_backends: dict[str, str] = {}
     bar = tqdm(total=total, desc=f"replay {backend}", unit="tick", disable=not progress)
+    delay, busy_until_ns = parse_delay(params.inference_delay_steps), 0
     for tick_ns in _ticks(stream, feeder, info, s):
         if s.max_ticks is not None and len(tick_times) >= s.max_ticks:
             break
         i = len(tick_times)
         tick_times.append(tick_ns / 1e9)
         bar.update()
+        if s.realtime and tick_ns < busy_until_ns:
+            skipped[i] = [BUSY]
+            continue
         result = logic.tick(tick_ns / 1e9, require_new=s.rate_hz == 0)
+        if s.realtime and result.output is not None:
+            stamp_s = result.assembled.observation.stamp
+            busy_until_ns = (round((stamp_s + delay * params.control_period_s) * 1e9) if delay is not None
+                             else tick_ns + round(result.output.latency.host_ms * 1e6))
         assembled = result.assembled
         if keep_outputs and result.level != DROPPED:
             done_ns = tick_ns + (round(result.output.latency.host_ms * 1e6) if result.output else 0)
@@ -313,9 +330,11 @@ class Evaluation:
 
 
 def evaluate(bag: str | Path, settings: ReplaySetup, make_policy: PolicyFactory, backends: list[str],
-             progress: bool = True, keep_outputs: bool = False) -> Evaluation:
+             progress: bool = True, keep_outputs: bool = False,
+             setups: dict[str, ReplaySetup] | None = None) -> Evaluation:
     """Check the bag against the settings (pre-flight, before any policy exists), then replay it once per backend,
-    each pass with the policy make_policy(backend) returns.
+    each pass with the policy make_policy(backend) returns. `setups` may give a pass its own node parameters
+    (eval-bag --rtc: one pass per real-time chunking mode).
 
     Backends run one after another, never side by side, each on its own model, so the first (the baseline of
     comparisons) runs in a state that no other backend touched. Every pass sees the same ticks; comparisons use
@@ -333,7 +352,8 @@ def evaluate(bag: str | Path, settings: ReplaySetup, make_policy: PolicyFactory,
     replays = []
     for backend in backends:
         policy = make_policy(backend)
-        replays.append(replay(bag, settings, policy, actions, backend, info, progress, keep_outputs))
+        setup = (setups or {}).get(backend, settings)
+        replays.append(replay(bag, setup, policy, actions, backend, info, progress, keep_outputs))
         del policy
     gaps = {}
     for topic, times in replays[0].arrival.items():

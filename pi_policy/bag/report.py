@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # Figure.savefig renders with Agg; no pyplot, no display needed
 
+from pi_policy.bag.execution import execution_metrics, format_execution, plot_executed
 from pi_policy.bag.metrics import compare, discontinuity, summarize, tick_errors
 from pi_policy.bag.replay import Evaluation, reason_details, reason_key, skip_counts
 from pi_policy.bag.summary import input_problem_lines, reason_lines
@@ -21,6 +22,7 @@ PLOTS = {
     "horizon_error.png": "Error over the horizon",
     "tick_error.png": "Error per tick",
     "latency.png": "Latency per stage",
+    "executed.png": "Executed actions across chunk switches",
 }
 REPORT_FILES = ("metrics.json", "ticks.csv", *PLOTS, "index.html")
 
@@ -66,6 +68,7 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
             "stage_backends": r.stage_backends, "skipped_details": reason_details(r.skipped, r.tick_times, t0)}
             for r in ev.replays},
         "comparison": [compare(r.trace, first.trace) for r in ev.replays[1:]],
+        "execution": execution_metrics(ev),
     }
 
 
@@ -79,9 +82,10 @@ def write_ticks_csv(ev: Evaluation, path: Path, first_k: int) -> None:
                                   valid=r.trace.valid[:, :k])
         mae_k, _ = tick_errors(sub)
         jumps = np.concatenate([[np.nan], discontinuity(r.trace)])
-        per_backend.append((r, {"mae": mae, "mse": mse, "mae_first_k": mae_k, "jump": jumps}))
+        rows = {tick: j for j, tick in enumerate(r.evaluated)}  # realtime replays score different ticks
+        per_backend.append((r, {"mae": mae, "mse": mse, "mae_first_k": mae_k, "jump": jumps}, rows))
     header = ["tick", "time_s", "status", "reasons", "obs_stamp_s", "obs_age_ms", "valid_steps"]
-    for r, cols in per_backend:
+    for r, cols, _ in per_backend:
         header += [f"{r.backend}_{c}" for c in cols] + [f"{r.backend}_{s}_ms" for s in r.trace.latency_ms]
     row_of = {tick: n for n, tick in enumerate(first.evaluated)}
     with path.open("w", newline="") as f:
@@ -96,8 +100,11 @@ def write_ticks_csv(ev: Evaluation, path: Path, first_k: int) -> None:
                 continue
             row += [f"{first.trace.times[n] - t0:.4f}", f"{first.obs_age_s[n] * 1e3:.2f}",
                     int(first.trace.valid[n].sum())]
-            for r, cols in per_backend:
-                row += [_num(v[n]) for v in cols.values()] + [_num(v[n]) for v in r.trace.latency_ms.values()]
+            for r, cols, rows in per_backend:
+                m = rows.get(i)
+                width = len(cols) + len(r.trace.latency_ms)
+                row += [""] * width if m is None else ([_num(v[m]) for v in cols.values()]
+                                                       + [_num(v[m]) for v in r.trace.latency_ms.values()])
             w.writerow(row)
 
 
@@ -263,6 +270,7 @@ def write_html(metrics: dict, path: Path) -> None:
         parts.append(f"<p>{e(c['candidate'])} vs {e(c['baseline'])}: max |diff| {_fmt(a['max_abs_diff'])}, "
                      f"mean |diff| {_fmt(a['mean_abs_diff'])}, relative error {_fmt(a['rel_err'])}, "
                      f"MAE delta {_fmt(c['mae_delta'])}</p>")
+    parts.append("<pre>" + e("\n".join(format_execution(metrics))) + "</pre>")
     parts.append(_list("Skipped ticks, by reason", reason_lines(ticks["skipped_details"])))
     parts.append(_list("Warnings (the tick ran), by reason", reason_lines(ticks["warning_details"])))
     parts.append(_list("Input problems", input_problem_lines(metrics["inputs"])))
@@ -298,6 +306,7 @@ def write_report(ev: Evaluation, out: str | Path, first_k: int = 10, meta: dict 
     plot_horizon_error(ev, out / "horizon_error.png")
     plot_tick_error(ev, out / "tick_error.png")
     plot_latency(ev, out / "latency.png")
+    plot_executed(ev, out / "executed.png")
     write_html(metrics, out / "index.html")
     return metrics
 
@@ -322,5 +331,6 @@ def format_summary(m: dict, out: str | Path) -> str:
         rel = "-" if a["rel_err"] is None else f"{a['rel_err']:.4g}"
         lines.append(f"{c['candidate']} vs {c['baseline']} on {c['common_ticks']} ticks: max |diff| "
                      f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative error {rel}")
+    lines += format_execution(m)
     lines.append(f"report: {Path(out) / 'index.html'}")
     return "\n".join(lines)

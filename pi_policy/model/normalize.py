@@ -260,6 +260,20 @@ class Normalizer:
         out[:n] = x
         return out
 
+    def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Robot actions (..., action_dim) -> float32 model actions (..., model_dim), zero-padded: the inverse of
+        unnormalize_actions, for a previous chunk given back to the model (real-time chunking)."""
+        a = np.asarray(actions, dtype=np.float64)
+        if a.ndim < 1 or a.shape[-1] != self.action_dim:
+            raise ValueError(f"actions must have last dim {self.action_dim} (robot action dims), got shape {a.shape}")
+        _check_finite(a, "actions")
+        if self.stats is not None:
+            shift, scale = self._affine("actions", self.action_dim)
+            a = (a - shift) / scale
+        out = np.zeros((*a.shape[:-1], self.model_dim), dtype=np.float32)
+        out[..., : self.action_dim] = a
+        return out
+
     def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
         """Model actions (..., model_dim) -> float32 robot actions (..., action_dim)."""
         a = np.asarray(actions)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .config import PiConfig
 from .gemma import GemmaBlock, GemmaStack
 from .layers import rope_cos_sin
+from .rtc import RTCInputs
 from .siglip import SiglipVision
 
 KVCache = tuple[Tensor, Tensor]  # K and V, each (layers, B, kv_heads, prefix_len, head_dim), RoPE applied to K
@@ -121,19 +122,26 @@ class PiModel(nn.Module):
         return self.action_out(x[:, -self.cfg.horizon:]).float()
 
     def denoise(self, cache: KVCache, prefix_pad: Tensor, state: Tensor, noise: Tensor,
-                num_steps: int | None = None, velocity=None) -> Tensor:
+                num_steps: int | None = None, velocity=None, rtc: RTCInputs | None = None) -> Tensor:
         """Integrate from t=1 (noise) to t=0 (actions) with Euler steps; returns float32 (B, H, A).
 
-        `velocity` may be a compiled version of self.velocity.
+        `velocity` may be a compiled version of self.velocity (with rtc guided, one that supports autograd).
+        `rtc` continues a previous chunk (model.rtc); without it the loop is the plain one.
         """
         n = num_steps or self.cfg.num_steps
         velocity = velocity or self.velocity
         mask, cos, sin = self.suffix_attention(prefix_pad)
         x = noise.float()
         dt, times = euler_times(n)
-        for time in times:
+        for step, time in enumerate(times):
             t = torch.full((x.shape[0],), time, device=x.device)
-            x = x + dt * velocity(x, t, state, cache, mask, cos, sin)
+            if rtc is None or rtc.mode == "inpaint":
+                v = velocity(x, t, state, cache, mask, cos, sin)
+            else:
+                v = rtc.guided_velocity(lambda x, t=t: velocity(x, t, state, cache, mask, cos, sin), x, time)
+            x = x + dt * v
+            if rtc is not None and rtc.mode == "inpaint":
+                x = rtc.inpaint(x, noise.float(), (n - 1 - step) / n)  # exactly 0 after the last step
         return x
 
     # -- all stages -----------------------------------------------------------------------------

@@ -11,6 +11,11 @@ Decisions:
   the last tick; OK otherwise. Latency keys appear only when inference ran; `image_converter` (cv_bridge or
   builtin: which one turned sensor_msgs/Image into RGB) on every status.
 - A tick that finds inference still running is DROPPED (counted, no diagnostics): ticks never queue.
+- The last published chunk is the one being executed. With real-time chunking on, its rest from the new
+  observation's stamp on goes into the next inference, with the delay: a fixed number of control periods, or
+  ceil(p95 of the recent end-to-end latency, observation stamp to publication, / control period).
+- With an action stream, every chunk also goes into the ActionQueue that stream_tick reads once a period; its
+  misses (chunk used up, deadline passed) are counted in the diagnostics.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from pi_policy.node.action_queue import ActionQueue
 from pi_policy.node.assembler import Assembled, ObservationAssembler
 from pi_policy.node.inputs import (
     MessageError,
@@ -34,7 +40,9 @@ from pi_policy.node.inputs import (
 )
 from pi_policy.node.outputs import MessageFactory
 from pi_policy.node.params import NodeParams
+from pi_policy.node.rtc_state import DelayEstimator, ExecutingChunk
 from pi_policy.observation import STAGES, Policy, PolicyOutput
+from pi_policy.runtime.options import RTC_MODES, parse_delay
 
 OK, WARN, ERROR, DROPPED = "OK", "WARN", "ERROR", "DROPPED"
 
@@ -80,6 +88,10 @@ class PolicyNodeLogic:
         publish_raw: bool = True,
         image_converter: Callable[[Any], np.ndarray] = image_to_rgb,
         image_converter_name: str = "builtin",
+        rtc_mode: str = "off",
+        delay_steps: int | None = None,
+        stream: ActionQueue | None = None,
+        stream_type: str = "float64_array",
     ):
         unknown = [c for c in assembler.camera_names if c not in policy.camera_names]
         if unknown:
@@ -93,6 +105,8 @@ class PolicyNodeLogic:
                 raise ValueError(f"{what} repeats a joint: {names}")
         if not control_period_s > 0 or not latency_budget_ms > 0:
             raise ValueError("control_period_s and latency_budget_ms must be > 0")
+        if rtc_mode not in RTC_MODES:
+            raise ValueError(f"rtc_mode {rtc_mode!r} is not one of {', '.join(RTC_MODES)}")
         self.policy = policy
         self.assembler = assembler
         self.factory = factory
@@ -106,6 +120,10 @@ class PolicyNodeLogic:
         self.publish_raw = publish_raw
         self.image_converter = image_converter  # sensor_msgs/Image -> RGB; the node may pass cv_bridge's
         self.image_converter_name = image_converter_name
+        self.rtc_mode, self.delay_steps = rtc_mode, delay_steps  # delay_steps None: measured
+        self.delay = DelayEstimator(control_period_s)
+        self.executing: ExecutingChunk | None = None
+        self.stream, self.stream_type = stream, stream_type
         self.counts = dict(ticks=0, inferences=0, dropped_ticks=0, skipped_ticks=0, failed_ticks=0,
                            rejected_messages=0)
         self._input_errors: dict[str, str] = {}  # source -> latest rejection, until it sends a good message
@@ -120,10 +138,15 @@ class PolicyNodeLogic:
         `extra`: the remaining keyword arguments of the constructor (the rclpy node's image converter)."""
         assembler = ObservationAssembler(params.camera_names, params.required_cameras or None,
                                          params.max_observation_age_s, params.max_future_skew_s, params.prompt)
+        stream = None
+        if params.action_stream_topic:
+            stream = ActionQueue(params.control_period_s, params.safe_action or None, params.action_stream_deadline_s)
         return cls(policy, assembler, factory, params.joint_names, params.outputs(), params.control_period_s,
                    params.latency_budget_ms, status_name=f"{node_name}: inference",
                    hardware_id=params.device if hardware_id is None else hardware_id, frame_id=params.frame_id,
-                   publish_raw=bool(params.raw_action_topic), **extra)
+                   publish_raw=bool(params.raw_action_topic), rtc_mode=params.rtc_mode,
+                   delay_steps=parse_delay(params.inference_delay_steps), stream=stream,
+                   stream_type=params.action_stream_type, **extra)
 
     # -- inputs (subscription callbacks): convert, store, never raise --
 
@@ -190,7 +213,7 @@ class PolicyNodeLogic:
         values["observation_age_ms"] = _ms(assembled.age_s * 1e3)
         start = time.perf_counter()
         try:
-            output = self.policy.infer(obs)
+            output = self.policy.infer(obs, **self._continuation(obs.stamp, values))
             actions = self._check_output(output)
         except Exception as e:  # noqa: BLE001 - a failing model is reported, and the next tick tries again
             self.counts["failed_ticks"] += 1
@@ -199,8 +222,12 @@ class PolicyNodeLogic:
             result = self._result(ERROR, f"inference failed: {detail}", now, values)
             result.assembled, result.input_errors = assembled, input_errors
             return result
-        values["infer_wall_ms"] = _ms((time.perf_counter() - start) * 1e3)
+        wall_s = time.perf_counter() - start
+        values["infer_wall_ms"] = _ms(wall_s * 1e3)
         self.counts["inferences"] += 1
+        self.delay.add(assembled.age_s + wall_s)  # observation stamp -> chunk published
+        values["e2e_ms"] = _ms((assembled.age_s + wall_s) * 1e3)
+        self.executing = ExecutingChunk(obs.stamp, actions)
         lat = output.latency
         for stage in STAGES:
             values[f"{stage}_ms"] = _ms(lat.stages_ms[stage]) if stage in lat.stages_ms else "n/a"
@@ -224,7 +251,29 @@ class PolicyNodeLogic:
                                                         self.control_period_s, self.frame_id)
         if self.publish_raw:
             result.raw = self.factory.raw_chunk(actions)
+        if self.stream is not None:
+            self.stream.push(obs.stamp, actions[:, :n])
         return result
+
+    def _continuation(self, stamp: float, values: dict[str, str]) -> dict:
+        """The real-time chunking arguments of the next inference: the executing chunk's rest, and the delay."""
+        if self.rtc_mode == "off" or self.executing is None:
+            return {}
+        rest = self.executing.remainder(stamp, self.control_period_s)
+        delay = self.delay_steps if self.delay_steps is not None else self.delay.steps()
+        if rest is None or delay is None:
+            return {}
+        values["rtc_delay_steps"] = str(delay)
+        return {"prev_chunk": rest, "delay": delay}
+
+    def stream_tick(self, now: float):
+        """The action stream's message for the control period starting at `now`, or None (nothing to send)."""
+        if self.stream is None:
+            return None
+        step = self.stream.next(now)
+        if step.action is None:
+            return None
+        return self.factory.stream_action(self.stream_type, step.action, self.output_joint_names, now, self.frame_id)
 
     def _check_output(self, output: PolicyOutput) -> np.ndarray:
         actions = getattr(output, "actions", None)
@@ -245,6 +294,8 @@ class PolicyNodeLogic:
         values["prompt"] = self.assembler.prompt
         values["image_converter"] = self.image_converter_name
         values.update({k: str(v) for k, v in self.counts.items()})
+        if self.stream is not None:
+            values.update({k: str(v) for k, v in self.stream.counts.items()})
         status = self.factory.status(level, self.status_name, message, self.hardware_id, values)
         return TickResult(level, message, diagnostics=self.factory.diagnostics(now, [status]))
 

@@ -1,4 +1,4 @@
-"""Output messages the node publishes (trajectory, raw chunk, diagnostics), built from plain values.
+"""Output messages the node publishes (trajectory, raw chunk, stream action, diagnostics), built from plain values.
 
 Fields are given by keyword, so the same code builds rclpy's classes (the node) and a rosbags typestore's
 (bag replay and --write-bag). Point k of a trajectory is reached at (k + 1) * control_period_s: action k is
@@ -35,6 +35,8 @@ class MessageClasses:
     MultiArrayLayout: type
     MultiArrayDimension: type
     float_array: Callable[[np.ndarray, str], Any] = numpy_array  # rclpy wants array.array instead
+    Float64MultiArray: type | None = None  # the fixed-rate action stream's two message types
+    JointState: type | None = None
 
     @classmethod
     def from_typestore(cls, typestore) -> MessageClasses:
@@ -51,6 +53,8 @@ class MessageClasses:
             Float32MultiArray=t["std_msgs/msg/Float32MultiArray"],
             MultiArrayLayout=t["std_msgs/msg/MultiArrayLayout"],
             MultiArrayDimension=t["std_msgs/msg/MultiArrayDimension"],
+            Float64MultiArray=t["std_msgs/msg/Float64MultiArray"],
+            JointState=t["sensor_msgs/msg/JointState"],
         )
 
 
@@ -97,6 +101,17 @@ class MessageFactory:
         ]
         return self.c.Float32MultiArray(layout=self.c.MultiArrayLayout(dim=dims, data_offset=0),
                                         data=self.c.float_array(actions, "f"))
+
+    def stream_action(self, kind: str, action: np.ndarray, joint_names: list[str], t: float, frame_id: str = ""):
+        """One action of the fixed-rate stream: Float64MultiArray ('float64_array', one value per output joint)
+        or a JointState command ('joint_state': positions by joint name, stamped `t`)."""
+        if kind == "joint_state":
+            empty = self.c.float_array(np.zeros(0), "d")
+            return self.c.JointState(header=self.header(t, frame_id), name=list(joint_names),
+                                     position=self.c.float_array(action, "d"), velocity=empty, effort=empty)
+        dims = [self.c.MultiArrayDimension(label="action_dim", size=len(action), stride=len(action))]
+        return self.c.Float64MultiArray(layout=self.c.MultiArrayLayout(dim=dims, data_offset=0),
+                                        data=self.c.float_array(action, "d"))
 
     def status(self, level: str, name: str, message: str, hardware_id: str, values: dict[str, str]):
         cls = self.c.DiagnosticStatus

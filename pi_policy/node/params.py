@@ -1,9 +1,9 @@
 """Every parameter of the pi_policy node, declared once as data (default, ROS type, description), and the checker
 for ROS 2 parameter files that applies the node's own rules.
 
-Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array". A double parameter written as
-an integer (`10` for `10.0`) is that double, as ROS users write them (the node accepts it too, although rclpy
-alone would not); an unknown name (a typo) is an error, here and in the running node.
+Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array", "double_array". A double
+(or a double array) written with integers (`10` for `10.0`) is that double, as ROS users write them (the node
+accepts it too, although rclpy alone would not); an unknown name (a typo) is an error, here and in the node.
 Empty lists cannot be written in a parameter file; leave the parameter out to keep its default.
 """
 
@@ -18,12 +18,13 @@ from typing import Any
 import yaml
 
 from pi_policy.observation import DEFAULT_CAMERAS
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS
+from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTCSettings, parse_delay
 
 NODE_NAME = "pi_policy_node"
 PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
-              "list[str]": "string_array"}
+              "list[str]": "string_array", "list[float]": "double_array"}
+STREAM_TYPES = ("float64_array", "joint_state")
 
 
 def _p(default, doc: str):
@@ -84,6 +85,27 @@ class NodeParams:
     latency_topic: str = _p("policy/latency", "diagnostic_msgs/DiagnosticArray published every tick.")
     latency_budget_ms: float = _p(100.0, "Total latency above which the tick's diagnostic is WARN.")
     autostart: bool = _p(True, "Configure and activate at startup (lifecycle node), as a plain node always.")
+    # smooth control across chunks (docs/smooth-control.md)
+    rtc_mode: str = _p(RTCSettings.mode, "Real-time chunking: off, inpaint (the steps executed before a new chunk "
+                                         "arrives are held to the previous chunk while denoising) or guided "
+                                         "(pulled there by vector-Jacobian guidance; slower).")
+    execution_horizon: int = _p(RTCSettings.execution_horizon,
+                                "RTC: steps of a new chunk pulled toward the rest of the executing one; after the "
+                                "delay the pull falls to 0 at this step.")
+    prefix_schedule: str = _p(RTCSettings.prefix_schedule, "RTC: how the pull falls after the delay: zeros (none), "
+                                                           "ones (none until the horizon), linear or exp.")
+    max_guidance_weight: float = _p(RTCSettings.max_guidance_weight, "RTC guided: the cap on the guidance weight.")
+    inference_delay_steps: str = _p("auto", "RTC: control periods between an observation and its chunk reaching "
+                                            "the robot. 'auto' = the p95 of the measured end-to-end latency, or a "
+                                            "whole number such as '4' (a string: quote it in YAML).")
+    action_stream_topic: str = _p("", "Fixed-rate action stream: the current action every control_period_s on "
+                                      "this topic; empty = off.")
+    action_stream_type: str = _p("float64_array", "Action stream message: float64_array (std_msgs/Float64MultiArray) "
+                                                  "or joint_state (sensor_msgs/JointState, output joints by name).")
+    safe_action: list[float] = _p([], "Action stream: sent when the chunk runs out or misses its deadline, one value "
+                                      "per output joint; empty = hold the last action.")
+    action_stream_deadline_s: float = _p(0.0, "Action stream: the longest a chunk may drive the robot after its "
+                                              "observation before the stream holds; 0 = its whole horizon.")
 
     def validate(self) -> NodeParams:
         problems = []
@@ -128,6 +150,21 @@ class NodeParams:
         for name in ("action_topic", "joint_state_topic", "latency_topic"):
             if not getattr(self, name):
                 problems.append(f"{name} is empty")
+        try:
+            self.rtc_settings()
+        except ValueError as e:
+            problems.append(str(e))
+        try:
+            parse_delay(self.inference_delay_steps)
+        except ValueError as e:
+            problems.append(f"inference_delay_steps: {e}")
+        if self.action_stream_type not in STREAM_TYPES:
+            problems.append(f"action_stream_type '{self.action_stream_type}' is not one of {', '.join(STREAM_TYPES)}")
+        if self.safe_action and len(self.safe_action) != len(self.outputs()):
+            problems.append(f"safe_action has {len(self.safe_action)} values but there are {len(self.outputs())} "
+                            "output joints")
+        if not self.action_stream_deadline_s >= 0:
+            problems.append(f"action_stream_deadline_s must be >= 0, got {self.action_stream_deadline_s}")
         if problems:
             raise ParamError("invalid pi_policy parameters:\n  " + "\n  ".join(problems))
         return self
@@ -147,13 +184,16 @@ class NodeParams:
     def outputs(self) -> list[str]:
         return self.output_joint_names or self.joint_names
 
+    def rtc_settings(self) -> RTCSettings:
+        return RTCSettings(self.rtc_mode, self.execution_horizon, self.prefix_schedule, self.max_guidance_weight)
+
     def runner_kwargs(self) -> dict[str, Any]:
         return dict(preset=self.preset, checkpoint=self.checkpoint or None,
                     norm_stats=self.norm_stats or None, tokenizer=self.tokenizer or None,
                     prompt_format=self.prompt_format,
                     device=self.device, backend=self.backend, camera_names=self.served_cameras(),
                     seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
-                    warmup=self.warmup, denoise=self.denoise_backend)
+                    warmup=self.warmup, denoise=self.denoise_backend, rtc=self.rtc_settings())
 
 
 def is_compressed_topic(topic: str) -> bool:
@@ -199,9 +239,17 @@ def _check_type(p: Param, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise bad("a finite number")
-    elif p.type == "string_array":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    elif p.type in ("string_array", "double_array"):
+        if p.type == "string_array" and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise bad("a list of strings")
+        if p.type == "double_array":
+            numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in value)
+            if not numbers:
+                raise bad("a list of numbers")
+            value = [float(v) for v in value]  # integers are doubles, as for a double
+            if not all(math.isfinite(v) for v in value):
+                raise bad("a list of finite numbers")
         if not value:
             raise ParamError(f"parameter '{p.name}' is an empty list, which ROS parameter files cannot hold; "
                              "leave it out to keep its default")

@@ -7,6 +7,7 @@ drops the model. With autostart (default) the node walks itself to active.
 Threads: subscriptions run in a Reentrant callback group and only convert and store the latest message;
 inference runs in its own MutuallyExclusive group, from a timer (inference_rate_hz > 0) or from a guard
 condition that new frames trigger (inference_rate_hz == 0). A tick that finds inference busy is dropped.
+The optional action stream has its own timer (control_period_s) and group, so inference never delays it.
 
 Ending: SIGINT, SIGTERM and the lifecycle `shutdown` transition end the process with exit 0 (a failed autostart
 with 1). rclpy's own signal handlers are off: they invalidate the context under a spinning executor. Our handler
@@ -33,7 +34,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Float32MultiArray, Header, MultiArrayDimension, MultiArrayLayout, String
+from std_msgs.msg import Float32MultiArray, Float64MultiArray, Header, MultiArrayDimension, MultiArrayLayout, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from pi_policy.node.logic import ERROR, WARN, PolicyNodeLogic
@@ -57,6 +58,7 @@ RCLPY_CLASSES = MessageClasses(
     JointTrajectoryPoint=JointTrajectoryPoint, DiagnosticArray=DiagnosticArray,
     DiagnosticStatus=DiagnosticStatus, KeyValue=KeyValue, Float32MultiArray=Float32MultiArray,
     MultiArrayLayout=MultiArrayLayout, MultiArrayDimension=MultiArrayDimension, float_array=_py_array,
+    Float64MultiArray=Float64MultiArray, JointState=JointState,
 )
 
 
@@ -101,6 +103,10 @@ class _PolicyServing:
             self.raw_pub = make(Float32MultiArray, params.raw_action_topic, latest)
         self.latency_pub = make(DiagnosticArray, params.latency_topic, 10)
         self.diagnostics_pub = make(DiagnosticArray, "/diagnostics", 10)
+        self.stream_pub = None
+        if params.action_stream_topic:
+            kind = JointState if params.action_stream_type == "joint_state" else Float64MultiArray
+            self.stream_pub = make(kind, params.action_stream_topic, latest)
 
     def _activate(self) -> None:
         p, logic = self.params, self.logic
@@ -131,11 +137,17 @@ class _PolicyServing:
             self._guard = self.create_guard_condition(lambda: self._tick(require_new=True),
                                                       callback_group=self.inference_group)
         self._serving.append(self.create_timer(1.0, self._publish_diagnostics, callback_group=inputs))
+        if self.stream_pub is not None:
+            logic.stream.start()
+            self._serving.append(self.create_timer(p.control_period_s, self._stream_tick,
+                                                   callback_group=MutuallyExclusiveCallbackGroup()))
         self._active = True
         self.get_logger().info(f"serving: {len(p.camera_names)} cameras -> {p.action_topic}, "
                                f"latency on {p.latency_topic}")
 
     def _deactivate(self) -> None:
+        if self.logic is not None and self.logic.stream is not None:
+            self.logic.stream.stop()  # first: an inference finishing now cannot restart the stream
         for entity in self._serving:
             if hasattr(entity, "cancel"):
                 entity.cancel()
@@ -150,7 +162,7 @@ class _PolicyServing:
             self._active = False
 
     def _cleanup(self) -> None:
-        for pub in (self.action_pub, self.raw_pub, self.latency_pub, self.diagnostics_pub):
+        for pub in (self.action_pub, self.raw_pub, self.latency_pub, self.diagnostics_pub, self.stream_pub):
             if pub is not None:
                 destroy = getattr(self, "destroy_lifecycle_publisher", None) or self.destroy_publisher
                 destroy(pub)
@@ -188,6 +200,11 @@ class _PolicyServing:
             self.log.error("tick", result.message)
         elif result.level == WARN:
             self.log.warn("tick", result.message)
+
+    def _stream_tick(self) -> None:
+        msg = self.logic.stream_tick(self.get_clock().now().nanoseconds * 1e-9)
+        if msg is not None:
+            self.stream_pub.publish(msg)
 
     def _publish_diagnostics(self) -> None:
         # /diagnostics is read by aggregators and rqt_robot_monitor at about 1 Hz, as diagnostic_updater does

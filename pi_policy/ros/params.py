@@ -23,6 +23,7 @@ _PARAM_TYPES = {
     "double": Parameter.Type.DOUBLE,
     "bool": Parameter.Type.BOOL,
     "string_array": Parameter.Type.STRING_ARRAY,
+    "double_array": Parameter.Type.DOUBLE_ARRAY,
 }
 
 
@@ -38,6 +39,8 @@ def declare_parameters(node: Node) -> None:
         given = overrides.get(p.name)
         if p.type == "double" and given is not None and given.type_ == Parameter.Type.INTEGER:
             overrides[p.name] = Parameter(p.name, Parameter.Type.DOUBLE, float(given.value))
+        if p.type == "double_array" and given is not None and given.type_ == Parameter.Type.INTEGER_ARRAY:
+            overrides[p.name] = Parameter(p.name, Parameter.Type.DOUBLE_ARRAY, [float(v) for v in given.value])
         # an empty list default cannot carry its type in rclpy, so those are declared typed but unset
         value = _PARAM_TYPES[p.type] if p.default == [] else p.default
         try:
@@ -56,7 +59,7 @@ def read_parameters(node: Node) -> NodeParams:
             value = node.get_parameter(p.name).value
         except ParameterUninitializedException:
             continue
-        values[p.name] = list(value) if p.type == "string_array" else value
+        values[p.name] = list(value) if p.type.endswith("_array") else value
     for name, given in _overrides(node).items():
         if not node.has_parameter(name):  # rclpy's own (use_sim_time, ...) are declared, so not reported
             values[name] = given.value

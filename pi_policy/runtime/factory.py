@@ -11,8 +11,8 @@ from pi_policy.model.checkpoint import load_checkpoint
 from pi_policy.model.checkpoint_dir import resolve_assets
 from pi_policy.model.normalize import Normalizer, default_mode
 from pi_policy.model.tokenizer import load_tokenizer
-from pi_policy.runtime.expert import make_denoise
-from pi_policy.runtime.options import DEFAULT_COMPILE, DEFAULT_DENOISE, resolve_backend
+from pi_policy.runtime.expert import DenoiseChoice, make_denoise
+from pi_policy.runtime.options import DEFAULT_COMPILE, DEFAULT_DENOISE, RTCSettings, resolve_backend
 from pi_policy.runtime.prefill import make_prefill
 from pi_policy.runtime.runner import PolicyRunner
 
@@ -54,13 +54,15 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  model: PiModel | None = None, warmup: bool = True,
                  compile_stages: tuple[str, ...] | None = None, calibration=None,
                  fp8_options: dict | None = None, cuda_graphs: bool = True, prompt_format: str = "auto",
-                 require_assets: bool = True, denoise: str | None = None) -> PolicyRunner:
+                 require_assets: bool = True, denoise: str | None = None,
+                 rtc: RTCSettings | None = None) -> PolicyRunner:
     """A runner ready to serve. `backend` names the prefill (pi_policy.runtime.options; `eager` = bf16 without
     graphs or compilation). On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
     reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
     configure the fp8 prefill. Statistics, tokenizer and prompt format not given are taken from beside the
     checkpoint; `require_assets=False` (latency benchmarks) runs a checkpoint without them. denoise: bf16 (the
-    PyTorch expert, the default), triton or fp8 (the fused Triton expert, bf16 or FP8 weights)."""
+    PyTorch expert, the default), triton or fp8 (the fused Triton expert, bf16 or FP8 weights); `rtc`
+    real-time chunking (off when None; it runs on the PyTorch denoise loop)."""
     mode = resolve_backend(backend, cuda_graphs, compile_stages)
     cfg = model.cfg if model is not None else get_config(preset)
     assets = resolve_assets(cfg, checkpoint, norm_stats, tokenizer, prompt_format, require_assets)
@@ -81,11 +83,14 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
     if choice.note:
         log.warning("prefill backend: %s", choice.note)
     fused = make_denoise(denoise or DEFAULT_DENOISE, model)
+    if fused.fn is not None and rtc is not None and rtc.mode != "off":  # RTC steers the PyTorch loop
+        fused = DenoiseChoice(None, "bf16", f"denoise {denoise}: real-time chunking ({rtc.mode}) runs on the PyTorch "
+                                            "denoise loop; the fused expert is off")
     if fused.fn is not None:  # the fused expert replaces the compiled velocity
         compile_stages = tuple(s for s in compile_stages if s != "denoise")
     runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=mode.cuda_graphs,
                           prefill=choice.fn, prefill_backend=choice.name, seed=seed,
-                          compile_stages=compile_stages, denoise=fused)
+                          compile_stages=compile_stages, denoise=fused, rtc=rtc)
     runner.backend_note = "; ".join(n for n in (choice.note, fused.note) if n)
     if warmup:
         runner.warmup(progress=progress)

@@ -1,4 +1,4 @@
-"""The runtime's vocabulary: backend names, compile switches and their defaults, torch-free.
+"""The runtime's vocabulary: backend names, compile switches, real-time chunking settings, torch-free.
 
 Parameter checks, argument parsers and the launch file import this without loading torch. A backend names the
 implementation of the prefill; CUDA graphs and torch.compile are separate switches. `eager` is kept as a backend
@@ -48,3 +48,49 @@ def parse_stages(text: str | None) -> tuple[str, ...] | None:
     if bad:
         raise ValueError(f"unknown stage(s) {bad} for --compile; choose from {', '.join(STAGES)} or none")
     return stages
+
+
+RTC_MODES = ("off", "inpaint", "guided")  # real-time chunking: pi_policy.model.rtc
+PREFIX_SCHEDULES = ("zeros", "ones", "linear", "exp")
+
+
+@dataclass(frozen=True)
+class RTCSettings:
+    """How a new chunk continues the one the robot is executing (docs/smooth-control.md).
+
+    mode: off (plain denoise), inpaint (the steps executed before the chunk arrives are held to the previous
+    chunk inside the Euler loop) or guided (they are pulled there by vector-Jacobian guidance).
+    execution_horizon: steps of the new chunk pulled toward the previous one; after the frozen delay the
+    weights fall from 1 to 0 at this step, following prefix_schedule.
+    max_guidance_weight: the cap on the guidance weight (guided only; the paper's beta).
+    """
+
+    mode: str = "off"
+    execution_horizon: int = 25
+    prefix_schedule: str = "exp"
+    max_guidance_weight: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in RTC_MODES:
+            raise ValueError(f"rtc mode {self.mode!r} is not one of {', '.join(RTC_MODES)}")
+        if self.prefix_schedule not in PREFIX_SCHEDULES:
+            raise ValueError(f"prefix schedule {self.prefix_schedule!r} is not one of {', '.join(PREFIX_SCHEDULES)}")
+        if isinstance(self.execution_horizon, bool) or not isinstance(self.execution_horizon, int) \
+                or self.execution_horizon < 1:
+            raise ValueError(f"execution_horizon must be a whole number >= 1, got {self.execution_horizon!r}")
+        if not self.max_guidance_weight >= 0:
+            raise ValueError(f"max_guidance_weight must be >= 0, got {self.max_guidance_weight}")
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+
+def parse_delay(text: str) -> int | None:
+    """`inference_delay_steps` / `--delay`: 'auto' -> None (measured), or a whole number of control periods >= 0."""
+    text = str(text).strip()
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise ValueError(f"inference delay must be 'auto' or a whole number of control periods >= 0, got {text!r}")
+    return int(text)

@@ -2,6 +2,7 @@
 
 All stage inputs and outputs live in preallocated device buffers, so each stage is one CUDA graph
 (captured once at start-up) and a replay is a single launch. On CPU the same stages run eagerly.
+With real-time chunking on, the previous chunk and its weights are buffers too, read by the denoise graph.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from tqdm import tqdm
 from pi_policy.model.normalize import Normalizer
 from pi_policy.model.pi0 import PiModel
 from pi_policy.model.preprocess import pixels_to_model, resize_with_pad_tensor, to_rgb_uint8
+from pi_policy.model.rtc import RTCInputs, prefix_weights
 from pi_policy.observation import DEFAULT_CAMERAS, STAGES, LatencyRecord, Observation, PolicyOutput
 from pi_policy.runtime.expert import DenoiseChoice
+from pi_policy.runtime.options import RTCSettings
 from pi_policy.runtime.timer import StageTimer
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,7 @@ PrefillFn = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tens
 class StaticBuffers:
     """Every tensor the stages read or write, allocated once."""
 
-    def __init__(self, model: PiModel, device: torch.device, batch: int = 1):
+    def __init__(self, model: PiModel, device: torch.device, batch: int = 1, rtc: bool = False):
         cfg, dtype = model.cfg, model.dtype
         n, s, g = cfg.num_cameras, cfg.vision.image_size, cfg.llm
         kv_shape = (g.depth, batch, g.num_kv_heads, cfg.prefix_len, g.head_dim)
@@ -54,9 +57,14 @@ class StaticBuffers:
         self.kv = (z(*kv_shape), z(*kv_shape))
         self.actions = z(batch, cfg.horizon, cfg.action_dim, dt=torch.float32)
         self.inputs = ("images", "image_masks", "tokens", "token_masks", "state", "noise")
+        self.rtc_inputs = ("prev", "prev_weights", "max_weight") if rtc else ()
+        if rtc:  # the previous chunk (model action space, aligned to the new chunk's steps) and its weights
+            self.prev = z(batch, cfg.horizon, cfg.action_dim, dt=torch.float32)
+            self.prev_weights = z(cfg.horizon, cfg.action_dim, dt=torch.float32)
+            self.max_weight = z((), dt=torch.float32)
         pin = device.type == "cuda"
         self.host = {k: torch.zeros_like(getattr(self, k), device="cpu").pin_memory() if pin
-                     else torch.zeros_like(getattr(self, k), device="cpu") for k in self.inputs}
+                     else torch.zeros_like(getattr(self, k), device="cpu") for k in self.inputs + self.rtc_inputs}
         self.host_actions = torch.zeros_like(self.actions, device="cpu")
         if pin:
             self.host_actions = self.host_actions.pin_memory()
@@ -68,7 +76,7 @@ class PolicyRunner:
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, camera_names: list[str] | None = None, *,
                  cuda_graphs: bool = True, prefill: PrefillFn | None = None, prefill_backend: str = "bf16",
                  seed: int = 0, compile_stages: tuple[str, ...] = (),
-                 denoise: DenoiseChoice | None = None):
+                 denoise: DenoiseChoice | None = None, rtc: RTCSettings | None = None):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
@@ -77,11 +85,20 @@ class PolicyRunner:
         if len(self.camera_names) != cfg.num_cameras:
             raise ValueError(f"preset {cfg.name!r} takes {cfg.num_cameras} cameras, got {self.camera_names}")
         self.horizon, self.action_dim = cfg.horizon, normalizer.action_dim
-        self.buf = StaticBuffers(model, self.device)
+        self.rtc = rtc if rtc is not None and rtc.on else None
+        model.requires_grad_(False)  # inference only: guided RTC differentiates with respect to the actions alone
+        self.buf = StaticBuffers(model, self.device, rtc=self.rtc is not None)
+        self.rtc_inputs = None
+        if self.rtc is not None:
+            b = self.buf
+            self.rtc_inputs = RTCInputs(self.rtc.mode, b.prev, b.prev_weights, b.max_weight)
         self.prefill_fn = prefill or model.prefill
         self.velocity_fn = model.velocity
+        # Guided RTC backpropagates through the velocity: it uses the model's own (plain or torch.compile'd, which
+        # supports autograd), never a replacement kernel that might not.
+        self.guided_velocity_fn = model.velocity
         self.vision_fn = model.embed_images
-        self._plain = (self.vision_fn, self.prefill_fn, self.velocity_fn)
+        self._plain = (self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn)
         self.compile_note = ""
         self.compiled = tuple(compile_stages) if self.device.type == "cuda" else ()
         mode = os.environ.get("PI_POLICY_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
@@ -91,6 +108,7 @@ class PolicyRunner:
             self.prefill_fn = torch.compile(self.prefill_fn, dynamic=False, mode=mode)
         if "denoise" in self.compiled:  # one step compiled; the 10-step loop is captured in one CUDA graph
             self.velocity_fn = torch.compile(model.velocity, dynamic=False, mode=mode)
+            self.guided_velocity_fn = self.velocity_fn
         base = "bf16" if model.dtype == torch.bfloat16 else str(model.dtype).removeprefix("torch.")
         mode = "graph" if cuda_graphs and self.device.type == "cuda" else "eager"
         self.backends = {s: f"{base}-{mode}" for s in STAGES}
@@ -101,6 +119,8 @@ class PolicyRunner:
         self._torch_denoise = self.backends["denoise"]
         if self.denoise_fn is not None:
             self.backends["denoise"] = f"{denoise.name}-{mode}"
+        if self.rtc is not None:
+            self.backends["denoise"] += f"+rtc-{self.rtc.mode}"
         self.stages: dict[str, Callable[[], None]] = {
             "vision": self._vision, "embed_prefix": self._embed_prefix, "prefill": self._prefill,
             "denoise": self._denoise}
@@ -132,10 +152,13 @@ class PolicyRunner:
     @torch.no_grad()
     def _denoise(self) -> None:
         b = self.buf
-        if self.denoise_fn is not None:
+        if self.denoise_fn is not None:  # the fused expert: its own loop (no real-time chunking, see factory)
             b.actions.copy_(self.denoise_fn(b.kv, b.prefix_pad, b.state, b.noise))
-        else:
-            b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise, velocity=self.velocity_fn))
+            return
+        guided = self.rtc is not None and self.rtc.mode == "guided"
+        velocity = self.guided_velocity_fn if guided else self.velocity_fn
+        b.actions.copy_(self.model.denoise(b.kv, b.prefix_pad, b.state, b.noise, velocity=velocity,
+                                           rtc=self.rtc_inputs))
 
     # -- start-up --------------------------------------------------------------------------------
     def warmup(self, iters: int = 3, progress: bool = True) -> dict[str, float]:
@@ -194,10 +217,10 @@ class PolicyRunner:
         note = f"torch.compile failed, stages run uncompiled: {reason.splitlines()[0][:300]}"
         self.compile_note = "; ".join(n for n in (self.compile_note, note) if n)
         log.warning(note)
-        self.vision_fn, self.prefill_fn, self.velocity_fn = self._plain
+        self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn = self._plain
         for s in self.compiled:
-            self.backends[s] = self.backends[s].removesuffix("-compiled")
-        self._torch_denoise = self._torch_denoise.removesuffix("-compiled")
+            self.backends[s] = self.backends[s].replace("-compiled", "")  # denoise may end in +rtc-MODE
+        self._torch_denoise = self._torch_denoise.replace("-compiled", "")
         self.compiled = ()
 
     # -- per call --------------------------------------------------------------------------------
@@ -239,6 +262,31 @@ class PolicyRunner:
             h["noise"][0].copy_(torch.from_numpy(noise))
             self.buf.noise.copy_(h["noise"], non_blocking=True)
 
+    def load_previous_chunk(self, prev_chunk: np.ndarray | None, delay: int = 0) -> None:
+        """Stage the unexecuted rest of the chunk being executed, in robot units, row j at this observation's
+        stamp + j * control period, and the delay (steps executed before the new chunk arrives)."""
+        if self.rtc is None:
+            if prev_chunk is not None:
+                raise ValueError("a previous chunk was given, but this runner was built with real-time chunking off")
+            return
+        h, n = self.buf.host, 0
+        h["prev"].zero_()
+        h["prev_weights"].zero_()
+        if prev_chunk is not None:
+            prev = np.asarray(prev_chunk, np.float32)
+            if prev.ndim != 2 or prev.shape[1] != self.action_dim:
+                raise ValueError(f"previous chunk must have shape (steps, {self.action_dim}), got {prev.shape}")
+            if isinstance(delay, bool) or not isinstance(delay, int | np.integer) or delay < 0:
+                raise ValueError(f"delay must be a whole number of control periods >= 0, got {delay!r}")
+            n = min(len(prev), self.horizon)
+        if n:
+            h["prev"][0, :n].copy_(torch.from_numpy(self.normalizer.normalize_actions(prev[:n])))
+            w = prefix_weights(int(delay), self.rtc.execution_horizon, n, self.rtc.prefix_schedule)
+            h["prev_weights"][:n, : self.action_dim] = w[:, None]  # padded action dims are never pulled
+        h["max_weight"].fill_(self.rtc.max_guidance_weight)
+        for k in self.buf.rtc_inputs:
+            getattr(self.buf, k).copy_(h[k], non_blocking=True)
+
     def _tokenize(self, prompt: str, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -264,9 +312,13 @@ class PolicyRunner:
                 self.timer.run(name, run)
         return self.timer.read()
 
-    def infer(self, obs: Observation, noise: np.ndarray | None = None) -> PolicyOutput:
+    def infer(self, obs: Observation, noise: np.ndarray | None = None, prev_chunk: np.ndarray | None = None,
+              delay: int = 0) -> PolicyOutput:
+        """One chunk for `obs`. With real-time chunking on, `prev_chunk` (robot units) is the rest of the chunk
+        being executed and `delay` the control periods before the new one reaches the robot."""
         t0 = time.perf_counter()
         self.load_inputs(obs, noise)
+        self.load_previous_chunk(prev_chunk, delay)
         prep_ms = (time.perf_counter() - t0) * 1e3
         stages_ms = self.run_stages()
         self.buf.host_actions.copy_(self.buf.actions)

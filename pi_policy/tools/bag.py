@@ -4,6 +4,7 @@ and the exit status a CI job can trust."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pi_policy.bag.reader import BagError
 from pi_policy.bag.replay import ACTION_SOURCES, ReplaySetup
 from pi_policy.node import params as node_params
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict
+from pi_policy.runtime.options import RTC_MODES
 
 
 def add_parser(subparsers) -> None:
@@ -43,6 +45,7 @@ def add_parser(subparsers) -> None:
                         "evaluated); several bags get a report each and an aggregate report")
     add_config_arguments(e)
     add_recorded_action_arguments(e)
+    add_rtc_arguments(e)
     add_scoring_arguments(e)
     add_output_arguments(e)
     add_parallel_arguments(e)
@@ -69,6 +72,17 @@ def add_config_arguments(e: argparse.ArgumentParser) -> None:
                    help="override any node parameter (value in YAML syntax, e.g. max_observation_age_s=0.3)")
     e.add_argument("--namespace", default="/", help="the node's namespace, for its relative topic names "
                                                      "(default: %(default)s)")
+
+
+def add_rtc_arguments(e: argparse.ArgumentParser) -> None:
+    """Real-time chunking: the modes to compare, the delay, and replay in bag time."""
+    e.add_argument("--rtc", action="append", choices=RTC_MODES, default=None,
+                   help="real-time chunking mode; repeat to compare modes on one backend (default: the config's)")
+    e.add_argument("--delay", help="control periods from an observation to its chunk reaching the robot: auto "
+                                   "(measured end to end) or N (default: the config's inference_delay_steps)")
+    e.add_argument("--realtime", action="store_true",
+                   help="inference takes bag time: drop the ticks the node would drop while a slow inference runs "
+                        "(implied by --rtc)")
 
 
 def add_recorded_action_arguments(e: argparse.ArgumentParser) -> None:
@@ -137,7 +151,7 @@ def load_params(args: argparse.Namespace) -> NodeParams:
     for flag, name in (("preset", "preset"), ("device", "device"), ("checkpoint", "checkpoint"),
                        ("prompt_format", "prompt_format"),
                        ("rate", "inference_rate_hz"), ("joint_state_topic", "joint_state_topic"),
-                       ("prompt_topic", "prompt_topic")):
+                       ("prompt_topic", "prompt_topic"), ("delay", "inference_delay_steps")):
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
     try:
@@ -151,7 +165,8 @@ def load_setup(args: argparse.Namespace, params: NodeParams) -> ReplaySetup:
     config = read_eval_config(args.config)
     source = args.recorded_action_source or config.recorded_action_source
     topic = args.recorded_action_topic or config.recorded_action_topic or None
-    return ReplaySetup(params, source, topic, args.namespace, args.max_ticks)
+    return ReplaySetup(params, source, topic, args.namespace, args.max_ticks,
+                       realtime=args.realtime or bool(args.rtc))
 
 
 def make_jobs(args: argparse.Namespace, setup: ReplaySetup, backends: list[str]) -> list[BagJob]:
@@ -189,7 +204,12 @@ def run_eval_bag(args: argparse.Namespace) -> int:
         params = load_params(args)
         setup = load_setup(args, params)
         backends = args.backend or [params.backend]
-        jobs = make_jobs(args, setup, backends)
+        passes = rtc_passes(args, params, backends)
+        jobs = make_jobs(args, setup, list(passes) if passes else backends)
+        for job in jobs:
+            job.setups = {name: dataclasses.replace(setup, params=p) for name, p in passes.items()}
+            if passes:
+                job.meta["rtc_modes"] = list(passes)
         if args.ray is not None and importlib.util.find_spec("ray") is None:
             raise ModuleNotFoundError("--ray needs Ray", name="ray")
         check_bags(jobs)  # every bag against the config, before any model is built
@@ -197,6 +217,15 @@ def run_eval_bag(args: argparse.Namespace) -> int:
         return _fail(exc)
     results = run_jobs(args, jobs)
     return report_one(results[0]) if len(jobs) == 1 else report_many(args, results, backends)
+
+
+def rtc_passes(args: argparse.Namespace, params: NodeParams, backends: list[str]) -> dict[str, NodeParams]:
+    """With --rtc: one pass per real-time chunking mode, on one backend; without: none (a pass per backend)."""
+    if not args.rtc:
+        return {}
+    if len(backends) > 1:
+        raise ValueError("--rtc compares real-time chunking modes on one backend; give one --backend")
+    return {m: dataclasses.replace(params, backend=backends[0], rtc_mode=m) for m in dict.fromkeys(args.rtc)}
 
 
 def report_one(result: BagResult) -> int:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from pi_policy.model.tokenizer import PROMPT_FORMATS
 from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_model, build_runner
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, parse_stages
+from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTC_MODES, RTCSettings, parse_stages
 from pi_policy.runtime.roofline import format_roofline, measure_peaks, roofline
 from pi_policy.runtime.stats import action_accuracy, action_stats, comparison_table, stage_table, summarize
 from pi_policy.tools.flags import add_fp8_arguments, fp8_options
@@ -39,11 +39,18 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
               device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
               fp8_options: dict | None = None, roofline_peaks: dict | None = None,
-              prompt_format: str = "auto", denoise: tuple[str, ...] = ()) -> dict:
+              prompt_format: str = "auto", denoise: tuple[str, ...] = (),
+              rtc_modes: tuple[str, ...] = ()) -> dict:
     """The BENCHMARKING.md workload: each backend (x each denoise, when several are given) on the same
     observation and noise; the first configuration is the baseline of the comparison and accuracy blocks. With
     roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or {"measure": True} on a GPU) each configuration also gets
-    the roofline of its stages."""
+    the roofline of its stages.
+
+    With rtc_modes, each real-time chunking mode is timed continuing a previous chunk: the runner's own first
+    chunk with RTC_EXECUTED steps executed, and a delay of RTC_DELAY steps, so that every RTC operation runs.
+    """
+    if rtc_modes and len(denoise) > 1:
+        raise ValueError("compare real-time chunking modes with one --denoise")
     if not 1 <= cameras <= len(DEFAULT_CAMERAS):
         raise ValueError(f"--cameras must be 1..{len(DEFAULT_CAMERAS)}")
     model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)  # buffers and graphs for N views
@@ -55,16 +62,24 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
                            "batch": 1, "iters": iters, "weights": checkpoint or f"random seed {seed}"},
               "machine": machine_info(next(model.parameters()).device), "backends": {}}
-    configs = [(b, d) for b in backends for d in (denoise or (None,))]
-    for backend, den in configs:
-        name = f"{backend}/{den}" if len(denoise) > 1 else backend
+    if rtc_modes:
+        defaults = {k: v for k, v in vars(RTCSettings()).items() if k != "mode"}
+        result["workload"]["rtc"] = {"executed_steps": RTC_EXECUTED, "delay": RTC_DELAY} | defaults
+    configs = [(b, d, m) for b in backends for d in (denoise or (None,)) for m in (rtc_modes or (None,))]
+    for backend, den, mode in configs:
+        name = (f"{backend}/{den}" if len(denoise) > 1 else backend) + ("" if mode is None else f"+rtc-{mode}")
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
                               engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
                               fp8_options=fp8_options, prompt_format=prompt_format, denoise=den,
+                              rtc=RTCSettings(mode) if mode else None,
                               require_assets=False)  # timing only: no robot
         actions = runner.infer(obs, noise=noise).actions
-        records = [runner.infer(obs).latency for _ in tqdm(range(iters), desc=f"bench {name}", disable=not progress,
-                                                           leave=False)]
+        cont = {}
+        if mode not in (None, "off"):
+            cont = {"prev_chunk": actions[RTC_EXECUTED:], "delay": RTC_DELAY}
+            actions = runner.infer(obs, noise=noise, **cont).actions
+        records = [runner.infer(obs, **cont).latency
+                   for _ in tqdm(range(iters), desc=f"bench {name}", disable=not progress, leave=False)]
         entry = summarize(records) | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
                                       "actions": actions.tolist()}
         result["backends"][name] = entry
@@ -76,7 +91,7 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
         peaks = measure_peaks(device) if roofline_peaks.get("measure") else dict(roofline_peaks)
         peaks.setdefault("fp8_tflops", 2 * peaks["bf16_tflops"])  # FP8 tensor cores: twice bf16 on Hopper and Thor
         result["roofline_peaks"] = peaks
-        for (backend, den), entry in zip(configs, result["backends"].values(), strict=True):
+        for (backend, den, _), entry in zip(configs, result["backends"].values(), strict=True):
             measured = {s: entry[s]["p50"] for s in ("vision", "embed_prefix", "prefill", "denoise")}
             entry["roofline"] = roofline(cfg, measured, peaks, prefill_fp8=backend in ("fp8", "tensorrt"),
                                          denoise_fp8=den == "fp8")
@@ -84,6 +99,8 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
     for name in rest:
         result["backends"][name]["accuracy_vs_" + first] = action_accuracy(
             np.array(result["backends"][name]["actions"]), np.array(result["backends"][first]["actions"]))
+    if rtc_modes:
+        result["rtc"] = rtc_costs(result, backends, rtc_modes)
     return result
 
 
@@ -94,6 +111,19 @@ def ran_as(name: str, stage_backends: dict[str, str]) -> str:
     if dtype == "bf16":
         return name
     return dtype if name in ("bf16", "eager") else f"{name}/{dtype}"
+
+
+RTC_EXECUTED, RTC_DELAY = 5, 4  # the previous chunk bench continues: 5 steps executed, the next 4 frozen
+
+
+def rtc_costs(result: dict, backends: tuple[str, ...], modes: tuple[str, ...]) -> dict:
+    """Denoise p50 of each RTC mode per backend, and its ratio to `off` when off was timed."""
+    out = {}
+    for backend in backends:
+        ms = {m: result["backends"][f"{backend}+rtc-{m}"]["denoise"]["p50"] for m in modes}
+        out[backend] = {m: {"denoise_p50_ms": v, "vs_off": v / ms["off"] if "off" in ms and ms["off"] else None}
+                        for m, v in ms.items()}
+    return out
 
 
 def format_result(result: dict) -> str:
@@ -120,6 +150,12 @@ def format_result(result: dict) -> str:
         if "roofline" in result["backends"][name]:
             lines += ["", f"backend {name}: " + format_roofline(result["backends"][name]["roofline"],
                                                                  result["roofline_peaks"])]
+    for backend, costs in result.get("rtc", {}).items():
+        w = result["workload"]["rtc"]
+        cells = [f"{m} {c['denoise_p50_ms']:.2f} ms" + (f" ({c['vs_off']:.2f}x off)" if c["vs_off"] and m != "off"
+                                                          else "") for m, c in costs.items()]
+        lines += ["", f"real-time chunking, {backend}, denoise p50 (continuing a chunk with {w['executed_steps']} "
+                      f"steps executed, delay {w['delay']}): " + "; ".join(cells)]
     return "\n".join(lines)
 
 
@@ -138,6 +174,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="safetensors checkpoint (file or folder); default: random weights")
     p.add_argument("--prompt-format", default="auto", choices=("auto", *PROMPT_FORMATS),
                    help="how the checkpoint's trainer wrote prompts (default: detected beside it)")
+    p.add_argument("--rtc", action="append", choices=RTC_MODES,
+                   help="real-time chunking mode; repeat to compare (e.g. --rtc off --rtc inpaint --rtc guided)")
     p.add_argument("--engine", help="TensorRT engine for --backend tensorrt")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -155,7 +193,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
-                       fp8_options(args), roofline_peaks(args), args.prompt_format, tuple(args.denoise or ()))
+                       fp8_options(args), roofline_peaks(args), args.prompt_format, tuple(args.denoise or ()),
+                       tuple(dict.fromkeys(args.rtc or ())))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
