@@ -2,7 +2,9 @@
 # The GPU benchmark behind docs/performance.md. Usage: scripts/gpu_bench.sh OUT_DIR PART
 #   part a: pi0, 3 views: {bf16, fp8} prefill x {bf16 (compiled PyTorch), triton, fp8 weights} denoise, with the
 #           roofline; then pi0.5 with the PyTorch and the fused denoise
-#   part b: pi0 with 1 and 2 views; the openpi server's overhead over in-process infer; RTC denoise modes
+#   part b: pi0 with 1 and 2 views
+#   part c: where the host's time goes (1 and 3 views); the openpi server's overhead over in-process infer; the
+#           denoise cost of each real-time chunking mode
 # Every comparison's baseline (the first configuration) runs in the same process, on the same card.
 set -uo pipefail
 out=${1:?usage: gpu_bench.sh OUT_DIR a|b}; part=${2:?part a or b}; iters=${ITERS:-100}
@@ -21,13 +23,13 @@ if [ "$part" = a ]; then
 else
   bench pi0_1view --preset pi0 --cameras 1
   bench pi0_2views --preset pi0 --cameras 2
+elif [ "$part" = c ]; then
   for views in 3 1; do
     timeout 120 python scripts/host_breakdown.py --preset pi0 --cameras $views --iters 300 2>&1 | clean | tail -8 \
       | tee "$out/host_breakdown_pi0_${views}views.txt"
   done
   timeout 240 python scripts/serve_overhead.py --preset pi0 --device cuda --iters 200 --json "$out/serve_overhead_pi0.json" \
     2>&1 | clean | tail -12 | tee "$out/serve_overhead_pi0.txt"
-  if python -m pi_policy bench --help | grep -q -- '--rtc'; then
-    bench pi0_rtc --preset pi0 --rtc off --rtc inpaint --rtc guided
-  fi
+  bench pi0_rtc_inpaint --preset pi0 --rtc off --rtc inpaint
+  bench pi0_rtc_guided --preset pi0 --rtc off --rtc guided
 fi
