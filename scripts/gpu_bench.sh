@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader |
 if [ "$part" = a ]; then
   bench pi0_3views --preset pi0 --backend bf16 --backend fp8 --denoise bf16 --denoise triton --denoise fp8 --roofline
   bench pi05_3views --preset pi05 --denoise bf16 --denoise triton
-else
+elif [ "$part" = b ]; then
   bench pi0_1view --preset pi0 --cameras 1
   bench pi0_2views --preset pi0 --cameras 2
 elif [ "$part" = c ]; then
