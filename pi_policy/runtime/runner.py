@@ -65,6 +65,9 @@ class StaticBuffers:
         pin = device.type == "cuda"
         self.host = {k: torch.zeros_like(getattr(self, k), device="cpu").pin_memory() if pin
                      else torch.zeros_like(getattr(self, k), device="cpu") for k in self.inputs + self.rtc_inputs}
+        # numpy views of the pinned buffers: the per-call host copies are plain memcpys on the calling thread (a
+        # torch CPU copy of an image is split over intra-op threads, whose wake-ups stalled it for ms at p99)
+        self.host_np = {k: v.numpy() for k, v in self.host.items()}
         self.host_actions = torch.zeros_like(self.actions, device="cpu")
         if pin:
             self.host_actions = self.host_actions.pin_memory()
@@ -226,7 +229,7 @@ class PolicyRunner:
     # -- per call --------------------------------------------------------------------------------
     def load_inputs(self, obs: Observation, noise: np.ndarray | None = None) -> None:
         """Validate the observation and stage it in the device buffers (what infer does before the stages)."""
-        cfg, h = self.cfg, self.buf.host
+        cfg, h = self.cfg, self.buf.host_np
         unknown = set(obs.images) - set(self.camera_names)
         if unknown:
             raise ValueError(f"unknown camera(s) {sorted(unknown)}; this policy takes {self.camera_names}")
@@ -236,31 +239,30 @@ class PolicyRunner:
             img = obs.images.get(name)
             h["image_masks"][0, i] = img is not None
             if img is None:
-                h["images"][0, i].zero_()
+                h["images"][0, i] = 0
                 continue
             img = to_rgb_uint8(img, f"camera {name}")
             if img.shape[:2] == (size, size):
-                h["images"][0, i].copy_(torch.from_numpy(img))
+                h["images"][0, i] = img
             else:  # full-size frames are resized on the device, as part of the vision stage
                 self._to_resize.append((i, torch.from_numpy(np.ascontiguousarray(img)).to(self.device)))
         state = self.normalizer.normalize_state(np.asarray(obs.state), pad=False)
-        padded = np.zeros(cfg.action_dim, np.float32)
-        padded[: state.size] = state
-        h["state"][0].copy_(torch.from_numpy(padded))
+        h["state"][0] = 0.0
+        h["state"][0, : state.size] = state
         tokens, mask = self._tokenize(obs.prompt, state)
-        h["tokens"][0].copy_(torch.from_numpy(tokens.astype(np.int64)))
-        h["token_masks"][0].copy_(torch.from_numpy(mask))
+        h["tokens"][0] = tokens
+        h["token_masks"][0] = mask
         for k in self.buf.inputs:
             if k != "noise":
-                getattr(self.buf, k).copy_(h[k], non_blocking=True)
+                getattr(self.buf, k).copy_(self.buf.host[k], non_blocking=True)
         if noise is None:
             self.buf.noise.normal_(generator=self.generator)
         else:
             noise = np.asarray(noise, np.float32)
             if noise.shape != (cfg.horizon, cfg.action_dim):
                 raise ValueError(f"noise must have shape {(cfg.horizon, cfg.action_dim)}, got {noise.shape}")
-            h["noise"][0].copy_(torch.from_numpy(noise))
-            self.buf.noise.copy_(h["noise"], non_blocking=True)
+            h["noise"][0] = noise
+            self.buf.noise.copy_(self.buf.host["noise"], non_blocking=True)
 
     def load_previous_chunk(self, prev_chunk: np.ndarray | None, delay: int = 0) -> None:
         """Stage the unexecuted rest of the chunk being executed, in robot units, row j at this observation's
