@@ -96,11 +96,24 @@ def test_verify_needs_a_candidate_and_refuses_one_that_did_not_run(monkeypatch, 
 
 def test_denoise_backend_is_a_node_parameter():
     param = next(p for p in PARAMS if p.name == "denoise_backend")
-    assert param.default == "bf16" and "triton" in param.description and "fp8" in param.description
+    assert param.default == "auto" and "triton" in param.description and "fp8" in param.description
     base = {"joint_names": ["j1"], "preset": "tiny"}
     assert params_from_dict(base | {"denoise_backend": "fp8"}).runner_kwargs()["denoise"] == "fp8"
-    with pytest.raises(ParamError, match="denoise_backend 'int4' is not one of bf16, triton, fp8"):
+    with pytest.raises(ParamError, match="denoise_backend 'int4' is not one of auto, bf16, triton, fp8"):
         params_from_dict(base | {"denoise_backend": "int4"})
+
+
+def test_auto_is_triton_on_a_gpu_and_bf16_elsewhere_or_under_rtc():
+    from pi_policy.runtime.options import resolve_denoise
+
+    assert resolve_denoise(None, on_gpu=True) == resolve_denoise("auto", True) == "triton"
+    assert resolve_denoise("auto", on_gpu=False) == "bf16"
+    assert resolve_denoise("auto", on_gpu=True, rtc_mode="inpaint") == "bf16"
+    assert resolve_denoise("fp8", on_gpu=False) == "fp8"  # an explicit choice stays (and falls back visibly)
+    with pytest.raises(ValueError, match="unknown denoise backend 'int4'"):
+        resolve_denoise("int4", True)
+    runner = build_runner(model=two_step_model(), progress=False, warmup=False)  # CPU, default: no fallback note
+    assert runner.backend_note == "" and runner.backends["denoise"].startswith("float32")
 
 
 def test_fused_expert_on_cpu_keeps_the_model_untouched():

@@ -50,9 +50,10 @@ class NodeParams:
     backend: str = _p("bf16", "Prefill backend: bf16, eager (no CUDA graphs), fp8 or tensorrt; the other "
                               "stages run bf16 with CUDA graphs.")
     engine_path: str = _p("", "TensorRT engine for the prefill when backend is tensorrt.")
-    denoise_backend: str = _p("bf16", "Denoise backend: bf16 (the PyTorch action expert, compiled on CUDA), "
-                                      "triton (fused Triton expert, CUDA) or fp8 (fused, FP8 expert weights); a "
-                                      "fused one that cannot run falls back to bf16 with a warning.")
+    denoise_backend: str = _p("auto", "Denoise backend: auto (triton on a CUDA GPU, bf16 elsewhere or with RTC on), "
+                                      "bf16 (the PyTorch action expert, compiled on CUDA), triton (fused Triton "
+                                      "expert) or fp8 (fused, FP8 expert weights); a fused one that cannot run falls "
+                                      "back to bf16 with a warning.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")

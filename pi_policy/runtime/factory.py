@@ -12,7 +12,7 @@ from pi_policy.model.checkpoint_dir import resolve_assets
 from pi_policy.model.normalize import Normalizer, default_mode
 from pi_policy.model.tokenizer import load_tokenizer
 from pi_policy.runtime.expert import DenoiseChoice, make_denoise
-from pi_policy.runtime.options import DEFAULT_COMPILE, DEFAULT_DENOISE, RTCSettings, resolve_backend
+from pi_policy.runtime.options import DEFAULT_COMPILE, RTCSettings, resolve_backend, resolve_denoise
 from pi_policy.runtime.prefill import make_prefill
 from pi_policy.runtime.runner import PolicyRunner
 
@@ -82,7 +82,8 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
         compile_stages = tuple(s for s in compile_stages if s != "prefill")
     if choice.note:
         log.warning("prefill backend: %s", choice.note)
-    fused = make_denoise(denoise or DEFAULT_DENOISE, model)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    fused = make_denoise(resolve_denoise(denoise, on_gpu, rtc.mode if rtc is not None else "off"), model)
     if fused.fn is not None and rtc is not None and rtc.mode != "off":  # RTC steers the PyTorch loop
         fused = DenoiseChoice(None, "bf16", f"denoise {denoise}: real-time chunking ({rtc.mode}) runs on the PyTorch "
                                             "denoise loop; the fused expert is off")

@@ -15,8 +15,20 @@ PREFILL_BACKENDS = ("bf16", "fp8", "tensorrt")
 BACKEND_CHOICES = (*PREFILL_BACKENDS, "eager")  # what --backend and the `backend` parameter accept
 # The denoise loop: bf16 is the PyTorch action expert (torch.compile'd on CUDA); triton and fp8 are the fused Triton
 # expert with bf16 or FP8 (e4m3, per-output-channel) weights.
-DENOISE_BACKENDS = ("bf16", "triton", "fp8")
-DEFAULT_DENOISE = "bf16"  # measured: the fused kernels do not beat the compiled PyTorch expert yet
+# auto: triton on a CUDA GPU (measured faster than the compiled PyTorch expert, same accuracy: docs/performance.md),
+# bf16 elsewhere and under real-time chunking (which steers the PyTorch loop).
+DENOISE_BACKENDS = ("auto", "bf16", "triton", "fp8")
+DEFAULT_DENOISE = "auto"
+
+
+def resolve_denoise(name: str | None, on_gpu: bool, rtc_mode: str = "off") -> str:
+    """The denoise backend `auto` (or None) stands for here; any other name as given."""
+    name = name or DEFAULT_DENOISE
+    if name not in DENOISE_BACKENDS:
+        raise ValueError(f"unknown denoise backend {name!r}; choose one of {', '.join(DENOISE_BACKENDS)}")
+    if name == "auto":
+        return "triton" if on_gpu and rtc_mode == "off" else "bf16"
+    return name
 # Measured on an H100 (docs/performance.md): compiling prefill and denoise halves them; vision is faster uncompiled.
 DEFAULT_COMPILE = ("prefill", "denoise")
 

@@ -165,7 +165,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
                    help="repeat to compare (the first is the baseline); default bf16 (float32 on a CPU)")
     p.add_argument("--denoise", action="append", choices=DENOISE_BACKENDS,
-                   help="denoise: bf16 (PyTorch, the default), triton or fp8 (fused Triton expert); repeat to "
+                   help="denoise: auto (the default: triton on a GPU, else bf16), bf16 (PyTorch), triton or fp8 (fused "
+                        "Triton expert); repeat to "
                         "compare (the first is the baseline)")
     p.add_argument("--cameras", type=int, default=3, help="camera views the runner is built for, 1-3 (default 3)")
     p.add_argument("--iters", type=int, default=200, help="timed inferences per backend (default: %(default)s)")

@@ -81,8 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: %(default)s)")
     p.add_argument("--out", default="reports/demo", help="where the generated bag and its report go")
     p.add_argument("--no-bag", action="store_true", help="skip the rosbag replay")
-    p.add_argument("--denoise", choices=DENOISE_BACKENDS, default="bf16",
-                   help="bf16 (PyTorch, the default), triton or fp8 (fused Triton expert)")
+    p.add_argument("--denoise", choices=DENOISE_BACKENDS, default="auto",
+                   help="auto (the default: triton on a GPU, else bf16), bf16 (PyTorch), triton or fp8 (fused "
+                        "Triton expert)")
     p.set_defaults(func=run)
 
 

@@ -21,7 +21,7 @@ from pi_policy.model.checkpoint import weights_fingerprint
 from pi_policy.observation import Observation
 from pi_policy.runtime import build_model, build_runner
 from pi_policy.runtime.expert import NAMES
-from pi_policy.runtime.options import DENOISE_BACKENDS, PREFILL_BACKENDS
+from pi_policy.runtime.options import PREFILL_BACKENDS
 from pi_policy.runtime.stats import relative_error
 from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, fp8_options
 from pi_policy.tools.synthetic import sample_observations
@@ -87,8 +87,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
            cameras: int | None = None, prompt_format: str = "auto", denoise: str = "bf16") -> dict:
     """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error).
     The baseline always runs the PyTorch denoise; `denoise` is the candidate's."""
-    if denoise not in DENOISE_BACKENDS:
-        raise VerifyError(f"unknown denoise {denoise!r}; choose one of {DENOISE_BACKENDS}")
+    if denoise not in NAMES and denoise != "bf16":
+        raise VerifyError(f"unknown denoise {denoise!r}; choose one of bf16, {', '.join(NAMES)}")
     if backend == "bf16" and denoise == "bf16":
         raise VerifyError("nothing to compare: the candidate is the baseline (give --backend fp8|tensorrt or "
                           "--denoise triton|fp8)")
@@ -209,7 +209,7 @@ def add_parser(subparsers) -> None:
     add_model_arguments(v)
     v.add_argument("--backend", required=True, choices=CANDIDATES,
                    help="the candidate's prefill (bf16: unchanged, to verify a --denoise alone)")
-    v.add_argument("--denoise", default="bf16", choices=DENOISE_BACKENDS,
+    v.add_argument("--denoise", default="bf16", choices=["bf16", *NAMES],
                    help="the candidate's denoise: bf16 (PyTorch, as the baseline), triton or fp8 (fused expert)")
     v.add_argument("--engine", default=None, help="TensorRT engine (for --backend tensorrt)")
     v.add_argument("--max-rel-error", type=float, default=0.03, help="fail above this action relative error")

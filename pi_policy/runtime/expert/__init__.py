@@ -16,7 +16,7 @@ from pi_policy.runtime.options import DENOISE_BACKENDS
 
 log = logging.getLogger(__name__)
 
-DENOISE = DENOISE_BACKENDS
+DENOISE = tuple(n for n in DENOISE_BACKENDS if n != "auto")  # what make_denoise builds (auto is resolved)
 NAMES = {"triton": "triton", "fp8": "fp8w"}  # the denoise stage's backend name (fp8w: FP8 weights only)
 
 
