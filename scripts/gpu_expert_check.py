@@ -27,6 +27,7 @@ from pi_policy.runtime.expert import kernels  # noqa: E402
 from pi_policy.runtime.expert.fused import FusedExpert  # noqa: E402
 from pi_policy.runtime.factory import build_model  # noqa: E402
 from pi_policy.runtime.stats import action_accuracy  # noqa: E402
+from pi_policy.runtime.timer import graph_replay_times  # noqa: E402
 
 RESULTS: dict = {}
 DEVICE = "cuda"  # --device cpu (with TRITON_INTERPRET=1 and a tiny preset) smoke-tests this script
@@ -42,26 +43,7 @@ def graph_ms(fn, iters: int) -> float:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    times = graph_replay_times(fn, iters, warmup=2)
     return statistics.median(times)
 
 

@@ -25,6 +25,7 @@ from pi_policy.model.checkpoint import weights_fingerprint  # noqa: E402
 from pi_policy.runtime import build_model  # noqa: E402
 from pi_policy.runtime.prefill.fp8 import build_fp8_prefill, fp8_supported, shape_key  # noqa: E402
 from pi_policy.runtime.prefill.fp8_probe import probe_fp8_shapes  # noqa: E402
+from pi_policy.runtime.timer import graph_replay_times  # noqa: E402
 from pi_policy.tools.verify import format_report, verify, write_report  # noqa: E402
 
 
@@ -34,23 +35,8 @@ def log(msg: str) -> None:
 
 def time_prefill(fn, embs, pad, kv, iters: int) -> dict:
     """One CUDA graph of a whole prefill, replayed `iters` times; per-replay ms (p50, p99) from CUDA events."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        for _ in range(3):
-            fn(embs, pad, kv)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), torch.no_grad():
-        fn(embs, pad, kv)
-    times = []
-    for _ in range(iters):
-        b, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        b.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(b.elapsed_time(e))
+    with torch.no_grad():
+        times = graph_replay_times(lambda: fn(embs, pad, kv), iters)
     times.sort()
     return {"p50_ms": times[len(times) // 2], "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))]}
 

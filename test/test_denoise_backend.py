@@ -1,33 +1,20 @@
 """Choosing the denoise backend: runner, bench, verify and the node parameter; the fused path and its fallbacks
 are visible in the stage backend names. The fused kernels run under Triton's CPU interpreter here."""
 
-import importlib
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
+from interpreted_kernels import few_programs  # noqa: F401 - first: sets up Triton's interpreter
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before their module is imported
-pytest.importorskip("triton")
-if "pi_policy.runtime.expert.kernels" in sys.modules:
-    importlib.reload(sys.modules["pi_policy.runtime.expert.kernels"])
-
-from pi_policy.model import PiModel, get_config, init_random  # noqa: E402
-from pi_policy.node.params import PARAMS, ParamError, params_from_dict  # noqa: E402
-from pi_policy.observation import DEFAULT_CAMERAS  # noqa: E402
-from pi_policy.runtime import build_runner  # noqa: E402
-from pi_policy.runtime.expert import kernels  # noqa: E402
-from pi_policy.tools.bench import synthetic_observation  # noqa: E402
-from pi_policy.tools.cli import main  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _few_programs(monkeypatch):
-    """Large tiles: the interpreter's cost is per program."""
-    monkeypatch.setitem(kernels.TILES, "attn", dict(bm=64, bn=64, bs=64, chunk=128, warps=4, stages=1, tokens=64))
+from pi_policy.model import PiModel, get_config, init_random
+from pi_policy.node.params import PARAMS, ParamError, params_from_dict
+from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.runtime import build_runner
+from pi_policy.runtime.expert import kernels
+from pi_policy.tools.cli import main
+from pi_policy.tools.synthetic import synthetic_observation
 
 
 def two_step_model() -> PiModel:

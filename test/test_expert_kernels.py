@@ -1,31 +1,17 @@
 """The fused action expert's Triton kernels, under Triton's CPU interpreter, against the PyTorch reference layers."""
 
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreted_kernels import few_programs  # noqa: F401 - first: sets up Triton's interpreter
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: before their module is imported
-pytest.importorskip("triton")
-if "pi_policy.runtime.expert.kernels" in sys.modules:
-    importlib.reload(sys.modules["pi_policy.runtime.expert.kernels"])
-
-from pi_policy.model import PiModel, get_config, init_random  # noqa: E402
-from pi_policy.model.gemma import GemmaBlock  # noqa: E402
-from pi_policy.model.layers import RMSNorm, attention  # noqa: E402
-from pi_policy.runtime.expert import kernels  # noqa: E402
-from pi_policy.runtime.expert.fused import FusedExpert, dequantize, pack  # noqa: E402
-from pi_policy.runtime.prefill.fp8 import FP8  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _few_programs(monkeypatch):
-    """Large tiles: the interpreter's cost is per program."""
-    monkeypatch.setitem(kernels.TILES, "attn", dict(bm=64, bn=64, bs=64, chunk=128, warps=4, stages=1, tokens=64))
-    monkeypatch.setitem(kernels.TILES, "gate_up", dict(bn=64, bk=64, warps=4, stages=1))
+from pi_policy.model import PiModel, get_config, init_random
+from pi_policy.model.gemma import GemmaBlock
+from pi_policy.model.layers import RMSNorm, attention
+from pi_policy.runtime.expert import kernels
+from pi_policy.runtime.expert.fused import FusedExpert, dequantize, pack
+from pi_policy.runtime.prefill.fp8 import FP8
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -58,3 +58,27 @@ def time_graph(fn, iters: int) -> float:
     end.record()
     end.synchronize()
     return begin.elapsed_time(end) / iters
+
+
+def graph_replay_times(fn, iters: int, warmup: int = 3) -> list[float]:
+    """Milliseconds of each of `iters` replays of one CUDA graph holding one call of fn (after warm-up calls on a
+    side stream): the distribution, for p50 and p99."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        begin.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return times
