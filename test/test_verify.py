@@ -70,7 +70,7 @@ def test_build_engine_writes_onnx_and_fails_without_an_engine(tmp_path, capsys):
     assert "onnx.checker passed" in captured.out
     assert "2/2 layers" in captured.out
     assert "error: no engine built" in captured.err and "--onnx-only" in captured.err
-    assert captured.err.count("\n") == 1
+    assert captured.err.count("error:") == 1  # one line (log warnings may share stderr under ROS's launch)
     assert cli("build-engine", "--out", str(tmp_path / "o"), "--no-progress", "--device", "cpu", "--onnx-only") == 0
 
 
