@@ -271,9 +271,9 @@ class PolicyRunner:
             if prev_chunk is not None:
                 raise ValueError("a previous chunk was given, but this runner was built with real-time chunking off")
             return
-        h, n = self.buf.host, 0
-        h["prev"].zero_()
-        h["prev_weights"].zero_()
+        h, n = self.buf.host_np, 0
+        h["prev"][:] = 0.0
+        h["prev_weights"][:] = 0.0
         if prev_chunk is not None:
             prev = np.asarray(prev_chunk, np.float32)
             if prev.ndim != 2 or prev.shape[1] != self.action_dim:
@@ -282,12 +282,12 @@ class PolicyRunner:
                 raise ValueError(f"delay must be a whole number of control periods >= 0, got {delay!r}")
             n = min(len(prev), self.horizon)
         if n:
-            h["prev"][0, :n].copy_(torch.from_numpy(self.normalizer.normalize_actions(prev[:n])))
+            h["prev"][0, :n] = self.normalizer.normalize_actions(prev[:n])
             w = prefix_weights(int(delay), self.rtc.execution_horizon, n, self.rtc.prefix_schedule)
-            h["prev_weights"][:n, : self.action_dim] = w[:, None]  # padded action dims are never pulled
-        h["max_weight"].fill_(self.rtc.max_guidance_weight)
+            h["prev_weights"][:n, : self.action_dim] = w[:, None].numpy()  # padded action dims are never pulled
+        h["max_weight"][...] = self.rtc.max_guidance_weight
         for k in self.buf.rtc_inputs:
-            getattr(self.buf, k).copy_(h[k], non_blocking=True)
+            getattr(self.buf, k).copy_(self.buf.host[k], non_blocking=True)
 
     def _tokenize(self, prompt: str, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(prompt, str):
@@ -340,9 +340,6 @@ def settle_host() -> None:
             pass
     gc.collect()
     gc.freeze()
-    if not _unfreeze_at_exit:
-        atexit.register(gc.unfreeze)  # frozen objects are never finalized; extension modules complain at exit
-        _unfreeze_at_exit.append(True)
 
 
-_unfreeze_at_exit: list[bool] = []
+atexit.register(gc.unfreeze)  # frozen objects are never finalized: extension modules complain at exit
