@@ -96,6 +96,7 @@ class BagResult:
     verdict: str | None = None  # scored_verdict: too few ticks scored
     error: str | None = None  # the bag could not be evaluated
     written: dict[str, int] = field(default_factory=dict)  # --write-bag: topic -> messages
+    logs: list[tuple[str, int, str]] = field(default_factory=list)  # (logger, level, message) from a Ray task
 
 
 class PolicyCache:

@@ -17,7 +17,7 @@ from pi_policy.observation import STAGES, LatencyRecord
 class Output:
     """What the node published at one tick, for --write-bag."""
 
-    log_ns: int  # tick time plus the inference's host latency
+    log_ns: int  # tick time plus the inference's time: simulated in a realtime replay, else its host latency
     trajectory: object | None  # trajectory_msgs/JointTrajectory
     diagnostics: object | None  # diagnostic_msgs/DiagnosticArray
 

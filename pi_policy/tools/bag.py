@@ -17,7 +17,7 @@ from pi_policy.bag.parallel import run_local, run_ray
 from pi_policy.bag.passes import ReplayPass, plan_passes
 from pi_policy.bag.preflight import BagMismatch
 from pi_policy.bag.reader import BagError
-from pi_policy.bag.setup import ACTION_SOURCES, ReplaySetup
+from pi_policy.bag.setup import ACTION_SOURCES, InferenceTime, ReplaySetup, bench_latency
 from pi_policy.node import params as node_params
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict
 from pi_policy.runtime.options import RTC_MODES
@@ -75,14 +75,23 @@ def add_config_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def add_rtc_arguments(e: argparse.ArgumentParser) -> None:
-    """Real-time chunking: the modes to compare, the delay, and replay in bag time."""
+    """Real-time chunking: the modes to compare, the delay, and how long inference takes in bag time."""
     e.add_argument("--rtc", action="append", choices=RTC_MODES, default=None,
-                   help="real-time chunking mode; repeat to compare modes on one backend (default: the config's)")
+                   help="real-time chunking mode; repeat to compare modes on one backend (default: the config's). "
+                        "Inference then takes bag time: --latency-ms, --latency-from, else the config's "
+                        "latency_budget_ms")
     e.add_argument("--delay", help="control periods from an observation to its chunk reaching the robot: auto "
                                    "(measured end to end) or N (default: the config's inference_delay_steps)")
-    e.add_argument("--realtime", action="store_true",
-                   help="inference takes bag time: drop the ticks the node would drop while a slow inference runs "
-                        "(implied by --rtc)")
+    latency = e.add_mutually_exclusive_group()
+    latency.add_argument("--latency-ms", type=float, metavar="MS",
+                         help="each inference takes MS of bag time: a tick that comes while the previous one runs is "
+                              "dropped, as the node drops it; the same ticks on any machine")
+    latency.add_argument("--latency-from", metavar="BENCH_JSON[:CONFIG]",
+                         help="as --latency-ms, with the host p50 a `pi-policy bench --json` file measured (its first "
+                              "configuration, or CONFIG), e.g. the robot's GPU")
+    latency.add_argument("--realtime", action="store_true",
+                         help="as --latency-ms, with each inference's latency measured on this machine: the result "
+                              "depends on this machine's speed and load")
 
 
 def add_recorded_action_arguments(e: argparse.ArgumentParser) -> None:
@@ -107,6 +116,8 @@ def add_output_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--out", default="reports/eval-bag",
                    help="report folder; with several bags, one subfolder per bag plus the aggregate report "
                         "(default: %(default)s)")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are off anyway when stderr is not a terminal)")
     e.add_argument("--write-bag", metavar="OUT",
                    help="also write the published chunks and latency to a new bag (with several bags: OUT/<bag>)")
     e.add_argument("--write-bag-storage", choices=sorted(STORAGES), default="mcap",
@@ -165,8 +176,20 @@ def load_setup(args: argparse.Namespace, params: NodeParams) -> ReplaySetup:
     config = read_eval_config(args.config)
     source = args.recorded_action_source or config.recorded_action_source
     topic = args.recorded_action_topic or config.recorded_action_topic or None
-    return ReplaySetup(params, source, topic, args.namespace, args.max_ticks,
-                       realtime=args.realtime or bool(args.rtc))
+    return ReplaySetup(params, source, topic, args.namespace, args.max_ticks, inference_time(args, params))
+
+
+def inference_time(args: argparse.Namespace, params: NodeParams) -> InferenceTime:
+    """How long inference takes in bag time: as the flags say; with --rtc and none of them, latency_budget_ms."""
+    if args.latency_ms is not None:
+        return InferenceTime("fixed", args.latency_ms, "--latency-ms")
+    if args.latency_from:
+        return bench_latency(args.latency_from)
+    if args.realtime:
+        return InferenceTime("host")
+    if args.rtc:
+        return InferenceTime("fixed", params.latency_budget_ms, "latency_budget_ms")
+    return InferenceTime()
 
 
 def make_jobs(args: argparse.Namespace, setup: ReplaySetup, passes: list[ReplayPass]) -> list[BagJob]:
@@ -195,10 +218,10 @@ def make_jobs(args: argparse.Namespace, setup: ReplaySetup, passes: list[ReplayP
 def run_jobs(args: argparse.Namespace, jobs: list[BagJob]) -> list[BagResult]:
     if args.ray is not None:
         return list(run_ray(jobs, None if args.ray == "local" else args.ray, args.workers if args.workers > 1
-                            else None))
+                            else None, progress=not args.no_progress))
     if args.write_bag and len(jobs) > 1:
         Path(args.write_bag).mkdir(parents=True)
-    return list(run_local(jobs, args.workers))
+    return list(run_local(jobs, args.workers, progress=not args.no_progress))
 
 
 def run_eval_bag(args: argparse.Namespace) -> int:

@@ -69,7 +69,7 @@ def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, prog
     settings = ReplaySetup(params, action_topic=ACTION_TOPIC)
     ev = evaluate(bag, settings, lambda backend: runner, [runner.backends["prefill"]], progress=progress)
     metrics = write_report(ev, out / "report", meta={"command": "pi-policy demo", "preset": preset,
-                                                     "device": device, "seed": seed})
+                                                     "checkpoint": None, "device": device, "seed": seed})
     print(format_summary(metrics, out / "report"))
     return metrics
 
