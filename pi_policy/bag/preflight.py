@@ -32,7 +32,7 @@ def preflight(info: BagInfo, setup: ReplaySetup) -> list[str]:
     problems: list[str] = []
     notes: list[str] = []
     params = setup.params
-    required = set(setup.required_cameras)
+    required = setup.required_cameras
     images = _topics_of(info, IMAGE, COMPRESSED)
     for cam, topic in setup.cameras.items():
         problem = _topic_problem(info, topic, (image_type(topic),), images, "image")

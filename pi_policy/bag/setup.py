@@ -126,8 +126,8 @@ class ReplaySetup:
 
     @property
     def required_cameras(self) -> list[str]:
-        """The cameras without which a tick is skipped: the configured ones, or every camera when none is."""
-        return list(self.params.required_cameras) or list(self.params.camera_names)
+        """The cameras without which a tick is skipped (pi_policy.cameras: empty configured = every camera)."""
+        return list(self.params.camera_set().required)
 
     @property
     def joint_states_topic(self) -> str:
