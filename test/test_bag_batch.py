@@ -113,7 +113,7 @@ def test_one_bad_bag_fails_the_batch_before_any_model(fleet, tmp_path, capsys, m
     assert main(["eval-bag", str(fleet), str(tmp_path / "broken"), *ARGS, "--out", str(tmp_path / "r"),
                  "--set", "joint_names=[waist, elbo]"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: 4 of 4 bags cannot be evaluated:")
+    assert err.startswith("pi-policy eval-bag: error: 4 of 4 bags cannot be evaluated:")
     assert err.count("joint states: missing joints elbo") == 3 and "cannot read bag" in err
 
 

@@ -223,10 +223,10 @@ def test_empty_and_unreadable_bags_fail_with_one_line(tmp_path, capsys):
         inspect_bag(tmp_path / "empty")
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "metadata.yaml").write_text("this: [is not a bag")
-    for path in ("empty", "garbage", "missing"):
+    for path, status in (("empty", 1), ("garbage", 1), ("missing", 2)):  # a bag that is not there: a usage error
         code = main(["eval-bag", str(tmp_path / path), "--config", CONFIG, "--out", str(tmp_path / "r")])
         err = capsys.readouterr().err
-        assert code == 1 and err.startswith("error:") and err.count("\n") == 1, err
+        assert code == status and err.startswith("pi-policy eval-bag: error:") and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
 
 

@@ -162,17 +162,18 @@ def test_eval_bag_compares_rtc_modes_side_by_side(bag, tmp_path, capsys):
     assert m["backends"]["inpaint"]["stage_backends"]["denoise"].endswith("+rtc-inpaint")
     assert "executed (delay 3, inference time 100 ms per inference (latency_budget_ms))" in printed
     assert (out / "executed.png").stat().st_size > 0
+    assert "off ran " in printed and " CPU thread" in printed  # what ran each pass, and on how many threads
 
 
 def test_eval_bag_rtc_takes_one_backend(bag, tmp_path, capsys):
     code = main(["eval-bag", str(bag), "--config", "config/demo_bag.yaml", "--rtc", "off", "--backend", "bf16",
                  "--backend", "eager", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert code == 1 and "one --backend" in err and err.count("\n") == 1
+    assert code == 2 and "one --backend" in err and err.count("\n") == 1  # flags that exclude each other
     code = main(["eval-bag", str(bag), "--config", "config/demo_bag.yaml", "--delay", "soon",
                  "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert code == 1 and "inference_delay_steps" in err
+    assert code == 1 and "inference_delay_steps" in err  # a parameter value the node refuses
 
 
 def test_eval_bag_scores_the_same_ticks_with_a_cpu_hog_running(bag, tmp_path):

@@ -50,8 +50,10 @@ def test_cli_exit_status_and_json(tmp_path, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_fallen_back_candidate_is_an_error(capsys):
-    assert cli("verify", "--backend", "tensorrt", "--engine", "prefill.engine", "--no-progress", "--device", "cpu") == 2
+def test_fallen_back_candidate_is_an_error(capsys, tmp_path):
+    (tmp_path / "prefill.engine").write_bytes(b"not an engine")  # TensorRT cannot load it: the prefill falls back
+    assert cli("verify", "--backend", "tensorrt", "--engine", str(tmp_path / "prefill.engine"), "--no-progress",
+               "--device", "cpu") == 1  # a failed run
     assert "did not run" in capsys.readouterr().err
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import multiprocessing as mp
-import os
 from collections.abc import Iterator
 
 from pi_policy.bag.batch import BagJob, BagResult, PolicyCache, evaluate_job
 from pi_policy.progress import progress_bar
+from pi_policy.runtime.threads import resolve_threads
 
 # -- worker processes ---------------------------------------------------------------------------------------------
 
@@ -24,10 +24,7 @@ def _init_worker(counter, devices: list[str], log_queue, threads: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]  # the parent prints each warning once
     root.setLevel(logging.WARNING)
-    import torch
-
-    torch.set_num_threads(threads)
-    _POLICIES = PolicyCache(devices[index % len(devices)] if devices else None, progress=False)
+    _POLICIES = PolicyCache(devices[index % len(devices)] if devices else None, progress=False, threads=threads)
 
 
 def _run_in_worker(job: BagJob) -> BagResult:
@@ -57,7 +54,7 @@ def run_local(jobs: list[BagJob], workers: int = 1, progress: bool = True) -> It
     counter, log_queue = ctx.Value("i", 0), ctx.Queue()
     listener = logging.handlers.QueueListener(log_queue, *logging.getLogger().handlers, respect_handler_level=True)
     listener.start()
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, resolve_threads(0) // workers)  # the automatic count, shared; --threads sets each worker's
     devices = worker_devices(jobs[0].setup.params.device, workers)
     try:
         with ctx.Pool(workers, _init_worker, (counter, devices, log_queue, threads)) as pool:

@@ -151,7 +151,7 @@ def replay(bag: str | Path, setup: ReplaySetup, policy: Policy, actions: ActionS
         rec.score(assembled.observation.stamp, assembled.age_s, chunk, target, ok, result.output.latency)
     bar.close()
     stream.close()  # messages after the last tick cannot change any tick
-    return rec.replay(feeder.topics, feeder.arrival)
+    return rec.replay(feeder.topics, feeder.arrival, getattr(policy, "threads", None))
 
 
 @dataclass

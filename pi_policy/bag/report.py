@@ -65,7 +65,8 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
             "observation_age_ms": percentiles(first.obs_age_s * 1e3),
         },
         "backends": {r.name: summarize(r.trace, first_k) | {
-            "stage_backends": r.stage_backends, "skipped_details": reason_details(r.skipped, r.tick_times, t0)}
+            "stage_backends": r.stage_backends, "threads": r.threads,
+            "skipped_details": reason_details(r.skipped, r.tick_times, t0)}
             for r in ev.replays},
         "comparison": [compare(r.trace, first.trace) for r in ev.replays[1:]],
         "execution": execution_metrics(ev),

@@ -6,6 +6,8 @@ The terminal summary and the HTML page both print these lines, from a report's m
 
 from __future__ import annotations
 
+from pi_policy.runtime.stats import threads_text
+
 
 def _time(t: float) -> str:
     """Seconds with two decimals, or three where the milliseconds matter (2.015, not 2.02)."""
@@ -88,7 +90,8 @@ def ran_lines(backends: dict) -> list[str]:
         labels = set(stages.values())
         ran = next(iter(labels)) + " (every stage)" if len(labels) == 1 else \
             ", ".join(f"{stage} {label}" for stage, label in stages.items())
-        lines.append(f"{name} ran {ran}")
+        threads = b.get("threads")
+        lines.append(f"{name} ran {ran}" + (f", {threads_text(threads)}" if threads else ""))
     return lines
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class NodeParams:
                                            "runner is built for the subscribed ones only.")
     action_dim: int = _p(0, "Robot action dims (unpadded); 0 = the model's.")
     seed: int = _p(0, "Seed for random weights and the denoising noise.")
+    threads: int = _p(0, "PyTorch CPU threads; 0 = a quarter of the usable cores, 1 to 4 (more threads stall when "
+                         "other programs share the cores).")
     warmup: bool = _p(True, "Warm up (and capture CUDA graphs) while configuring, before serving.")
     # inputs
     camera_names: list[str] = _p(list(DEFAULT_CAMERAS),
@@ -174,7 +177,7 @@ class NodeParams:
                           tokenizer=self.tokenizer or None, prompt_format=self.prompt_format, seed=self.seed,
                           cameras=self.camera_set(), action_dim=self.action_dim or None, device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
-                          rtc=self.rtc_settings(), warmup=self.warmup)
+                          rtc=self.rtc_settings(), threads=self.threads, warmup=self.warmup)
 
 
 def is_compressed_topic(topic: str) -> bool:
@@ -201,7 +204,7 @@ class ParamError(ValueError):
     pass
 
 
-def _check_type(p: Param, value: Any) -> Any:
+def _check_type(p: Param, value: Any, empty_ok: bool = False) -> Any:
     def bad(expected: str) -> ParamError:
         return ParamError(f"parameter '{p.name}' must be {expected}, got {value!r} ({type(value).__name__})")
 
@@ -231,15 +234,18 @@ def _check_type(p: Param, value: Any) -> Any:
             value = [float(v) for v in value]  # integers are doubles, as for a double
             if not all(math.isfinite(v) for v in value):
                 raise bad("a list of finite numbers")
-        if not value:
+        if not value and not (empty_ok and p.default == []):
             raise ParamError(f"parameter '{p.name}' is an empty list, which ROS parameter files cannot hold; "
                              "leave it out to keep its default")
         value = list(value)
     return value
 
 
-def params_from_dict(values: dict[str, Any]) -> NodeParams:
-    """Defaults overlaid with `values` (parameter name -> value), type-checked, then validated."""
+def params_from_dict(values: dict[str, Any], command_line: Collection[str] = ()) -> NodeParams:
+    """Defaults overlaid with `values` (parameter name -> value), type-checked, then validated.
+
+    `command_line`: the names whose values the command line set (--set): there an empty list, which a ROS
+    parameter file cannot hold, is allowed where it is the default (`--set required_cameras=[]`: every camera)."""
     errors = []
     checked = {}
     for name, value in values.items():
@@ -248,7 +254,7 @@ def params_from_dict(values: dict[str, Any]) -> NodeParams:
             errors.append(f"unknown parameter '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             continue
         try:
-            checked[name] = _check_type(_BY_NAME[name], value)
+            checked[name] = _check_type(_BY_NAME[name], value, empty_ok=name in command_line)
         except ParamError as e:
             errors.append(str(e))
     if errors:

@@ -17,6 +17,7 @@ from pi_policy.runtime.expert import make_denoise
 from pi_policy.runtime.prefill import make_prefill
 from pi_policy.runtime.runner import PolicyRunner
 from pi_policy.runtime.spec import RunnerSpec
+from pi_policy.runtime.threads import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def build_model(spec: RunnerSpec | None = None, *, dtype: torch.dtype | None = N
     buffer, graph and engine shape, does.
     """
     spec = (spec or RunnerSpec()).replace(**changes).validate()
+    apply_threads(spec.threads)  # random init and checkpoint conversion run on the CPU too
     cfg = get_config(spec.preset, num_cameras=spec.num_cameras)
     dev = resolve_device(spec.device)
     with torch.device(dev):
@@ -59,6 +61,7 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     FP8 static scales computed in this process (sample prefixes), in place of the spec's calibration file.
     """
     spec = (spec or RunnerSpec()).replace(**changes).validate()
+    threads = apply_threads(spec.threads)
     if model is not None and model.cfg.num_cameras != spec.num_cameras:
         raise ValueError(f"the model is built for {model.cfg.num_cameras} cameras, the runner would serve "
                          f"{list(spec.cameras.served)}")
@@ -83,7 +86,7 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
             log.warning(c.note)
     runner = PolicyRunner(model, tok, normalizer, spec.cameras, choices, prefill=prefill.fn,
                           denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc)
-    runner.spec = spec
+    runner.spec, runner.threads = spec, threads
     if spec.warmup:
         runner.warmup(progress=spec.progress)
     return runner

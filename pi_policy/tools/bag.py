@@ -13,12 +13,12 @@ from pi_policy.bag.demo_bag import STORAGES, DemoSpec, write_demo_bag
 from pi_policy.bag.eval_config import read_eval_config
 from pi_policy.bag.parallel import run_local, run_ray
 from pi_policy.bag.passes import ReplayPass, plan_passes
-from pi_policy.bag.preflight import BagMismatch
 from pi_policy.bag.reader import BagError
 from pi_policy.bag.setup import ACTION_SOURCES, InferenceTime, ReplaySetup, bench_latency
 from pi_policy.node import params as node_params
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict
 from pi_policy.runtime.options import RTC_MODES
+from pi_policy.tools.errors import FINDING, UsageError, existing, new_output, report
 from pi_policy.tools.flags import CONFIG_FLAGS, add_config_overrides, param_overrides
 
 
@@ -125,17 +125,18 @@ def add_parallel_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def run_make_demo_bag(args: argparse.Namespace) -> int:
-    try:
-        path = write_demo_bag(args.out, args.storage, DemoSpec(duration_s=args.duration, seed=args.seed))
-    except (ValueError, OSError) as exc:
-        return _fail(exc)
+    new_output(args.out, "output bag directory")
+    if not args.duration > 0:
+        raise UsageError(f"--duration must be positive, got {args.duration}")
+    path = write_demo_bag(args.out, args.storage, DemoSpec(duration_s=args.duration, seed=args.seed))
     print(f"wrote {path} ({args.storage}, {args.duration:g} s)")
     return 0
 
 
 def load_params(args: argparse.Namespace) -> NodeParams:
     """The config file with the command line's overrides applied, type-checked and validated as the node does."""
-    values = node_params.read_param_values(args.config) | param_overrides(args, repeat=("--backend",))
+    overrides = param_overrides(args, repeat=("--backend",))
+    values = node_params.read_param_values(args.config) | overrides
     if args.camera_topic:
         names = values.get("camera_names", NodeParams().camera_names)
         topics = dict(zip(names, values.get("camera_topics", NodeParams().camera_topics), strict=False))
@@ -150,7 +151,7 @@ def load_params(args: argparse.Namespace) -> NodeParams:
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
     try:
-        return params_from_dict(values)
+        return params_from_dict(values, command_line=list(overrides))
     except ParamError as exc:
         raise ParamError(f"{args.config} with the command line's overrides: {exc}") from None
 
@@ -176,14 +177,30 @@ def inference_time(args: argparse.Namespace, params: NodeParams) -> InferenceTim
     return InferenceTime()
 
 
+def check_usage(args: argparse.Namespace) -> None:
+    """What the command line alone can get wrong (exit 2), checked before the config or any bag is read."""
+    existing(args.config, "--config")
+    for bag in args.bags:
+        existing(bag, "bag")
+    if not 0 <= args.min_scored <= 1:
+        raise UsageError(f"--min-scored must be a fraction in [0, 1], got {args.min_scored}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.write_bag:
+        new_output(args.write_bag, "--write-bag")
+    if args.rtc and args.backend and len(args.backend) > 1:
+        raise UsageError("--rtc compares real-time chunking modes on one backend; give one --backend")
+    if args.latency_ms is not None and not args.latency_ms > 0:
+        raise UsageError(f"--latency-ms must be a positive number of ms, got {args.latency_ms}")
+    if args.latency_from:
+        try:
+            bench_latency(args.latency_from)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
 def make_jobs(args: argparse.Namespace, setup: ReplaySetup, passes: list[ReplayPass]) -> list[BagJob]:
     """One job per bag: its report folder, and its output bag with --write-bag."""
-    if not 0 <= args.min_scored <= 1:
-        raise ValueError(f"--min-scored must be a fraction in [0, 1], got {args.min_scored}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    if args.write_bag and Path(args.write_bag).exists():
-        raise FileExistsError(f"--write-bag {args.write_bag} exists already")
     bags = find_bags(args.bags)
     single = len(bags) == 1
     meta = {"command": " ".join(sys.argv), "config": args.config, "backends": [p.name for p in passes]} | {
@@ -209,6 +226,7 @@ def run_jobs(args: argparse.Namespace, jobs: list[BagJob]) -> list[BagResult]:
 
 
 def run_eval_bag(args: argparse.Namespace) -> int:
+    check_usage(args)
     try:
         params = load_params(args)
         setup = load_setup(args, params)
@@ -218,7 +236,7 @@ def run_eval_bag(args: argparse.Namespace) -> int:
             raise ModuleNotFoundError("--ray needs Ray", name="ray")
         check_bags(jobs)  # every bag against the config, before any model is built
     except (BagError, ValueError, OSError, RuntimeError) as exc:  # ParamError is a ValueError
-        return _fail(exc)
+        return report("eval-bag", exc)
     results = run_jobs(args, jobs)
     return report_one(results[0]) if len(jobs) == 1 else report_many(args, results, [p.name for p in passes])
 
@@ -227,12 +245,12 @@ def report_one(result: BagResult) -> int:
     from pi_policy.bag.report import format_summary
 
     if result.error:
-        return _fail(BagError(result.error))
+        return report("eval-bag", result.error, FINDING)
     print(format_summary(result.metrics, result.out))
     if result.written:
         print("wrote output bag: " + ", ".join(f"{t} ({n})" for t, n in result.written.items()))
     if result.verdict:
-        return _fail(BagError(result.verdict))
+        return report("eval-bag", result.verdict, FINDING)
     return 0
 
 
@@ -246,13 +264,6 @@ def report_many(args: argparse.Namespace, results: list[BagResult], passes: list
         print(f"wrote {len(written)} output bags under {args.write_bag}")
     bad = agg["counts"]["failed"] + agg["counts"]["too_few_scored"]
     if bad:
-        return _fail(BagError(f"{bad} of {len(results)} bags failed or scored too few ticks (listed above)"))
+        return report("eval-bag", f"{bad} of {len(results)} bags failed or scored too few ticks (listed above)",
+                      FINDING)
     return 0
-
-
-def _fail(exc: Exception) -> int:
-    if isinstance(exc, BagMismatch):  # a list of problems, one per line
-        print("error: " + str(exc), file=sys.stderr)
-    else:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, also for multi-line messages
-    return 1

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 
+from pi_policy.tools.errors import existing
 from pi_policy.tools.flags import CONFIG_FLAGS, add_config_overrides, param_overrides
 
 API_KEY_ENV = "PI_POLICY_API_KEY"
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from pi_policy.serve.config import load_serve_config
     from pi_policy.serve.server import PolicyServer
 
+    existing(args.config, "--config")
     cfg = load_serve_config(args.config, param_overrides(args))
     cfg.host = args.host if args.host is not None else cfg.host
     cfg.port = args.port if args.port is not None else cfg.port

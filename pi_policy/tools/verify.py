@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pi_policy.runtime.choice import FUSED_DENOISE
 from pi_policy.runtime.options import PREFILL_BACKENDS
 from pi_policy.runtime.spec import RunnerSpec
 from pi_policy.runtime.stats import relative_error
+from pi_policy.tools.errors import FINDING, UsageError, report
 from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, spec_from_args
 from pi_policy.tools.synthetic import sample_observations
 
@@ -33,6 +33,10 @@ CANDIDATE_DENOISE = ("bf16", *FUSED_DENOISE)  # bf16: the PyTorch expert, as the
 
 class VerifyError(RuntimeError):
     """The comparison itself is invalid: corrupted baseline, a candidate that silently fell back, bad input."""
+
+
+class VerifyUsageError(VerifyError, UsageError):
+    """The command line asks for no comparison, or one verify cannot make (exit 2)."""
 
 
 @dataclass
@@ -90,16 +94,16 @@ def verify(backend: str = "fp8", spec: RunnerSpec | None = None, max_rel_error: 
     the bf16 prefill and the PyTorch denoise."""
     spec = spec or RunnerSpec()
     if denoise not in CANDIDATE_DENOISE:
-        raise VerifyError(f"unknown denoise {denoise!r}; choose one of {', '.join(CANDIDATE_DENOISE)}")
+        raise VerifyUsageError(f"unknown denoise {denoise!r}; choose one of {', '.join(CANDIDATE_DENOISE)}")
     if backend == "bf16" and denoise == "bf16":
-        raise VerifyError("nothing to compare: the candidate is the baseline (give --backend fp8|tensorrt or "
-                          "--denoise triton|fp8)")
+        raise VerifyUsageError("nothing to compare: the candidate is the baseline (give --backend fp8|tensorrt or "
+                               "--denoise triton|fp8)")
     if backend not in CANDIDATES:
-        raise VerifyError(f"unknown candidate backend {backend!r}; choose one of {CANDIDATES}")
+        raise VerifyUsageError(f"unknown candidate backend {backend!r}; choose one of {CANDIDATES}")
     if scales not in ("dynamic", "static"):
-        raise VerifyError(f"--scales must be 'dynamic' or 'static', got {scales!r}")
+        raise VerifyUsageError(f"--scales must be 'dynamic' or 'static', got {scales!r}")
     if not (max_rel_error > 0):
-        raise VerifyError(f"--max-rel-error must be > 0, got {max_rel_error}")
+        raise VerifyUsageError(f"--max-rel-error must be > 0, got {max_rel_error}")
     t0 = time.perf_counter()
 
     # 1. The baseline: its own model instance, fingerprinted, run first.
@@ -173,7 +177,7 @@ def format_report(r: dict) -> str:
         f"  {r['backend']} range: [{c['min']:.4f}, {c['max']:.4f}], mean: {c['mean']:.4f}",
         f"  Max diff: {r['max_diff']:.4g}",
         f"  Mean diff: {r['mean_diff']:.4g}",
-        f"  Relative error: {100 * r['rel_error']:.3f}% (limit {100 * r['max_rel_error']:.2f}%)",
+        f"  Relative error: {100 * r['rel_error']:.3f}% (limit {100 * r['max_rel_error']:.2f}%, on the actions)",
         f"  prefill ms: baseline {r['baseline_prefill_ms']:.3f}, candidate {r['candidate_prefill_ms']:.3f} "
         "(one call; use pi-policy bench for timings)",
         f"  weights fingerprint: {r['weights_fingerprint_before'][:16]} before, "
@@ -181,13 +185,15 @@ def format_report(r: dict) -> str:
     ]
     if r["baseline_bit_identical"] is not None:
         lines.append(f"  {base} rerun bit-identical: {r['baseline_bit_identical']}")
-    if r["candidate_note"]:
-        lines.append(f"  note: {r['candidate_note']}")
-    lines += ["", "| Layer | K max diff | V max diff | K rel | V rel |", "|---|---|---|---|---|"]
+    # the candidate's note was logged when it was built; the JSON keeps it as candidate_note
+    lines += ["", "Per-layer K/V cache against the baseline (to locate a difference; the limit is on the actions):",
+              "| Layer | K max diff | V max diff | K rel | V rel |", "|---|---|---|---|---|"]
     lines += [f"| {row['layer']} | {row['k_max_diff']:.4g} | {row['v_max_diff']:.4g} | {row['k_rel_error']:.3%} | "
               f"{row['v_rel_error']:.3%} |" for row in r["kv_layers"]]
     lines.append("")
-    lines.append("PASS" if r["passed"] else f"FAIL: relative error {r['rel_error']:.4%} > {r['max_rel_error']:.4%}")
+    lines.append(f"PASS: the actions' relative error {r['rel_error']:.3%} is within {r['max_rel_error']:.2%}"
+                 if r["passed"] else
+                 f"FAIL: the actions' relative error {r['rel_error']:.4%} > {r['max_rel_error']:.4%}")
     return "\n".join(lines)
 
 
@@ -222,12 +228,11 @@ def add_parser(subparsers) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     try:
-        report = verify(args.backend, spec_from_args(args, backend="bf16", denoise="bf16"), args.max_rel_error,
+        result = verify(args.backend, spec_from_args(args, backend="bf16", denoise="bf16"), args.max_rel_error,
                         args.scales, args.calibration_samples, args.check_baseline, denoise=args.denoise)
-    except VerifyError as e:
-        print(f"verify: ERROR: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report))
+    except VerifyError as e:  # asked for no comparison (2); the candidate did not run, or the baseline moved (1)
+        return report("verify", e)
+    print(format_report(result))
     if args.json:
-        print(f"wrote {write_report(report, args.json)}")
-    return 0 if report["passed"] else 1
+        print(f"wrote {write_report(result, args.json)}")
+    return 0 if result["passed"] else FINDING
