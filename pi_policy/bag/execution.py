@@ -140,7 +140,7 @@ def format_execution(metrics: dict) -> list[str]:
     names = [k for k in ex if isinstance(ex[k], dict)]
     if not names:
         return []
-    lines = [f"executed (delay {ex['delay']}, inference time {ex['inference_time']}):",
+    lines = [f"executed (delay {ex['delay']}; {ex['inference_time']}):",
              f"  {'':<14}{'delay p50':>10}{'jump p50':>10}{'jump p95':>10}{'jerk p95':>12}{'MAE':>10}"]
     for name in names:
         m = ex[name]
@@ -188,7 +188,7 @@ def plot_executed(ev: Evaluation, path, window_s: float = 1.5, max_joints: int =
     delay = delay_of(ev)
     late = [w for w in (late_chunks(ex, r.trace.predicted.shape[1]) for r, ex in zip(ev.replays, runs, strict=True))
             if w]
-    title = f"Executed actions across chunk switches (delay {'auto' if delay is None else delay} steps)"
+    title = f"Executed actions across chunk switches (delay {'auto' if delay is None else f'{delay} steps'})"
     if late:
         title += "\nchunks arrive past their horizon: the robot would hold their last step (see the report)"
     fig.suptitle(title, fontsize=10, color="tab:red" if late else "black")

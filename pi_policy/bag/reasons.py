@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 
 NO_ACTIONS = "not scored: no recorded actions cover the chunk (past the recording or in a gap)"
-BUSY = "dropped: the previous inference was still running (realtime replay)"
+BUSY = "dropped: the previous inference was still running"
 
 ByTick = dict[int, list[str]]  # tick index -> reasons
 

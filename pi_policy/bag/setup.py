@@ -73,10 +73,10 @@ class InferenceTime:
 
     def describe(self) -> str:
         if self.kind == "none":
-            return "none (every tick runs)"
+            return "inference takes no bag time"
         if self.kind == "host":
-            return "measured on this machine (host clock)"
-        return f"{self.ms:g} ms per inference" + (f" ({self.source})" if self.source else "")
+            return "each inference takes its latency measured on this machine"
+        return f"each inference takes {self.ms:g} ms of bag time" + (f" ({self.source})" if self.source else "")
 
 
 def bench_latency(path: str | Path) -> InferenceTime:

@@ -56,7 +56,7 @@ def input_problem_lines(inputs: dict) -> list[str]:
 
 
 def scored_verdict(metrics: dict, min_scored: float, top: int = 3) -> str | None:
-    """None when every backend scored at least min_scored of the scheduled ticks; else why not, with the top
+    """None when every pass scored at least min_scored of the scheduled ticks; else why not, with the top
     reasons (real numbers) of the worst backend."""
     scheduled = metrics["ticks"]["scheduled"]
     if scheduled == 0:
@@ -67,7 +67,7 @@ def scored_verdict(metrics: dict, min_scored: float, top: int = 3) -> str | None
         return None
     reasons = "; ".join(f"{d['count']} x {d.get('worst', d['example'])}"
                         for d in list(b["skipped_details"].values())[:top])
-    return (f"backend {name} scored {b['ticks']} of {scheduled} ticks ({b['ticks'] / scheduled:.0%}), fewer than "
+    return (f"pass {name} scored {b['ticks']} of {scheduled} ticks ({b['ticks'] / scheduled:.0%}), fewer than "
             f"--min-scored {min_scored:.0%}" + (f"; top reasons: {reasons}" if reasons else ""))
 
 

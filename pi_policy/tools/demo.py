@@ -66,7 +66,7 @@ def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, prog
     # The replay's topics and timing; the model is `runner`, whatever its preset.
     params = params_from_dict(demo_params("tiny", "cpu"))
     settings = ReplaySetup(params, action_topic=ACTION_TOPIC)
-    ev = evaluate(bag, settings, lambda backend: runner, [runner.backends["prefill"]], progress=progress)
+    ev = evaluate(bag, settings, lambda name: runner, [preset], progress=progress)  # one pass, named after the model
     metrics = write_report(ev, out / "report", meta={"command": "pi-policy demo", "preset": preset,
                                                      "checkpoint": None, "device": device, "seed": seed,
                                                      "threads": runner.threads})
