@@ -55,14 +55,15 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  compile_stages: tuple[str, ...] | None = None, calibration=None,
                  fp8_options: dict | None = None, cuda_graphs: bool = True, prompt_format: str = "auto",
                  require_assets: bool = True, denoise: str | None = None,
-                 rtc: RTCSettings | None = None) -> PolicyRunner:
+                 rtc: RTCSettings | None = None, batch_sizes: tuple[int, ...] = (1,)) -> PolicyRunner:
     """A runner ready to serve. `backend` names the prefill (pi_policy.runtime.options; `eager` = bf16 without
     graphs or compilation). On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
     reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
     configure the fp8 prefill. Statistics, tokenizer and prompt format not given are taken from beside the
     checkpoint; `require_assets=False` (latency benchmarks) runs a checkpoint without them. denoise: bf16 (the
     PyTorch expert, the default), triton or fp8 (the fused Triton expert, bf16 or FP8 weights); `rtc`
-    real-time chunking (off when None; it runs on the PyTorch denoise loop)."""
+    real-time chunking (off when None; it runs on the PyTorch denoise loop). batch_sizes: the batches infer_batch
+    runs without recapture (buffers and CUDA graphs for each; 1 is always among them)."""
     mode = resolve_backend(backend, cuda_graphs, compile_stages)
     cfg = model.cfg if model is not None else get_config(preset)
     assets = resolve_assets(cfg, checkpoint, norm_stats, tokenizer, prompt_format, require_assets)
@@ -78,6 +79,9 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
     compile_stages = mode.compile_stages
     if compile_stages is None:
         compile_stages = DEFAULT_COMPILE if next(model.parameters()).device.type == "cuda" else ()
+    if choice.name == "tensorrt" and max(batch_sizes) > 1:
+        raise ValueError(f"the TensorRT prefill engine runs batch 1; batch sizes {list(batch_sizes)} need the bf16 or "
+                         "fp8 prefill")
     if choice.name == "tensorrt":  # the engine is already compiled; torch.compile would only graph-break on it
         compile_stages = tuple(s for s in compile_stages if s != "prefill")
     if choice.note:
@@ -91,7 +95,7 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
         compile_stages = tuple(s for s in compile_stages if s != "denoise")
     runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=mode.cuda_graphs,
                           prefill=choice.fn, prefill_backend=choice.name, seed=seed,
-                          compile_stages=compile_stages, denoise=fused, rtc=rtc)
+                          compile_stages=compile_stages, denoise=fused, rtc=rtc, batch_sizes=batch_sizes)
     runner.backend_note = "; ".join(n for n in (choice.note, fused.note) if n)
     if warmup:
         runner.warmup(progress=progress)

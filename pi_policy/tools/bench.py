@@ -40,7 +40,7 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
               fp8_options: dict | None = None, roofline_peaks: dict | None = None,
               prompt_format: str = "auto", denoise: tuple[str, ...] = (),
-              rtc_modes: tuple[str, ...] = ()) -> dict:
+              rtc_modes: tuple[str, ...] = (), batch: int = 1) -> dict:
     """The BENCHMARKING.md workload: each backend (x each denoise, when several are given) on the same
     observation and noise; the first configuration is the baseline of the comparison and accuracy blocks. With
     roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or {"measure": True} on a GPU) each configuration also gets
@@ -48,7 +48,12 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
 
     With rtc_modes, each real-time chunking mode is timed continuing a previous chunk: the runner's own first
     chunk with RTC_EXECUTED steps executed, and a delay of RTC_DELAY steps, so that every RTC operation runs.
+
+    With batch > 1, every stage runs on `batch` robots' observations at once (infer_batch); the first robot's is
+    the single observation above, and its batched chunk is compared with the unbatched one ("batch_vs_single").
     """
+    if batch < 1 or (batch > 1 and rtc_modes):
+        raise ValueError("--batch must be >= 1" if batch < 1 else "real-time chunking runs at batch 1: drop --batch")
     if rtc_modes and len(denoise) > 1:
         raise ValueError("compare real-time chunking modes with one --denoise")
     if not 1 <= cameras <= len(DEFAULT_CAMERAS):
@@ -60,7 +65,7 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
     noise = np.random.default_rng(seed + 1).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
     result = {"workload": {"preset": preset, "cameras": cameras, "prompt_tokens": cfg.max_token_len,
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
-                           "batch": 1, "iters": iters, "weights": checkpoint or f"random seed {seed}"},
+                           "batch": batch, "iters": iters, "weights": checkpoint or f"random seed {seed}"},
               "machine": machine_info(next(model.parameters()).device), "backends": {}}
     if rtc_modes:
         defaults = {k: v for k, v in vars(RTCSettings()).items() if k != "mode"}
@@ -71,16 +76,23 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
                               engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
                               fp8_options=fp8_options, prompt_format=prompt_format, denoise=den,
-                              rtc=RTCSettings(mode) if mode else None,
+                              rtc=RTCSettings(mode) if mode else None, batch_sizes=(batch,),
                               require_assets=False)  # timing only: no robot
         actions = runner.infer(obs, noise=noise).actions
+        fleet = {}
+        if batch > 1:  # robot 0 sees the single observation; the others their own
+            robots = [obs] + [synthetic_observation(names, cfg.vision.image_size, seed=seed + 1 + i)
+                              for i in range(1, batch)]
+            single = actions
+            actions = runner.infer_batch(robots, [noise] * batch)[0].actions
+            fleet = {"batch_vs_single": action_accuracy(actions, single)}
         cont = {}
         if mode not in (None, "off"):
             cont = {"prev_chunk": actions[RTC_EXECUTED:], "delay": RTC_DELAY}
             actions = runner.infer(obs, noise=noise, **cont).actions
-        records = [runner.infer(obs, **cont).latency
+        records = [(runner.infer_batch(robots)[0] if batch > 1 else runner.infer(obs, **cont)).latency
                    for _ in tqdm(range(iters), desc=f"bench {name}", disable=not progress, leave=False)]
-        entry = summarize(records) | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
+        entry = summarize(records) | fleet | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
                                       "actions": actions.tolist()}
         result["backends"][name] = entry
         del runner
@@ -128,7 +140,8 @@ def rtc_costs(result: dict, backends: tuple[str, ...], modes: tuple[str, ...]) -
 
 def format_result(result: dict) -> str:
     w, m = result["workload"], result["machine"]
-    lines = [f"pi-policy bench: {w['preset']}, {w['cameras']} cameras, {w['denoise_steps']} steps, "
+    robots = f"batch of {w['batch']} robots, " if w.get("batch", 1) > 1 else ""
+    lines = [f"pi-policy bench: {w['preset']}, {w['cameras']} cameras, {w['denoise_steps']} steps, {robots}"
              f"{w['iters']} iters on {m.get('gpu', m['device'])} (torch {m['torch']})"]
     names = list(result["backends"])
     label = {name: ran_as(name, result["backends"][name]["backends"]) for name in names}
@@ -136,9 +149,13 @@ def format_result(result: dict) -> str:
         e = result["backends"][name]
         title = f"backend {name}" if label[name] == name else \
             f"backend {name}, run as {label[name]}: on {m['device']} the model runs in float32 (bf16 needs a GPU)"
-        lines += ["", stage_table(e, title + (f"  [{e['note']}]" if e["note"] else "")),
+        lines += ["", stage_table(e, title + (f"  [{e['note']}]" if e["note"] else ""), w.get("batch", 1)),
                   f"start-up (warm-up + graph capture): {e['startup_ms'].get('warmup_and_capture', 0):.0f} ms",
                   action_stats(np.array(e["actions"]))]
+        if "batch_vs_single" in e:
+            acc = e["batch_vs_single"]
+            lines.append(f"robot 0 batched vs alone (same observation and noise): max diff {acc['max_diff']:.2e}, "
+                         f"relative error {acc['relative_error']:.1e}, cosine {acc['cosine']:.6f}")
     for name in names[1:]:
         base, cand = result["backends"][names[0]], result["backends"][name]
         acc = cand["accuracy_vs_" + names[0]]
@@ -169,6 +186,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "Triton expert); repeat to "
                         "compare (the first is the baseline)")
     p.add_argument("--cameras", type=int, default=3, help="camera views the runner is built for, 1-3 (default 3)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="robots per inference: every stage on N observations at once, with the time per robot "
+                        "beside the total (default 1)")
     p.add_argument("--iters", type=int, default=200, help="timed inferences per backend (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available, else cpu)")
@@ -195,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
                        fp8_options(args), roofline_peaks(args), args.prompt_format, tuple(args.denoise or ()),
-                       tuple(dict.fromkeys(args.rtc or ())))
+                       tuple(dict.fromkeys(args.rtc or ())), args.batch)
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
