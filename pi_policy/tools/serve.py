@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
     api_key = os.environ.get(args.api_key_env) or None
-    server = PolicyServer(lambda: build_runner(**cfg.params.runner_kwargs()), cfg, api_key)
+    server = PolicyServer(lambda: build_runner(**cfg.params.runner_kwargs(), batch_sizes=cfg.batch_sizes), cfg,
+                          api_key)
     r = server.runner
 
     def ready(port: int) -> None:
@@ -75,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
               f"(health: http://{cfg.host}:{port}/healthz; API key "
               f"{'required, from $' + args.api_key_env if api_key else 'not required'})\n"
               f"  cameras: {cams}\n  state: {' + '.join(cfg.state)} ({len(cfg.params.joint_names)} values); "
-              f"prompt: '{cfg.prompt}'; actions: {r.horizon} x {r.action_dim}", flush=True)
+              f"prompt: '{cfg.prompt}'; actions: {r.horizon} x {r.action_dim}\n"
+              f"  batches of up to {server.max_batch} requests (max_wait_ms {cfg.max_wait_ms:g}, "
+              f"max_queue_ms {cfg.max_queue_ms:g})", flush=True)
 
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop as Ctrl-C does
     try:
