@@ -26,6 +26,7 @@ import collections
 import hmac
 import http
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,62 @@ from pi_policy.serve.protocol import pack, unpack
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20  # four full-HD cameras fit several times over
+
+
+def build_serve_runner(cfg: ServeConfig, device: str | None = None) -> Policy:
+    """The runner a server (or a Ray Serve replica, on its GPU) builds from its config: batch sizes up to max_batch."""
+    from pi_policy.runtime import build_runner
+
+    kwargs = cfg.params.runner_kwargs() | {"batch_sizes": cfg.batch_sizes, "progress": sys.stderr.isatty()}
+    return build_runner(**kwargs | ({"device": device} if device else {}))
+
+
+def server_metadata(runner: Policy, cfg: ServeConfig) -> dict:
+    """What a client receives on connect."""
+    p = cfg.params
+    meta = {"server": "pi_policy", "preset": getattr(getattr(runner, "cfg", None), "name", p.preset),
+            "horizon": runner.horizon, "action_dim": runner.action_dim, "camera_names": list(runner.camera_names),
+            "images": dict(cfg.images), "state": list(cfg.state), "prompt_key": cfg.prompt,
+            "joint_names": list(p.joint_names), "backends": dict(getattr(runner, "backends", {}))}
+    return meta | cfg.metadata
+
+
+def decode_request(message: bytes | str, cfg: ServeConfig) -> tuple[Observation, np.ndarray | None]:
+    """One websocket message -> the observation and optional noise; ValueError with a one-line reason."""
+    if isinstance(message, str):
+        raise ValueError("expected a binary msgpack observation, got a text frame")
+    return to_observation(unpack(message), cfg)
+
+
+def run_batch(runner: Policy, requests: list[tuple[Observation, np.ndarray | None]]) -> list[PolicyOutput | Exception]:
+    """One runner call for the requests (`infer` for one, `infer_batch` for more): an output per request, or the
+    ValueError of an invalid one, which is left out of the call (the runner finds it before any stage runs)."""
+    answers: list[PolicyOutput | Exception | None] = [None] * len(requests)
+    rows = list(range(len(requests)))
+    outs: list[PolicyOutput] = []
+    while rows:
+        try:
+            if len(rows) == 1:
+                outs = [runner.infer(*requests[rows[0]])]
+            else:
+                outs = runner.infer_batch([requests[i][0] for i in rows], [requests[i][1] for i in rows])
+            break
+        except ValueError as e:  # the runner's RowError names the invalid observation of a batch
+            if len(rows) > 1 and not hasattr(e, "row"):
+                raise
+            answers[rows.pop(getattr(e, "row", 0))] = e
+    for i, out in zip(rows, outs, strict=True):
+        answers[i] = out
+    return answers
+
+
+def reply_frame(out: PolicyOutput, server_timing: dict) -> bytes:
+    """The reply openpi's client reads: actions, the runner's policy_timing, the server's server_timing."""
+    lat = out.latency
+    policy_timing = {"infer_ms": lat.host_ms, "prep_ms": lat.prep_ms, "total_ms": lat.total_ms,
+                     **{f"{stage}_ms": ms for stage, ms in lat.stages_ms.items()}}
+    actions = np.ascontiguousarray(out.actions, dtype=np.float32)
+    return pack({"actions": actions, "policy_timing": policy_timing, "server_timing": server_timing})
 
 
 class ServerBusy(RuntimeError):
@@ -85,7 +142,7 @@ class PolicyServer:
         if self.max_batch < cfg.max_batch:
             log.warning("max_batch %d: this runner runs at most %d observations at once", cfg.max_batch,
                         self.max_batch)
-        self.metadata = self._metadata()
+        self.metadata = server_metadata(self.runner, cfg)
         self._metadata_frame = pack(self.metadata)
         self.inferences = 0  # observations the runner answered, for tests and the load test
         self.batches: collections.Counter[int] = collections.Counter()  # runner calls by batch size
@@ -97,14 +154,6 @@ class PolicyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
-
-    def _metadata(self) -> dict:
-        r, p = self.runner, self.cfg.params
-        meta = {"server": "pi_policy", "preset": getattr(getattr(r, "cfg", None), "name", p.preset),
-                "horizon": r.horizon, "action_dim": r.action_dim, "camera_names": list(r.camera_names),
-                "images": dict(self.cfg.images), "state": list(self.cfg.state), "prompt_key": self.cfg.prompt,
-                "joint_names": list(p.joint_names), "backends": dict(getattr(r, "backends", {}))}
-        return meta | self.cfg.metadata
 
     # -- the handshake hook: health check and API key -------------------------------------------
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -145,9 +194,7 @@ class PolicyServer:
             log.info("client %s disconnected", ws.remote_address)
 
     def _decode(self, message: bytes | str) -> tuple[Observation, np.ndarray | None]:
-        if isinstance(message, str):
-            raise ValueError("expected a binary msgpack observation, got a text frame")
-        return to_observation(unpack(message), self.cfg)
+        return decode_request(message, self.cfg)
 
     async def _answer(self, message: bytes | str, closed: asyncio.Future, t0: float,
                       prev_total_ms: float | None) -> bytes | None:
@@ -177,15 +224,11 @@ class PolicyServer:
         finally:
             self.pending -= 1
         answer: Answer = request.future.result()
-        lat = answer.out.latency
-        policy_timing = {"infer_ms": lat.host_ms, "prep_ms": lat.prep_ms, "total_ms": lat.total_ms,
-                         **{f"{stage}_ms": ms for stage, ms in lat.stages_ms.items()}}
         server_timing = {"infer_ms": answer.infer_ms, "queue_ms": answer.queue_ms, "decode_ms": decode_ms,
                          "batch_size": answer.batch_size}
         if prev_total_ms is not None:
             server_timing["prev_total_ms"] = prev_total_ms
-        actions = np.ascontiguousarray(answer.out.actions, dtype=np.float32)
-        return pack({"actions": actions, "policy_timing": policy_timing, "server_timing": server_timing})
+        return reply_frame(answer.out, server_timing)
 
     # -- batching ------------------------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -223,30 +266,16 @@ class PolicyServer:
                     request.future.set_result(answer)
 
     def _run_batch(self, batch: list[Pending]) -> list[Answer | Exception]:
-        """On the worker: one runner call for the batch. An invalid observation is answered with its error and
-        left out; the rest run (no stage has run when the runner finds one)."""
+        """On the worker: one runner call for the batch; an invalid observation is answered with its error."""
         t0 = time.perf_counter()
-        answers: list[Answer | Exception | None] = [None] * len(batch)
-        rows = list(range(len(batch)))
-        outs: list[PolicyOutput] = []
-        while rows:
-            try:
-                if len(rows) == 1:
-                    outs = [self.runner.infer(batch[rows[0]].obs, batch[rows[0]].noise)]
-                else:
-                    outs = self.runner.infer_batch([batch[i].obs for i in rows], [batch[i].noise for i in rows])
-                break
-            except ValueError as e:  # the runner's RowError names the invalid observation of a batch
-                if len(rows) > 1 and not hasattr(e, "row"):
-                    raise
-                answers[rows.pop(getattr(e, "row", 0))] = e
+        outs = run_batch(self.runner, [(r.obs, r.noise) for r in batch])
         infer_ms = (time.perf_counter() - t0) * 1e3
-        if rows:
-            self.batches[len(rows)] += 1
-            self.inferences += len(rows)
-        for i, out in zip(rows, outs, strict=True):
-            answers[i] = Answer(out, (t0 - batch[i].arrived) * 1e3, infer_ms, len(rows))
-        return answers
+        ran = sum(not isinstance(o, Exception) for o in outs)
+        if ran:
+            self.batches[ran] += 1
+            self.inferences += ran
+        return [o if isinstance(o, Exception) else Answer(o, (t0 - r.arrived) * 1e3, infer_ms, ran)
+                for r, o in zip(batch, outs, strict=True)]
 
     async def _fail(self, ws: ServerConnection, e: Exception) -> None:
         if isinstance(e, ValueError):

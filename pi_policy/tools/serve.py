@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 
 import yaml
 
@@ -29,6 +30,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint", help="override the config's checkpoint ('' = random weights, tiny only)")
     p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="overrides",
                    help="override any node parameter (value in YAML syntax, e.g. norm_stats='')")
+    p.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: one runner replica per GPU of the Ray cluster (RAY_ADDRESS, or the one "
+                        "`ray start` runs here, else a new local one); pip install -e \".[serve-ray]\"")
     p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",
                    help="environment variable holding the API key; when it is set, clients must send "
                         "'Authorization: Api-Key <key>' (default: %(default)s)")
@@ -53,9 +57,8 @@ def _interrupt(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pi_policy.runtime import build_runner
     from pi_policy.serve.config import load_serve_config
-    from pi_policy.serve.server import PolicyServer
+    from pi_policy.serve.server import PolicyServer, build_serve_runner
 
     cfg = load_serve_config(args.config, _overrides(args))
     cfg.host = args.host if args.host is not None else cfg.host
@@ -66,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
     api_key = os.environ.get(args.api_key_env) or None
-    server = PolicyServer(lambda: build_runner(**cfg.params.runner_kwargs(), batch_sizes=cfg.batch_sizes), cfg,
-                          api_key)
+    if args.ray:
+        return run_ray(cfg, api_key, args.api_key_env)
+    server = PolicyServer(lambda: build_serve_runner(cfg), cfg, api_key)
     r = server.runner
 
     def ready(port: int) -> None:
@@ -87,4 +91,36 @@ def run(args: argparse.Namespace) -> int:
         print("stopped", flush=True)
     finally:
         server.pool.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+def run_ray(cfg, api_key: str | None, api_key_env: str) -> int:
+    """The same protocol on Ray Serve: start (or join) Ray, deploy the application, serve until SIGTERM or Ctrl-C."""
+    import logging
+
+    import ray
+    from ray import serve
+
+    from pi_policy.serve.ray_app import build_app, replica_count
+
+    if not cfg.port:
+        raise ValueError("--ray needs a fixed --port (Ray Serve's proxy does not pick a free one)")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app(cfg, api_key), name="pi_policy", route_prefix="/")
+        replicas = replica_count(cfg)
+        print(f"serving {cfg.params.preset} on Ray Serve at ws://{cfg.host}:{cfg.port} ({replicas} replica"
+              f"{'s' if replicas != 1 else ''} on {cfg.params.device}, batches of up to {cfg.max_batch}; health: "
+              f"http://{cfg.host}:{cfg.port}/healthz; API key "
+              f"{'required, from $' + api_key_env if api_key else 'not required'})", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0
