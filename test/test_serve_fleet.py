@@ -2,6 +2,10 @@
 order kept, a bound on waiting, and clients that send garbage or huge frames kept out of the others' way."""
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -195,3 +199,22 @@ def test_a_runner_built_for_batch_one_serves_one_request_at_a_time():
         assert server.max_batch == 1
         reply = WebsocketClientPolicy("127.0.0.1", server.port).infer(case(0, 0)[0])
     assert reply["server_timing"]["batch_size"] == 1
+
+
+def test_the_fleet_load_test_drives_robots_at_their_own_rates_and_reports_each(tmp_path):
+    out = tmp_path / "fleet.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, str(ROOT / "scripts" / "fleet_load.py"), "--robots", "3", "--rates", "4,8", "--duration",
+           "2", "--max-batch", "4", "--size", "64", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| robot | rate Hz | deadline ms | answered | p50 ms | p99 ms | misses | skipped |" in done.stdout
+    figures = json.loads(out.read_text())
+    assert [r["rate_hz"] for r in figures["per_robot"]] == [4.0, 8.0, 4.0]
+    assert [r["deadline_ms"] for r in figures["per_robot"]] == [250.0, 125.0, 250.0]
+    assert all(r["answered"] > 0 and r["round_trip_ms"]["p99"] >= r["round_trip_ms"]["p50"] > 0
+               for r in figures["per_robot"])
+    assert sum(figures["batch_sizes"].values()) == figures["answered"] == sum(r["answered"]
+                                                                            for r in figures["per_robot"])
+    assert all(1 <= int(size) <= 4 for size in figures["batch_sizes"])
+    assert not figures["errors"]

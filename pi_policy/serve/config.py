@@ -113,15 +113,19 @@ def _check_section(section: Any, where: str) -> dict[str, Any]:
     return section
 
 
-def load_serve_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ServeConfig:
-    """Read a serve config; `overrides` (parameter name -> value) replace the file's node parameters."""
+def load_serve_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                      serve_overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """Read a serve config; `overrides` (parameter name -> value) replace the file's node parameters,
+    `serve_overrides` (key -> value) the keys of its `serve:` section, checked alike."""
     try:
         doc = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ParamError(f"cannot read serve config {path}: {e}") from None
     if not isinstance(doc, dict) or SECTION not in doc:
         raise ParamError(f"{path}: no '{SECTION}:' section (see config/serve_libero.yaml for an example)")
-    section = _check_section(doc[SECTION], str(path))
+    if not isinstance(doc[SECTION], dict):
+        _check_section(doc[SECTION], str(path))
+    section = _check_section(doc[SECTION] | dict(serve_overrides or {}), str(path))
     values = read_param_values(path) | dict(overrides or {})
     values["camera_names"] = list(section["images"].values())
     values["camera_topics"] = list(section["images"].keys())

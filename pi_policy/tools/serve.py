@@ -14,6 +14,7 @@ import yaml
 from pi_policy.node.params import ParamError
 
 API_KEY_ENV = "PI_POLICY_API_KEY"
+SERVE_FLAGS = ("max_batch", "max_wait_ms", "max_queue_ms", "replicas")  # --max-batch ...: the serve section's keys
 
 
 def add_parser(subparsers) -> None:
@@ -30,6 +31,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint", help="override the config's checkpoint ('' = random weights, tiny only)")
     p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="overrides",
                    help="override any node parameter (value in YAML syntax, e.g. norm_stats='')")
+    p.add_argument("--max-batch", type=int, help="override the serve section's max_batch (requests run together)")
+    p.add_argument("--max-wait-ms", type=float, help="override the serve section's max_wait_ms")
+    p.add_argument("--max-queue-ms", type=float, help="override the serve section's max_queue_ms")
+    p.add_argument("--replicas", type=int, help="override the serve section's replicas (--ray)")
     p.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: one runner replica per GPU of the Ray cluster (RAY_ADDRESS, or the one "
                         "`ray start` runs here, else a new local one); pip install -e \".[serve-ray]\"")
@@ -60,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from pi_policy.serve.config import load_serve_config
     from pi_policy.serve.server import PolicyServer, build_serve_runner
 
-    cfg = load_serve_config(args.config, _overrides(args))
+    cfg = load_serve_config(args.config, _overrides(args), {k: getattr(args, k) for k in SERVE_FLAGS
+                                                           if getattr(args, k) is not None})
     cfg.host = args.host if args.host is not None else cfg.host
     cfg.port = args.port if args.port is not None else cfg.port
     try:  # before the model loads, which can take minutes
