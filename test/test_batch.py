@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.runtime import build_runner
 from pi_policy.runtime.options import RTCSettings
 from pi_policy.runtime.runner import RowError, batch_buckets
@@ -28,7 +28,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module", params=["tiny", "tiny05"])
 def runner(request):
-    return build_runner(request.param, progress=False, seed=1, batch_sizes=(2, 4))
+    return build_runner(preset=request.param, progress=False, seed=1, batch_sizes=(2, 4))
 
 
 def robots(n: int, seed: int = 0):
@@ -100,7 +100,7 @@ def test_without_noise_each_row_draws_its_own(runner):
 
 def test_real_time_chunking_runs_one_robot_at_a_time():
     with pytest.raises(ValueError, match="real-time chunking runs one robot at a time"):
-        build_runner("tiny", progress=False, warmup=False, rtc=RTCSettings("inpaint"), batch_sizes=(4,))
+        build_runner(preset="tiny", progress=False, warmup=False, rtc=RTCSettings("inpaint"), batch_sizes=(4,))
 
 
 def test_bench_batch_reports_the_time_per_robot_and_the_batched_vs_alone_error(tmp_path, capsys):
@@ -116,3 +116,22 @@ def test_bench_batch_reports_the_time_per_robot_and_the_batched_vs_alone_error(t
     assert entry["batch_vs_single"]["max_diff"] <= ROUNDING
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--batch", "2", "--rtc", "off", "--iters", "1"]) == 2
     assert "real-time chunking runs at batch 1" in capsys.readouterr().err
+
+
+def test_batch_sizes_are_a_runner_setting_a_node_parameter_and_a_flag():
+    from pi_policy.node.params import ParamError, params_from_dict
+    from pi_policy.runtime.spec import RunnerSpec, SpecError
+    from pi_policy.tools.flags import parse_batch_sizes
+
+    params = params_from_dict({"preset": "tiny", "joint_names": ["a"], "batch_sizes": [1, 2, 4]})
+    assert params.runner_spec().batch_sizes == (1, 2, 4)
+    assert params_from_dict({"preset": "tiny", "joint_names": ["a"]}).runner_spec().batch_sizes == (1,)  # one robot
+    with pytest.raises(ParamError, match="parameter 'batch_sizes' must be a list of integers"):
+        params_from_dict({"preset": "tiny", "joint_names": ["a"], "batch_sizes": [1, 2.5]})
+    assert parse_batch_sizes("1,2,8") == (1, 2, 8)
+    for spec, message in [(RunnerSpec(batch_sizes=(0, 2)), "batch_sizes must be whole numbers >= 1"),
+                          (RunnerSpec(batch_sizes=(4,), rtc=RTCSettings("guided")), "real-time chunking runs one"),
+                          (RunnerSpec(batch_sizes=(2,), backend="tensorrt", engine_path="e.engine"),
+                           "the TensorRT prefill engine runs batch 1")]:
+        with pytest.raises(SpecError, match=message):
+            spec.validate()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.node.params import (
     NODE_NAME,
     PARAMS,
@@ -17,7 +18,8 @@ from pi_policy.node.params import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["thor.yaml", "two_camera.yaml"]
-PY_TYPES = {"string": str, "integer": int, "double": float, "bool": bool, "string_array": list, "double_array": list}
+PY_TYPES = {"string": str, "integer": int, "double": float, "bool": bool, "string_array": list, "double_array": list,
+            "integer_array": list}
 
 
 def write(tmp_path, text, name="p.yaml"):
@@ -37,6 +39,8 @@ def test_config_loads_and_every_parameter_is_typed(name):
             assert all(isinstance(v, str) for v in value), p.name
         if p.type == "double_array":
             assert all(isinstance(v, float) for v in value), p.name
+        if p.type == "integer_array":
+            assert all(isinstance(v, int) and not isinstance(v, bool) for v in value), p.name
     assert params.joint_names, "a robot config must name its joints"
     assert params.checkpoint, "a robot config must name its weights"
 
@@ -164,16 +168,13 @@ def test_all_problems_reported_at_once():
     assert "'seed'" in str(e.value) and "'prompt'" in str(e.value)
 
 
-def test_runner_kwargs_match_build_runner():
-    import inspect
-
-    runtime = pytest.importorskip("pi_policy.runtime")
+def test_parameters_describe_a_valid_runner():
     params = load_params_yaml(ROOT / "config" / "thor.yaml")
-    accepted = inspect.signature(runtime.build_runner).parameters
-    kwargs = params.runner_kwargs()
-    assert set(kwargs) <= set(accepted)
-    assert kwargs["checkpoint"] == params.checkpoint and kwargs["engine_path"] == params.engine_path
-    assert load_params_yaml(ROOT / "config" / "two_camera.yaml").runner_kwargs()["engine_path"] is None
+    spec = params.runner_spec().validate()
+    assert spec.checkpoint == params.checkpoint and spec.engine_path == params.engine_path
+    assert spec.cameras.served == tuple(c for c in DEFAULT_CAMERAS if c in params.camera_names)
+    two = load_params_yaml(ROOT / "config" / "two_camera.yaml").runner_spec()
+    assert two.engine_path is None and two.num_cameras == 2
 
 
 def _launch_arguments(tree: ast.Module) -> dict[str, ast.Call]:
@@ -214,12 +215,12 @@ def test_launch_file_with_ros_launch():
 
 
 def test_prompt_format_parameter_names_the_tokenizers_formats():
-    from pi_policy.node.params import PROMPT_FORMATS
+    from pi_policy.runtime.spec import PROMPT_FORMATS
 
     tokenizer = pytest.importorskip("pi_policy.model.tokenizer")  # torch; node_params keeps its own copy
     assert PROMPT_FORMATS == ("auto", *tokenizer.PROMPT_FORMATS)
     base = {"preset": "tiny", "joint_names": ["a"]}
-    assert params_from_dict(base).runner_kwargs()["prompt_format"] == "auto"
-    assert params_from_dict(base | {"prompt_format": "lerobot"}).runner_kwargs()["prompt_format"] == "lerobot"
+    assert params_from_dict(base).runner_spec().prompt_format == "auto"
+    assert params_from_dict(base | {"prompt_format": "lerobot"}).runner_spec().prompt_format == "lerobot"
     with pytest.raises(ParamError, match="prompt_format 'hf' is not one of auto, openpi, lerobot"):
         params_from_dict(base | {"prompt_format": "hf"})

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict, read_param_values
+from pi_policy.runtime.spec import RunnerSpec
 from pi_policy.serve.protocol import pack
 
 SECTION = "serve"
@@ -55,9 +56,16 @@ class ServeConfig:
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        """The runner's buckets: powers of two below max_batch, and max_batch."""
+        """The runner's batch sizes: the node parameter batch_sizes when it goes beyond 1, else powers of two below
+        max_batch, and max_batch."""
+        if max(self.params.batch_sizes) > 1:
+            return tuple(sorted({1, *self.params.batch_sizes}))
         return tuple(sorted({*(1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch),
                              self.max_batch}))
+
+    def runner_spec(self) -> RunnerSpec:
+        """The runner this server builds: the node parameters' spec, with its batch sizes."""
+        return self.params.runner_spec().replace(batch_sizes=self.batch_sizes)
 
 
 _KEYS = {"images": dict, "state": list, "prompt": str, "host": str, "port": int, "metadata": dict, "max_batch": int,

@@ -14,7 +14,8 @@ Differences from the single-process server: a request that waited max_queue_ms i
 replica comes to it rather than at the deadline; a refused API key is HTTP 403 (Starlette's) rather than 401.
 """
 
-# No `from __future__ import annotations` here: FastAPI reads the websocket route's parameter types at run time.
+# Ray Serve and FastAPI are imported inside the functions that build the application (this module imports on a
+# machine without them). No `from __future__ import annotations`: FastAPI reads the route's parameter types.
 import asyncio
 import hmac
 import logging
@@ -24,10 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, WebSocket, WebSocketDisconnect
-from fastapi.responses import PlainTextResponse
-from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from pi_policy.observation import Observation
 from pi_policy.serve.config import ServeConfig, load_serve_config
@@ -44,57 +41,70 @@ from pi_policy.serve.server import (
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PI_POLICY_API_KEY"
+Item = tuple[Observation, np.ndarray | None, float]  # a request in a replica's batch: observation, noise, arrival
 
 
-class PolicyReplica:
-    """One runner (on the GPU Ray gave this replica), fed in batches by Ray Serve."""
+def _replica():
+    """The runner replica deployment's class (Ray Serve's batching decorates it)."""
+    from ray import serve
 
-    def __init__(self, cfg: ServeConfig):
-        self.cfg = cfg
-        device = "cuda" if cfg.params.device.startswith("cuda") else None  # Ray shows the replica its one GPU
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pi-policy-infer")  # the runner lives on one thread
-        self.runner = self.pool.submit(build_serve_runner, cfg, device).result()
-        self.max_batch = min(cfg.max_batch, max(self.runner.batch_sizes))
-        self.infer_batch.set_max_batch_size(self.max_batch)
-        self.infer_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1e3)
-        self.name = serve.get_replica_context().replica_id.unique_id
-        self.metadata = server_metadata(self.runner, cfg) | {"max_batch": self.max_batch}
+    class PolicyReplica:
+        """One runner (on the GPU Ray gave this replica), fed in batches by Ray Serve."""
 
-    def get_metadata(self) -> dict:
-        return self.metadata
+        def __init__(self, cfg: ServeConfig):
+            self.cfg = cfg
+            device = "cuda" if cfg.params.device.startswith("cuda") else None  # Ray shows the replica its one GPU
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="pi-policy-infer")  # the runner lives on one thread
+            self.runner = self.pool.submit(build_serve_runner, cfg, device).result()
+            self.max_batch = min(cfg.max_batch, max(self.runner.batch_sizes))
+            self.infer_batch.set_max_batch_size(self.max_batch)
+            self.infer_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1e3)
+            self.name = serve.get_replica_context().replica_id.unique_id
+            self.metadata = server_metadata(self.runner, cfg) | {"max_batch": self.max_batch}
 
-    async def infer(self, obs: Observation, noise: np.ndarray | None) -> dict | Exception:
-        """One request: the actions and timings, or the exception to report (returned, so that Ray does not wrap
-        it into its own error text)."""
-        return await self.infer_batch((obs, noise, time.perf_counter()))
+        def get_metadata(self) -> dict:
+            return self.metadata
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # set from the config in __init__
-    async def infer_batch(self, items: list[tuple[Observation, np.ndarray | None, float]]) -> list[dict | Exception]:
-        start = time.perf_counter()
-        late = [(start - arrived) * 1e3 > self.cfg.max_queue_ms for _, _, arrived in items]
-        ready = [(obs, noise) for (obs, noise, _), is_late in zip(items, late, strict=True) if not is_late]
-        loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        outs = iter(await loop.run_in_executor(self.pool, run_batch, self.runner, ready) if ready else [])
-        infer_ms = (time.perf_counter() - t0) * 1e3
-        ran = sum(not is_late for is_late in late)
-        answers: list[dict | Exception] = []
-        for (_, _, arrived), is_late in zip(items, late, strict=True):
-            if is_late:
-                answers.append(ServerBusy(f"not started within max_queue_ms {self.cfg.max_queue_ms:.0f} ms "
-                                          f"(replica {self.name}); send the next observation when ready"))
-                continue
-            out = next(outs)
-            if isinstance(out, Exception):
-                answers.append(out)
-                continue
-            answers.append({"out": out, "queue_ms": (start - arrived) * 1e3, "infer_ms": infer_ms,
-                            "batch_size": ran, "replica": self.name})
-        return answers
+        async def infer(self, obs: Observation, noise: np.ndarray | None) -> dict | Exception:
+            """One request: the actions and timings, or the exception to report (returned, so that Ray does not wrap
+            it into its own error text)."""
+            return await self.infer_batch((obs, noise, time.perf_counter()))
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)  # set from the config in __init__
+        async def infer_batch(self, items: list[Item]) -> list[dict | Exception]:
+            start = time.perf_counter()
+            late = [(start - arrived) * 1e3 > self.cfg.max_queue_ms for _, _, arrived in items]
+            ready = [(obs, noise) for (obs, noise, _), is_late in zip(items, late, strict=True) if not is_late]
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            done = await loop.run_in_executor(self.pool, run_batch, self.runner, ready) if ready else []
+            infer_ms = (time.perf_counter() - t0) * 1e3
+            ran = sum(not isinstance(out, Exception) for out in done)
+            outs = iter(done)
+            answers: list[dict | Exception] = []
+            for (_, _, arrived), is_late in zip(items, late, strict=True):
+                if is_late:
+                    answers.append(ServerBusy(f"not started within max_queue_ms {self.cfg.max_queue_ms:.0f} ms "
+                                              f"(replica {self.name}); send the next observation when ready"))
+                    continue
+                out = next(outs)
+                if isinstance(out, Exception):
+                    answers.append(out)
+                    continue
+                answers.append({"out": out, "queue_ms": (start - arrived) * 1e3, "infer_ms": infer_ms,
+                                "batch_size": ran, "replica": self.name})
+            return answers
+
+    return PolicyReplica
 
 
 def _ingress(cfg: ServeConfig, api_key: str | None):
     """The websocket ingress deployment (a FastAPI app), speaking openpi's protocol."""
+    from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+    from fastapi.responses import PlainTextResponse
+    from ray import serve
+    from ray.serve.handle import DeploymentHandle
+
     app = FastAPI()
 
     @serve.ingress(app)
@@ -167,19 +177,21 @@ def replica_count(cfg: ServeConfig, gpus: float | None = None) -> int:
     return max(1, int(gpus))
 
 
-def build_app(cfg: ServeConfig, api_key: str | None = None, gpus: float | None = None) -> serve.Application:
+def build_app(cfg: ServeConfig, api_key: str | None = None, gpus: float | None = None):
     """The Ray Serve application for a serve config: replica_count runner replicas, each with one GPU when the
-    device is CUDA (one CPU otherwise), behind one websocket ingress."""
+    device is CUDA (one CPU otherwise), behind one websocket ingress: a ray.serve.Application."""
+    from ray import serve
+
     options: dict[str, Any] = {"num_gpus": 1} if cfg.params.device.startswith("cuda") else {"num_cpus": 1}
     quick = {"graceful_shutdown_timeout_s": 5.0, "graceful_shutdown_wait_loop_s": 0.5}  # a robot's request is ms
-    replica = serve.deployment(PolicyReplica, name="PolicyReplica", num_replicas=replica_count(cfg, gpus),
+    replica = serve.deployment(_replica(), name="PolicyReplica", num_replicas=replica_count(cfg, gpus),
                                ray_actor_options=options, max_ongoing_requests=max(64, 4 * cfg.max_batch), **quick)
     ingress = serve.deployment(_ingress(cfg, api_key), name="PolicyIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000, **quick)
     return ingress.bind(replica.bind(cfg))
 
 
-def app(args: dict[str, str]) -> serve.Application:
+def app(args: dict[str, str]):
     """`serve run pi_policy.serve.ray_app:app config=PATH [preset=tiny device=cpu ...]`: the builder Ray's CLI calls.
     Every argument but config overrides the node parameter of that name (YAML syntax)."""
     import yaml

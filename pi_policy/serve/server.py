@@ -51,17 +51,17 @@ def build_serve_runner(cfg: ServeConfig, device: str | None = None) -> Policy:
     """The runner a server (or a Ray Serve replica, on its GPU) builds from its config: batch sizes up to max_batch."""
     from pi_policy.runtime import build_runner
 
-    kwargs = cfg.params.runner_kwargs() | {"batch_sizes": cfg.batch_sizes, "progress": sys.stderr.isatty()}
-    return build_runner(**kwargs | ({"device": device} if device else {}))
+    spec = cfg.runner_spec().replace(progress=sys.stderr.isatty())
+    return build_runner(spec.replace(device=device) if device else spec)
 
 
 def server_metadata(runner: Policy, cfg: ServeConfig) -> dict:
     """What a client receives on connect."""
     p = cfg.params
-    meta = {"server": "pi_policy", "preset": getattr(getattr(runner, "cfg", None), "name", p.preset),
+    meta = {"server": "pi_policy", "preset": p.preset,
             "horizon": runner.horizon, "action_dim": runner.action_dim, "camera_names": list(runner.camera_names),
             "images": dict(cfg.images), "state": list(cfg.state), "prompt_key": cfg.prompt,
-            "joint_names": list(p.joint_names), "backends": dict(getattr(runner, "backends", {}))}
+            "joint_names": list(p.joint_names), "backends": dict(runner.backends)}
     return meta | cfg.metadata
 
 

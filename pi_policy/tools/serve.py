@@ -9,9 +9,7 @@ import signal
 import socket
 import time
 
-import yaml
-
-from pi_policy.node.params import ParamError
+from pi_policy.tools.flags import CONFIG_FLAGS, add_config_overrides, param_overrides
 
 API_KEY_ENV = "PI_POLICY_API_KEY"
 SERVE_FLAGS = ("max_batch", "max_wait_ms", "max_queue_ms", "replicas")  # --max-batch ...: the serve section's keys
@@ -25,12 +23,7 @@ def add_parser(subparsers) -> None:
                    help="node parameter file with a 'serve:' section, e.g. config/serve_libero.yaml")
     p.add_argument("--host", help="interface to listen on (default: the config's, else 0.0.0.0)")
     p.add_argument("--port", type=int, help="TCP port, 0 = any free one (default: the config's, else 8000)")
-    p.add_argument("--preset", help="override the config's model preset (e.g. tiny)")
-    p.add_argument("--device", help="override the config's device (e.g. cpu)")
-    p.add_argument("--backend", help="override the config's prefill backend")
-    p.add_argument("--checkpoint", help="override the config's checkpoint ('' = random weights, tiny only)")
-    p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="overrides",
-                   help="override any node parameter (value in YAML syntax, e.g. norm_stats='')")
+    add_config_overrides(p, CONFIG_FLAGS)
     p.add_argument("--max-batch", type=int, help="override the serve section's max_batch (requests run together)")
     p.add_argument("--max-wait-ms", type=float, help="override the serve section's max_wait_ms")
     p.add_argument("--max-queue-ms", type=float, help="override the serve section's max_queue_ms")
@@ -44,19 +37,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    values = {}
-    for item in args.overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ParamError(f"--set {item!r}: expected PARAM=VALUE")
-        values[key.strip()] = "" if raw == "" else yaml.safe_load(raw)
-    for name in ("preset", "device", "backend", "checkpoint"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    return values
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -65,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from pi_policy.serve.config import load_serve_config
     from pi_policy.serve.server import PolicyServer, build_serve_runner
 
-    cfg = load_serve_config(args.config, _overrides(args), {k: getattr(args, k) for k in SERVE_FLAGS
-                                                           if getattr(args, k) is not None})
+    cfg = load_serve_config(args.config, param_overrides(args), {k: getattr(args, k) for k in SERVE_FLAGS
+                                                                 if getattr(args, k) is not None})
     cfg.host = args.host if args.host is not None else cfg.host
     cfg.port = args.port if args.port is not None else cfg.port
     try:  # before the model loads, which can take minutes
