@@ -40,7 +40,7 @@ def test_the_runner_runs_the_fused_expert_and_says_so():
 
 def test_the_fused_expert_runs_three_robots_in_one_batch_as_it_runs_each_alone():
     model = two_step_model()
-    fused = build_runner(model=model, denoise="triton", progress=False, warmup=False, batch_sizes=(3,))
+    fused = build_runner(model=model, denoise="triton", progress=False, warmup=False, batch_sizes=(4,))  # + padding
     fused.warmup(iters=1, progress=False)
     obs = [synthetic_observation(DEFAULT_CAMERAS[: 1 + i], 56, seed=10 + i) for i in range(3)]  # 1, 2, 3 cameras
     noises = [np.random.default_rng(i).standard_normal((50, 32)).astype(np.float32) for i in range(3)]
