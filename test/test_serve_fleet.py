@@ -72,6 +72,7 @@ def test_eight_clients_at_once_are_batched_each_answered_in_order_and_none_cross
         holder = in_threads(1, lambda c: WebsocketClientPolicy("127.0.0.1", server.port).infer(case(99, 0)[0]))
         wait_for(lambda: gated.calls == 1)  # held on the worker
         policies = [WebsocketClientPolicy("127.0.0.1", server.port) for _ in range(clients)]
+        assert policies[0].get_server_metadata()["max_batch"] == 8
         threads, results, errors = in_threads(
             clients, lambda c: [policies[c].infer(case(c, i)[0]) for i in range(requests)])
         wait_for(lambda: server.pending == clients + 1)  # every client's first request waits behind it

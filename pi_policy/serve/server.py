@@ -142,7 +142,7 @@ class PolicyServer:
         if self.max_batch < cfg.max_batch:
             log.warning("max_batch %d: this runner runs at most %d observations at once", cfg.max_batch,
                         self.max_batch)
-        self.metadata = server_metadata(self.runner, cfg)
+        self.metadata = server_metadata(self.runner, cfg) | {"max_batch": self.max_batch}
         self._metadata_frame = pack(self.metadata)
         self.inferences = 0  # observations the runner answered, for tests and the load test
         self.batches: collections.Counter[int] = collections.Counter()  # runner calls by batch size
