@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from pi_policy.node.compressed import DEFAULT_MAX_SIDE, MAX_SIDE_LIMIT
 from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTCSettings, parse_delay
 
@@ -69,6 +70,9 @@ class NodeParams:
                                   "as sensor_msgs/CompressedImage, any other as sensor_msgs/Image.")
     required_cameras: list[str] = _p([], "Cameras without which a tick is skipped; empty = all. Others are "
                                          "masked out when missing or stale.")
+    max_image_side: int = _p(DEFAULT_MAX_SIDE, f"Largest width or height of a camera image, raw or compressed "
+                                               f"(at most {MAX_SIDE_LIMIT}); a JPEG or PNG declaring more is refused "
+                                               "before it is decoded.")
     joint_names: list[str] = _p([], "Joint names in the model's state order, looked up by name.")
     joint_state_topic: str = _p("joint_states", "sensor_msgs/JointState topic.")
     prompt: str = _p("", "Task instruction given to the policy.")
@@ -159,6 +163,8 @@ class NodeParams:
             parse_delay(self.inference_delay_steps)
         except ValueError as e:
             problems.append(f"inference_delay_steps: {e}")
+        if not 1 <= self.max_image_side <= MAX_SIDE_LIMIT:
+            problems.append(f"max_image_side must be in 1..{MAX_SIDE_LIMIT}, got {self.max_image_side}")
         if self.action_stream_type not in STREAM_TYPES:
             problems.append(f"action_stream_type '{self.action_stream_type}' is not one of {', '.join(STREAM_TYPES)}")
         if self.safe_action and len(self.safe_action) != len(self.outputs()):
