@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTCSett
 
 NODE_NAME = "pi_policy_node"
 PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
+PRESETS = ("pi0", "pi05", "tiny", "tiny05")  # pi_policy.model.config.PRESETS (no torch here)
+QOS_RELIABILITY = ("best_effort", "reliable")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
               "list[str]": "string_array", "list[float]": "double_array"}
 STREAM_TYPES = ("float64_array", "joint_state")
@@ -70,6 +74,11 @@ class NodeParams:
                                   "as sensor_msgs/CompressedImage, any other as sensor_msgs/Image.")
     required_cameras: list[str] = _p([], "Cameras without which a tick is skipped; empty = all. Others are "
                                          "masked out when missing or stale.")
+    camera_qos_reliability: str = _p("best_effort", "Camera subscriptions' reliability: best_effort (sensor data: "
+                                                    "the latest frame, lost ones are not resent) or reliable (large "
+                                                    "raw images; the cameras must publish reliable too).")
+    camera_qos_depth: int = _p(5, "Camera subscriptions' queue depth (frames kept per camera until the node "
+                                  "reads them; the node uses the latest).")
     max_image_side: int = _p(DEFAULT_MAX_SIDE, f"Largest width or height of a camera image, raw or compressed "
                                                f"(at most {MAX_SIDE_LIMIT}); a JPEG or PNG declaring more is refused "
                                                "before it is decoded.")
@@ -134,9 +143,13 @@ class NodeParams:
                             "(set model_camera_names to the names the model was trained with)")
         if not self.joint_names:
             problems.append("joint_names is empty: list the robot's joints in the model's state order")
-        if not self.checkpoint and not self.preset.startswith("tiny"):
+        if self.preset not in PRESETS:
+            problems.append(f"preset '{self.preset}' is not one of {', '.join(PRESETS)}")
+        elif not self.checkpoint and not self.preset.startswith("tiny"):
             problems.append(f"checkpoint is empty: a {self.preset} with random weights must not drive a "
                             "robot (set checkpoint, or use preset tiny for a demo)")
+        if not _DEVICE.fullmatch(self.device):
+            problems.append(f"device '{self.device}' is not cpu, cuda or cuda:N")
         if self.prompt_format not in PROMPT_FORMATS:
             problems.append(f"prompt_format '{self.prompt_format}' is not one of {', '.join(PROMPT_FORMATS)}")
         if self.backend not in BACKEND_CHOICES:
@@ -163,6 +176,11 @@ class NodeParams:
             parse_delay(self.inference_delay_steps)
         except ValueError as e:
             problems.append(f"inference_delay_steps: {e}")
+        if self.camera_qos_reliability not in QOS_RELIABILITY:
+            problems.append(f"camera_qos_reliability '{self.camera_qos_reliability}' is not one of "
+                            f"{', '.join(QOS_RELIABILITY)}")
+        if not self.camera_qos_depth >= 1:
+            problems.append(f"camera_qos_depth must be >= 1, got {self.camera_qos_depth}")
         if not 1 <= self.max_image_side <= MAX_SIDE_LIMIT:
             problems.append(f"max_image_side must be in 1..{MAX_SIDE_LIMIT}, got {self.max_image_side}")
         if self.action_stream_type not in STREAM_TYPES:

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA GPU (use --device cpu)")
+        raise RuntimeError(f"device '{device}' asked for, but torch sees no CUDA GPU (use cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise RuntimeError(f"device '{device}' asked for, but torch sees {n} CUDA GPU(s): cuda:0 to cuda:{n - 1}")
     return dev
 
 
