@@ -11,6 +11,7 @@ A serve config is a ROS 2 parameter file for the node with one more top-level ma
       host: 0.0.0.0
       port: 8000
       metadata: {}                  # extra entries of the metadata frame sent on connect
+      max_clients: 8                # connections served at once; more are refused with HTTP 503
 
 `images` stands in for the node's camera_topics (its keys) and camera_names (its values): the request key is
 the server's topic. A key with "/" that is not itself a request key is looked up in nested dicts, so ALOHA's
@@ -41,9 +42,11 @@ class ServeConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     metadata: dict[str, Any] = field(default_factory=dict)
+    max_clients: int = 8  # connections at once; each may hold two requests' worth of memory (server.py)
 
 
-_KEYS = {"images": dict, "state": list, "prompt": str, "host": str, "port": int, "metadata": dict}
+_KEYS = {"images": dict, "state": list, "prompt": str, "host": str, "port": int, "metadata": dict,
+         "max_clients": int}
 
 
 def _check_section(section: Any, where: str) -> dict[str, Any]:
@@ -81,6 +84,9 @@ def _check_section(section: Any, where: str) -> dict[str, Any]:
     port = section.get("port", 0)
     if isinstance(port, int) and not 0 <= port <= 65535:
         problems.append(f"'port' must be in 0..65535, got {port}")
+    clients = section.get("max_clients", 1)
+    if isinstance(clients, int) and clients < 1:
+        problems.append(f"'max_clients' must be >= 1, got {clients}")
     if problems:
         raise ParamError(f"{where}: invalid '{SECTION}' section:\n  " + "\n  ".join(problems))
     return section
@@ -103,4 +109,4 @@ def load_serve_config(path: str | Path, overrides: dict[str, Any] | None = None)
     except ParamError as e:
         raise ParamError(f"{path}: {e}") from None
     return ServeConfig(params, dict(section["images"]), list(section["state"]),
-                       **{k: section[k] for k in ("prompt", "host", "port", "metadata") if k in section})
+                       **{k: section[k] for k in ("prompt", "host", "port", "metadata", "max_clients") if k in section})

@@ -28,10 +28,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     from pi_policy.runtime import build_runner
     from pi_policy.serve.config import load_serve_config
@@ -57,10 +53,8 @@ def run(args: argparse.Namespace) -> int:
               f"  cameras: {cams}\n  state: {' + '.join(cfg.state)} ({len(cfg.params.joint_names)} values); "
               f"prompt: '{cfg.prompt}'; actions: {r.horizon} x {r.action_dim}", flush=True)
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop as Ctrl-C does
-    try:
-        asyncio.run(server.run(ready))
-    except KeyboardInterrupt:
+    try:  # Ctrl-C, `docker stop`, systemd: clients are told the server is going away (1001)
+        asyncio.run(server.run(ready, stop_signals=(signal.SIGINT, signal.SIGTERM)))
         print("stopped", flush=True)
     finally:
         server.pool.shutdown(wait=False, cancel_futures=True)
