@@ -256,7 +256,7 @@ def test_connections_over_max_clients_get_503(libero_server):
         assert refused.value.response.status_code == 503
         assert b"server busy: 2 clients connected (max_clients)" in refused.value.response.body
         first.close()
-        wait_for(lambda: len(server._clients) == 1)
+        wait_for(lambda: server.clients == 1)
         with connect(url, compression=None) as third:  # a slot is free again
             assert unpack(third.recv())["server"] == "pi_policy"
         second.close()

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import websockets
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
+from websockets.protocol import State
 
 from pi_policy.observation import Observation, Policy, PolicyOutput
 from pi_policy.serve.config import ServeConfig
@@ -87,12 +88,18 @@ class PolicyServer:
             sent = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(sent, f"Api-Key {self.api_key}".encode()):
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
-        if len(self._clients) >= self.cfg.max_clients:
-            log.warning("refused a client: %d connected (max_clients)", len(self._clients))
+        clients = self.clients
+        if clients >= self.cfg.max_clients:
+            log.warning("refused a client: %d connected (max_clients)", clients)
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                      f"server busy: {len(self._clients)} clients connected (max_clients)\n")
+                                      f"server busy: {clients} clients connected (max_clients)\n")
         self._clients.add(connection)  # counted from here, so that handshakes in flight count too
         return None
+
+    @property
+    def clients(self) -> int:
+        """Connections admitted and not closed (a handshake that failed is closed, even before it is collected)."""
+        return sum(1 for c in list(self._clients) if c.state is not State.CLOSED)
 
     # -- one connection ------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
