@@ -73,8 +73,8 @@ class NodeParams:
     required_cameras: list[str] = _p([], "Cameras without which a tick is skipped; empty = all. Others are "
                                          "masked out when missing or stale.")
     camera_qos_reliability: str = _p("best_effort", "Camera subscriptions' reliability: best_effort (sensor data: "
-                                                    "the latest frame, lost ones are not resent) or reliable (large "
-                                                    "raw images; the cameras must publish reliable too).")
+                                                    "lost frames are not resent) or reliable (the cameras must "
+                                                    "publish reliable too). Large images: use /compressed topics.")
     camera_qos_depth: int = _p(5, "Camera subscriptions' queue depth (frames kept per camera until the node "
                                   "reads them; the node uses the latest).")
     max_image_side: int = _p(DEFAULT_MAX_SIDE, f"Largest width or height of a camera image, raw or compressed "
