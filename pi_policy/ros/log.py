@@ -1,9 +1,10 @@
-"""The node's warnings and errors: one call site per severity, throttled per message kind, never raising.
+"""The node's messages about its inputs: one call site per severity, throttled per message kind, never raising.
 
 rclpy binds a `log()` call site to the first severity it sees and raises `ValueError` when that site logs another one
-(humble to rolling), which killed the node at the first WARN after an ERROR. Here `warn` and `error` each call the
-logger from their own line with no rclpy filters, the throttle is ours (per severity and kind, so a flood of one
-camera's bad frames does not hide another camera's), and a logger that fails anyway falls back to stderr.
+(humble to rolling), which killed the node at the first WARN after an ERROR. Here `info`, `warn` and `error` each
+call the logger from their own line with no rclpy filters, the throttle is ours (per severity and kind, so a flood of
+one camera's bad frames does not hide another camera's, nor a flood of prompts), and a logger that fails anyway
+falls back to stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ class ThrottledLog:
         self._last: dict[tuple[str, str], float] = {}
         self._held: dict[tuple[str, str], int] = {}  # messages throttled since the last one shown
         self._lock = threading.Lock()
+
+    def info(self, kind: str, message: str) -> bool:
+        """Log at INFO unless one of this kind was logged less than period_s ago; True if it was logged."""
+        text = self._admit("INFO", kind, message)
+        if text is None:
+            return False
+        try:
+            self.logger.info(text)
+        except Exception as e:  # noqa: BLE001 - a log call must never take the node down
+            self._fallback("INFO", text, e)
+        return True
 
     def warn(self, kind: str, message: str) -> bool:
         """Log a warning unless one of this kind was logged less than period_s ago; True if it was logged."""
