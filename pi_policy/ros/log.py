@@ -24,36 +24,27 @@ class ThrottledLog:
         self._held: dict[tuple[str, str], int] = {}  # messages throttled since the last one shown
         self._lock = threading.Lock()
 
+    # Each severity calls the logger from its own line (its own lambda): rclpy's call sites are per line.
     def info(self, kind: str, message: str) -> bool:
         """Log at INFO unless one of this kind was logged less than period_s ago; True if it was logged."""
-        text = self._admit("INFO", kind, message)
-        if text is None:
-            return False
-        try:
-            self.logger.info(text)
-        except Exception as e:  # noqa: BLE001 - a log call must never take the node down
-            self._fallback("INFO", text, e)
-        return True
+        return self._log("INFO", kind, message, lambda text: self.logger.info(text))
 
     def warn(self, kind: str, message: str) -> bool:
         """Log a warning unless one of this kind was logged less than period_s ago; True if it was logged."""
-        text = self._admit("WARN", kind, message)
-        if text is None:
-            return False
-        try:
-            self.logger.warning(text)
-        except Exception as e:  # noqa: BLE001 - a log call must never take the node down
-            self._fallback("WARN", text, e)
-        return True
+        return self._log("WARN", kind, message, lambda text: self.logger.warning(text))
 
     def error(self, kind: str, message: str) -> bool:
-        text = self._admit("ERROR", kind, message)
+        """Log an error unless one of this kind was logged less than period_s ago; True if it was logged."""
+        return self._log("ERROR", kind, message, lambda text: self.logger.error(text))
+
+    def _log(self, severity: str, kind: str, message: str, emit: Callable[[str], object]) -> bool:
+        text = self._admit(severity, kind, message)
         if text is None:
             return False
         try:
-            self.logger.error(text)
-        except Exception as e:  # noqa: BLE001
-            self._fallback("ERROR", text, e)
+            emit(text)
+        except Exception as e:  # noqa: BLE001 - a log call must never take the node down
+            self._fallback(severity, text, e)
         return True
 
     def _admit(self, severity: str, kind: str, message: str) -> str | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import importlib
 import os
 import signal
 import sys
@@ -34,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import rclpy
 import yaml
-from builtin_interfaces.msg import Duration, Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
@@ -43,8 +43,8 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Float32MultiArray, Float64MultiArray, Header, MultiArrayDimension, MultiArrayLayout, String
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+from std_msgs.msg import Float32MultiArray, Float64MultiArray, String
+from trajectory_msgs.msg import JointTrajectory
 
 from pi_policy.node.inputs import clip_text
 from pi_policy.node.logic import ERROR, WARN, PolicyNodeLogic
@@ -72,17 +72,17 @@ def _py_array(values: np.ndarray, typecode: str) -> array.array:
     return array.array(typecode, np.ascontiguousarray(values, dtype=dtype).tobytes())
 
 
-RCLPY_CLASSES = MessageClasses(
-    Time=Time, Duration=Duration, Header=Header, JointTrajectory=JointTrajectory,
-    JointTrajectoryPoint=JointTrajectoryPoint, DiagnosticArray=DiagnosticArray,
-    DiagnosticStatus=DiagnosticStatus, KeyValue=KeyValue, Float32MultiArray=Float32MultiArray,
-    MultiArrayLayout=MultiArrayLayout, MultiArrayDimension=MultiArrayDimension, float_array=_py_array,
-    Float64MultiArray=Float64MultiArray, JointState=JointState,
-)
+def _message_class(name: str) -> type:
+    """'std_msgs/msg/Header' -> the rclpy message class."""
+    package, _, cls = name.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), cls)
 
 
-class _PolicyServing:
-    """configure / activate / deactivate / cleanup: the serving half of the lifecycle node."""
+RCLPY_CLASSES = MessageClasses.resolve(_message_class, _py_array)
+
+
+class PolicyNode(LifecycleNode):
+    """The pi_policy lifecycle node: configure loads the policy, activate serves it, deactivate and cleanup undo."""
 
     def _setup(self, finished: threading.Event | None) -> None:
         declare_parameters(self)
@@ -242,8 +242,6 @@ class _PolicyServing:
             if self._active and self._last_diagnostics is not None:
                 self.diagnostics_pub.publish(self._last_diagnostics)
 
-
-class PolicyNode(_PolicyServing, LifecycleNode):
     def __init__(self, finished: threading.Event | None = None, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
         self._setup(finished)
