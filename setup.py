@@ -23,6 +23,7 @@ setup(
         "safetensors",
         "sentencepiece",
         "opencv-python-headless",
+        "pillow",  # JPEG / PNG camera frames (pi_policy.node.compressed)
         "pyyaml",
         "tqdm",
         "rosbags>=0.10",
@@ -31,13 +32,15 @@ setup(
         "msgpack>=1.0",
     ],
     extras_require={
-        # triton: the fused-kernel tests run under its CPU interpreter; ray: eval-bag --ray is tested for real
-        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "triton", "ray"],
+        # triton: the fused-kernel tests run under its CPU interpreter; ray[serve]: eval-bag --ray and serve --ray
+        # are tested for real
+        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "triton", "ray[serve]"],
         # openpi's own client, for the tests of `pi-policy serve` (CI installs it): it pins numpy < 2, so pip would
         # take numpy 2 -> 1.26 and OpenCV 5 -> 4.x with it; kept out of [test] so that installing the tests does not
         "openpi": ["openpi-client"],
         "onnx": ["onnx", "onnxruntime"],
         "ray": ["ray"],
+        "serve-ray": ["ray[serve]"],  # pi-policy serve --ray: Ray Serve, FastAPI, uvicorn
     },
     zip_safe=True,
     maintainer="pi_policy developers",

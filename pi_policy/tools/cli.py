@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModuleNotFoundError as e:  # an optional dependency of this command
-        extra = {"onnx": "onnx", "onnxruntime": "onnx", "ray": "ray"}.get(e.name)
+        extra = {"onnx": "onnx", "onnxruntime": "onnx", "ray": "ray", "fastapi": "serve-ray",
+                 "starlette": "serve-ray"}.get(e.name)
         hint = f' (pip install -e ".[{extra}]")' if extra else f" (pip install {e.name})"
         return report(args.command, f"this command needs the {e.name} package{hint}", USAGE)
     except (ValueError, RuntimeError, OSError, BagError) as e:  # UsageError is a ValueError: exit 2, others 1
