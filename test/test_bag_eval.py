@@ -169,6 +169,10 @@ def test_gaps_corrupt_and_missing_topics_are_reported(bags, tmp_path):
     assert set(policies["exact"].prompts) == {""}  # no prompt topic and none configured
     html = (tmp_path / "index.html").read_text()
     assert PROMPT_TOPIC in html and "stale" in html and "undecodable" in html
+    from pi_policy.bag.summary import input_problem_lines
+
+    lines = input_problem_lines(m["inputs"])  # the missing prompt topic is said once, by the pre-flight's note
+    assert sum(PROMPT_TOPIC in line for line in lines) == 1 and any("configured prompt" in line for line in lines)
 
 
 def test_action_gaps_are_not_scored(bags, tmp_path):

@@ -111,3 +111,11 @@ def test_every_option_has_help():
 
     walk(build_parser(), ["pi-policy"])
     assert not missing, missing
+
+
+def test_progress_bars_stay_off_a_log_file(tmp_path, capsys):
+    # stderr here is not a terminal (a CI log, a file): no bar may write its updates into it, with or without
+    # --no-progress
+    assert main(["demo", "--iters", "2", "--out", str(tmp_path / "demo")]) == 0
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "warm-up" not in err and "replay" not in err, err

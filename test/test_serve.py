@@ -394,11 +394,11 @@ def test_the_command_serves_until_sigterm():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "pi_policy", "serve", "--config", str(ROOT / "config" / "serve_droid.yaml"),
            "--preset", "tiny", "--device", "cpu", "--checkpoint", "", "--set", "norm_stats=", "--set", "tokenizer=",
-           "--host", "127.0.0.1", "--port", "0"]
+           "--host", "127.0.0.1", "--port", "0", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("serving tiny on cpu at ws://127.0.0.1:"), line + proc.stderr.read()
+        assert line.startswith("serving tiny on cpu, 1 CPU thread, at ws://127.0.0.1:"), line + proc.stderr.read()
         port = int(line.split("ws://127.0.0.1:")[1].split()[0])
         reply = WebsocketClientPolicy("127.0.0.1", port).infer(droid_request(np.random.default_rng(0))[0])
         assert reply["actions"].shape == (50, 8)

@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pi_policy.runtime.stats import threads_text
     from pi_policy.serve.config import load_serve_config
     from pi_policy.serve.server import PolicyServer, build_serve_runner
 
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(port: int) -> None:
         cams = ", ".join(f"{k} -> {v}" for k, v in cfg.images.items())
-        print(f"serving {server.metadata['preset']} on {cfg.params.device} at ws://{cfg.host}:{port} "
+        print(f"serving {server.metadata['preset']} on {cfg.params.device}, {threads_text(r.threads)}, at "
+              f"ws://{cfg.host}:{port} "
               f"(health: http://{cfg.host}:{port}/healthz; API key "
               f"{'required, from $' + args.api_key_env if api_key else 'not required'})\n"
               f"  cameras: {cams}\n  state: {' + '.join(cfg.state)} ({len(cfg.params.joint_names)} values); "
