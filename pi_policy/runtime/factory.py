@@ -15,6 +15,7 @@ from pi_policy.runtime.expert import DenoiseChoice, make_denoise
 from pi_policy.runtime.options import DEFAULT_COMPILE, RTCSettings, resolve_backend, resolve_denoise
 from pi_policy.runtime.prefill import make_prefill
 from pi_policy.runtime.runner import PolicyRunner
+from pi_policy.runtime.vision import make_vision
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,15 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                  compile_stages: tuple[str, ...] | None = None, calibration=None,
                  fp8_options: dict | None = None, cuda_graphs: bool = True, prompt_format: str = "auto",
                  require_assets: bool = True, denoise: str | None = None,
-                 rtc: RTCSettings | None = None) -> PolicyRunner:
+                 rtc: RTCSettings | None = None, vision: str = "bf16") -> PolicyRunner:
     """A runner ready to serve. `backend` names the prefill (pi_policy.runtime.options; `eager` = bf16 without
     graphs or compilation). On CUDA, prefill and denoise are torch.compile'd by default (start-up cost,
     reported in runner.startup_ms). calibration and fp8_options (build_fp8_prefill's keyword arguments)
     configure the fp8 prefill. Statistics, tokenizer and prompt format not given are taken from beside the
     checkpoint; `require_assets=False` (latency benchmarks) runs a checkpoint without them. denoise: bf16 (the
     PyTorch expert, the default), triton or fp8 (the fused Triton expert, bf16 or FP8 weights); `rtc`
-    real-time chunking (off when None; it runs on the PyTorch denoise loop)."""
+    real-time chunking (off when None; it runs on the PyTorch denoise loop). vision: bf16 (the model's tower) or
+    fp8 (FP8 copies of its linears; calibration's `vision.*` scales and the shared fp8_options apply)."""
     mode = resolve_backend(backend, cuda_graphs, compile_stages)
     cfg = model.cfg if model is not None else get_config(preset)
     assets = resolve_assets(cfg, checkpoint, norm_stats, tokenizer, prompt_format, require_assets)
@@ -75,6 +77,8 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
                          assets.state_pad)
     choice = make_prefill(mode.prefill, model, engine_path=engine_path, checkpoint=checkpoint, calibration=calibration,
                           fp8_options=fp8_options)
+    seen = make_vision(vision, model, calibration=calibration if isinstance(calibration, (str, dict)) else None,
+                       fp8_options=fp8_options)
     compile_stages = mode.compile_stages
     if compile_stages is None:
         compile_stages = DEFAULT_COMPILE if next(model.parameters()).device.type == "cuda" else ()
@@ -82,6 +86,8 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
         compile_stages = tuple(s for s in compile_stages if s != "prefill")
     if choice.note:
         log.warning("prefill backend: %s", choice.note)
+    if seen.note:
+        log.warning("vision backend: %s", seen.note)
     on_gpu = next(model.parameters()).device.type == "cuda"
     fused = make_denoise(resolve_denoise(denoise, on_gpu, rtc.mode if rtc is not None else "off"), model)
     if fused.fn is not None and rtc is not None and rtc.mode != "off":  # RTC steers the PyTorch loop
@@ -91,10 +97,12 @@ def build_runner(preset: str = "tiny", checkpoint: str | None = None, norm_stats
         compile_stages = tuple(s for s in compile_stages if s != "denoise")
     runner = PolicyRunner(model, tok, normalizer, camera_names, cuda_graphs=mode.cuda_graphs,
                           prefill=choice.fn, prefill_backend=choice.name, seed=seed,
-                          compile_stages=compile_stages, denoise=fused, rtc=rtc)
-    runner.backend_note = "; ".join(n for n in (choice.note, fused.note) if n)
+                          compile_stages=compile_stages, denoise=fused, rtc=rtc, vision=seen.fn,
+                          vision_backend=seen.name)
+    runner.backend_note = "; ".join(n for n in (seen.note, choice.note, fused.note) if n)
     if warmup:
         runner.warmup(progress=progress)
         if runner.compile_note:
-            runner.backend_note = "; ".join(n for n in (choice.note, fused.note, runner.compile_note) if n)
+            runner.backend_note = "; ".join(n for n in (seen.note, choice.note, fused.note, runner.compile_note)
+                                            if n)
     return runner

@@ -79,7 +79,8 @@ class PolicyRunner:
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, camera_names: list[str] | None = None, *,
                  cuda_graphs: bool = True, prefill: PrefillFn | None = None, prefill_backend: str = "bf16",
                  seed: int = 0, compile_stages: tuple[str, ...] = (),
-                 denoise: DenoiseChoice | None = None, rtc: RTCSettings | None = None):
+                 denoise: DenoiseChoice | None = None, rtc: RTCSettings | None = None,
+                 vision: Callable[[torch.Tensor], torch.Tensor] | None = None, vision_backend: str = "bf16"):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
@@ -100,13 +101,13 @@ class PolicyRunner:
         # Guided RTC backpropagates through the velocity: it uses the model's own (plain or torch.compile'd, which
         # supports autograd), never a replacement kernel that might not.
         self.guided_velocity_fn = model.velocity
-        self.vision_fn = model.embed_images
+        self.vision_fn = vision or model.embed_images
         self._plain = (self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn)
         self.compile_note = ""
         self.compiled = tuple(compile_stages) if self.device.type == "cuda" else ()
         mode = os.environ.get("PI_POLICY_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
         if "vision" in self.compiled:
-            self.vision_fn = torch.compile(model.embed_images, dynamic=False, mode=mode)
+            self.vision_fn = torch.compile(self.vision_fn, dynamic=False, mode=mode)
         if "prefill" in self.compiled:
             self.prefill_fn = torch.compile(self.prefill_fn, dynamic=False, mode=mode)
         if "denoise" in self.compiled:  # one step compiled; the 10-step loop is captured in one CUDA graph
@@ -116,6 +117,7 @@ class PolicyRunner:
         mode = "graph" if cuda_graphs and self.device.type == "cuda" else "eager"
         self.backends = {s: f"{base}-{mode}" for s in STAGES}
         self.backends["prefill"] = f"{prefill_backend}-{mode}" if prefill else self.backends["prefill"]
+        self.backends["vision"] = f"{vision_backend}-{mode}" if vision else self.backends["vision"]
         for s in compile_stages if self.device.type == "cuda" else ():
             self.backends[s] += "-compiled"
         self.denoise_fn = denoise.fn if denoise is not None else None  # None: the model's loop over velocity_fn

@@ -15,7 +15,14 @@ from tqdm import tqdm
 from pi_policy.model.tokenizer import PROMPT_FORMATS
 from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_model, build_runner
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTC_MODES, RTCSettings, parse_stages
+from pi_policy.runtime.options import (
+    BACKEND_CHOICES,
+    DENOISE_BACKENDS,
+    RTC_MODES,
+    VISION_BACKENDS,
+    RTCSettings,
+    parse_stages,
+)
 from pi_policy.runtime.roofline import format_roofline, measure_peaks, roofline
 from pi_policy.runtime.stats import action_accuracy, action_stats, comparison_table, stage_table, summarize
 from pi_policy.tools.flags import add_fp8_arguments, fp8_options
@@ -40,7 +47,7 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
               engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
               fp8_options: dict | None = None, roofline_peaks: dict | None = None,
               prompt_format: str = "auto", denoise: tuple[str, ...] = (),
-              rtc_modes: tuple[str, ...] = ()) -> dict:
+              rtc_modes: tuple[str, ...] = (), vision: tuple[str, ...] = (), calibration: str | None = None) -> dict:
     """The BENCHMARKING.md workload: each backend (x each denoise, when several are given) on the same
     observation and noise; the first configuration is the baseline of the comparison and accuracy blocks. With
     roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or {"measure": True} on a GPU) each configuration also gets
@@ -65,13 +72,15 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
     if rtc_modes:
         defaults = {k: v for k, v in vars(RTCSettings()).items() if k != "mode"}
         result["workload"]["rtc"] = {"executed_steps": RTC_EXECUTED, "delay": RTC_DELAY} | defaults
-    configs = [(b, d, m) for b in backends for d in (denoise or (None,)) for m in (rtc_modes or (None,))]
-    for backend, den, mode in configs:
-        name = (f"{backend}/{den}" if len(denoise) > 1 else backend) + ("" if mode is None else f"+rtc-{mode}")
+    configs = [(b, d, m, v) for v in (vision or ("bf16",)) for b in backends for d in (denoise or (None,))
+               for m in (rtc_modes or (None,))]
+    for backend, den, mode, vis in configs:
+        name = ((f"{backend}/{den}" if len(denoise) > 1 else backend) + ("" if mode is None else f"+rtc-{mode}")
+                + (f"+vision-{vis}" if len(vision) > 1 or vis != "bf16" else ""))
         runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
                               engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
                               fp8_options=fp8_options, prompt_format=prompt_format, denoise=den,
-                              rtc=RTCSettings(mode) if mode else None,
+                              rtc=RTCSettings(mode) if mode else None, vision=vis, calibration=calibration,
                               require_assets=False)  # timing only: no robot
         actions = runner.infer(obs, noise=noise).actions
         cont = {}
@@ -91,7 +100,7 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
         peaks = measure_peaks(device) if roofline_peaks.get("measure") else dict(roofline_peaks)
         peaks.setdefault("fp8_tflops", 2 * peaks["bf16_tflops"])  # FP8 tensor cores: twice bf16 on Hopper and Thor
         result["roofline_peaks"] = peaks
-        for (backend, den, _), entry in zip(configs, result["backends"].values(), strict=True):
+        for (backend, den, _, _), entry in zip(configs, result["backends"].values(), strict=True):
             measured = {s: entry[s]["p50"] for s in ("vision", "embed_prefix", "prefill", "denoise")}
             entry["roofline"] = roofline(cfg, measured, peaks, prefill_fp8=backend in ("fp8", "tensorrt"),
                                          denoise_fp8=den == "fp8")
@@ -168,6 +177,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="denoise: auto (the default: triton on a GPU, else bf16), bf16 (PyTorch), triton or fp8 (fused "
                         "Triton expert); repeat to "
                         "compare (the first is the baseline)")
+    p.add_argument("--vision", action="append", choices=VISION_BACKENDS,
+                   help="vision tower: bf16 (default) or fp8 (FP8 linears); repeat to compare")
     p.add_argument("--cameras", type=int, default=3, help="camera views the runner is built for, 1-3 (default 3)")
     p.add_argument("--iters", type=int, default=200, help="timed inferences per backend (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -195,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
                        args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
                        fp8_options(args), roofline_peaks(args), args.prompt_format, tuple(args.denoise or ()),
-                       tuple(dict.fromkeys(args.rtc or ())))
+                       tuple(dict.fromkeys(args.rtc or ())), tuple(dict.fromkeys(args.vision or ())),
+                       args.fp8_calibration)
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers) -> None:
     """Register calibrate and build-engine on an argparse subparsers object."""
-    c = subparsers.add_parser("calibrate", help="FP8 static activation scales from sample observations")
+    c = subparsers.add_parser("calibrate", help="FP8 static activation scales (vision tower and prefill) from sample "
+                                                "observations")
     add_model_arguments(c)
     c.add_argument("--samples", type=int, default=8, help="number of sample observations (default 8)")
     c.add_argument("--out", required=True, help="calibration JSON to write")
@@ -39,10 +40,10 @@ def add_parser(subparsers) -> None:
 
 
 def _samples(model, args, n: int):
-    """Calibration inputs: the prefix a BF16 runner over `model` computes for n synthetic observations."""
+    """Calibration inputs: the images and prefix a BF16 runner over `model` computes for n synthetic observations."""
     from pi_policy.runtime import build_runner
+    from pi_policy.runtime.calibrate import capture_samples
     from pi_policy.tools.synthetic import sample_observations
-    from pi_policy.tools.verify import calibration_samples
 
     if n < 1:
         raise ValueError("need at least one calibration sample")
@@ -53,25 +54,20 @@ def _samples(model, args, n: int):
     obs = sample_observations(runner.camera_names, cfg.vision.image_size, runner.normalizer.action_dim, n,
                               args.seed + 100)
     noise = np.zeros((cfg.horizon, cfg.action_dim), np.float32)
-    return calibration_samples(runner, obs, noise)
+    return capture_samples(runner, obs, noise)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from pi_policy.runtime import build_model
+    from pi_policy.runtime.calibrate import calibrate_fp8
     from pi_policy.runtime.prefill.calibration import save_calibration
-    from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
     from pi_policy.runtime.prefill.tensorrt import weights_tag
 
     model = build_model(args.preset, args.checkpoint, args.device, args.seed, num_cameras=args.cameras)
-    choice = build_fp8_prefill(model, calibration=_samples(model, args, args.samples), progress=not args.no_progress)
-    amax = {name: float(lin.act_scale) * 448.0 for name, lin in choice.fn.linears().items()
-            if lin.act_scale is not None}
-    path = save_calibration(args.out, amax, {"preset": args.preset, "samples": args.samples,
-                                             "checkpoint": weights_tag(args.checkpoint, args.seed)})
-    running = len(choice.fn.running_linears())
-    print(f"wrote {path}: static activation scales for {len(amax)} of the {running} FP8 linears the prefill runs "
-          f"(of {len(choice.fn.linears())} quantized: the last layer computes only K/V), from {args.samples} "
-          "observations")
+    cal = calibrate_fp8(model, _samples(model, args, args.samples), progress=not args.no_progress)
+    path = save_calibration(args.out, cal.amax, {"preset": args.preset, "samples": args.samples,
+                                                 "checkpoint": weights_tag(args.checkpoint, args.seed)})
+    print(f"wrote {path}: {cal.describe()}, from {args.samples} observations")
     return 0
 
 
@@ -84,7 +80,7 @@ def run_build_engine(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.preset, args.checkpoint, args.device, args.seed, num_cameras=args.cameras)
-    calibration = args.calibration or _samples(model, args, args.samples)
+    calibration = args.calibration or [(s.prefix_embs, s.prefix_pad) for s in _samples(model, args, args.samples)]
     choice = build_fp8_prefill(model, calibration=calibration, per_channel=args.per_channel,
                                progress=not args.no_progress)
     t0 = time.perf_counter()

@@ -34,14 +34,24 @@ def add_backend_argument(p: argparse.ArgumentParser, repeat: bool = False, **kwa
 
 
 def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
-    """The fp8 backend's options, shared by `bench` and `verify`."""
+    """The FP8 options (prefill and vision), shared by `bench` and `verify`."""
     parser.add_argument("--fp8-keep-bf16", default="",
-                        help="fp8: comma-separated linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
+                        help="fp8: comma-separated prefill linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
     parser.add_argument("--fp8-exact-accum", action="store_true",
                         help="fp8: exact accumulation in the FP8 GEMMs (use_fast_accum=False; slower)")
     parser.add_argument("--fp8-per-channel", action="store_true", help="fp8: per-output-channel weight scales")
+    parser.add_argument("--fp8-dynamic", default="row", choices=("row", "tensor"),
+                        help="fp8: without static scales, one activation scale per row (token; default) or per tensor")
+    parser.add_argument("--fp8-unfused-quant", action="store_true",
+                        help="fp8: quantize activations in a pass of their own, not inside the RMSNorm and GeGLU "
+                             "kernels that produce them (the fused kernels need a CUDA GPU)")
+    parser.add_argument("--fp8-calibration", default=None, metavar="FILE",
+                        help="fp8: static activation scales from `pi-policy calibrate` (vision and prefill) instead "
+                             "of dynamic ones")
 
 
 def fp8_options(args: argparse.Namespace) -> dict:
+    """build_fp8_prefill's keyword arguments (the vision tower takes the ones that apply to it)."""
     return {"keep_bf16": tuple(x for x in args.fp8_keep_bf16.split(",") if x),
-            "fast_accum": not args.fp8_exact_accum, "per_channel": args.fp8_per_channel}
+            "fast_accum": not args.fp8_exact_accum, "per_channel": args.fp8_per_channel,
+            "dynamic": args.fp8_dynamic, **({"fuse_producers": False} if args.fp8_unfused_quant else {})}
