@@ -135,3 +135,91 @@ def test_bf16_then_fp8_then_bf16_is_bit_identical():
     assert np.array_equal(first, again)
     assert all(torch.equal(a, b) for a, b in zip(kv_first, base.buf.kv, strict=True))
     assert weights_fingerprint(model) == before
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("scales", ["static", "row", "tensor"])
+def test_scaled_mm_kernel_matches_the_simulated_numerics(per_channel, scales):
+    # torch._scaled_mm also runs on a CPU: the GPU path's scale shapes and operand layout, checked against the
+    # quantize-dequantize reference
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(3, 7, 64, generator=gen)
+    dynamic = "tensor" if scales == "static" else scales
+    sim, mm = (FP8Linear(lin, per_channel=per_channel, kernel=k, fuse_quant=False, dynamic=dynamic)
+               for k in ("simulated", "scaled_mm"))
+    if scales == "static":
+        sim.act_scale = mm.act_scale = fp8_scale(x.abs().amax())
+    with torch.no_grad():
+        y, ref = mm(x), sim(x)
+    assert y.shape == (3, 7, 48)
+    assert rel(y, ref) < 1e-5
+
+
+def test_per_row_scales_keep_small_rows_precise():
+    # one token 1e5x larger than the rest: with one scale per tensor the others fall into e4m3's subnormal range
+    # (below 2^-6 of the unit the scale sets), where its steps are coarse relative to the values
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(8, 64, generator=gen)
+    x[0] *= 1e5
+    with torch.no_grad():
+        ref = lin(x)[1:]
+        row = FP8Linear(lin, dynamic="row")(x)[1:]
+        tensor = FP8Linear(lin, dynamic="tensor")(x)[1:]
+    assert rel(row, ref) < KV_REL_TOL
+    assert rel(tensor, ref) > 3 * rel(row, ref)
+    with pytest.raises(ValueError, match="dynamic activation scaling"):
+        FP8Linear(lin, dynamic="channel")
+
+
+def test_fp8_vision_close_to_the_model_which_stays_untouched(model, tmp_path):
+    from pi_policy.runtime.calibrate import CalibrationSample, calibrate_fp8
+    from pi_policy.runtime.vision.fp8 import build_fp8_vision
+
+    cfg = model.cfg
+    before = weights_fingerprint(model)
+    gen = torch.Generator().manual_seed(3)
+    s = cfg.vision.image_size
+    images = torch.rand(1, cfg.num_cameras, 3, s, s, generator=gen) * 2 - 1
+    vision, note = build_fp8_vision(model)
+    assert "CPU: FP8 vision simulated" in note and f"{4 * cfg.vision.depth + 1}/{4 * cfg.vision.depth + 1}" in note
+    with torch.no_grad():
+        ref, got = model.embed_images(images), vision(images)
+    assert got.shape == ref.shape
+    assert 0 < rel(got, ref) < KV_REL_TOL
+    embs, pad = prefix_inputs(model)
+    cal = calibrate_fp8(model, [CalibrationSample(images, embs, pad)])
+    assert {k for k in cal.amax if k.startswith("vision.")} == {"vision." + k for k in vision.linears()}
+    assert "9 of the 9 FP8 linears of the vision tower" in cal.describe()
+    path = save_calibration(tmp_path / "cal.json", cal.amax)
+    from_file, _ = build_fp8_vision(model, str(path))
+    from_samples, _ = build_fp8_vision(model, [images])
+    with torch.no_grad():
+        a, b = from_file(images), from_samples(images)
+    assert torch.equal(a, b)
+    assert all(lin.act_scale is not None for lin in from_file.linears().values())
+    assert build_fp8_prefill(model, calibration=str(path)).fn.summary().count("5/5 with static") == 1
+    with pytest.raises(ValueError, match="no scales for the vision tower"):
+        build_fp8_vision(model, {k: v for k, v in cal.amax.items() if not k.startswith("vision.")})
+    with pytest.raises(ValueError, match="unknown vision linear"):
+        build_fp8_vision(model, keep_bf16=("wqkv",))
+    assert weights_fingerprint(model) == before
+
+
+def test_runner_with_fp8_vision_leaves_the_baseline_bit_identical():
+    model = build_model("tiny", seed=0)
+    base = build_runner(model=model, progress=False)
+    rng = np.random.default_rng(1)
+    obs = Observation(images={c: rng.integers(0, 256, (60, 50, 3), dtype=np.uint8) for c in base.camera_names},
+                      state=rng.normal(size=8).astype(np.float32), prompt="pick up the cube")
+    noise = rng.standard_normal((model.cfg.horizon, model.cfg.action_dim)).astype(np.float32)
+    first = base.infer(obs, noise).actions.copy()
+    fp8 = build_runner(model=model, vision="fp8", backend="fp8", progress=False)
+    out = fp8.infer(obs, noise)
+    assert out.latency.backends["vision"] == "fp8-eager" and out.latency.backends["prefill"] == "fp8-eager"
+    assert "FP8 vision simulated" in fp8.backend_note
+    assert not np.array_equal(out.actions, first)
+    assert np.array_equal(base.infer(obs, noise).actions, first)
+    with pytest.raises(ValueError, match="unknown vision backend"):
+        build_runner(model=model, vision="int8", progress=False)

@@ -38,8 +38,8 @@ CANDIDATES = PREFILL_BACKENDS  # bf16: the prefill unchanged, a fused denoise (-
 STAGE_CHOICES = {"vision": VISION_BACKENDS, "prefill": PREFILL_BACKENDS, "denoise": ("bf16", *NAMES)}
 FP8_STAGES = ("vision", "prefill", "denoise")  # the stages with an FP8 implementation
 OUTLIER_NOTE = ("Random weights have none of the activation outliers of a trained Gemma (a few channels far larger "
-                "than the rest, which set the scale of their row or tensor and leave the other values few of FP8's "
-                "levels): these errors show that the FP8 code is right, not that FP8 is accurate enough for a "
+                "than the rest: they set the scales and push the other values down to where FP8's precision "
+                "falls): these errors show that the FP8 code is right, not that FP8 is accurate enough for a "
                 "policy. Verify your own checkpoint (--checkpoint) before it drives a robot.")
 INPUTS_NOTE = ("Inputs are synthetic observations; a robot's images and prompts may load the activations "
                "differently: also compare on a recorded bag (pi-policy eval-bag --backend bf16 --backend fp8).")
