@@ -216,7 +216,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
               "device": str(next(base_model.parameters()).device),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None,
               "torch": torch.__version__, "seed": seed,
-              "scales": (f"static ({calibration})" if calibration else scales or "dynamic") if quantized else None,
+              "scales": (f"static ({calibration})" if calibration else "static" if scales == "static" else
+                         f"dynamic per {(fp8_options or {}).get('dynamic', 'row')}") if quantized else None,
               "weights_fingerprint_before": fp_before, "weights_fingerprint_after": fp_after,
               "baseline": stats(base.actions.astype(np.float64)), "baseline_prefill_ms": base.prefill_ms,
               "max_rel_error": max_rel_error, "candidates": results,
