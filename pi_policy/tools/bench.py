@@ -116,7 +116,7 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
 def ran_as(name: str, stage_backends: dict[str, str]) -> str:
     """A backend named by what its stages ran: its own name where the model is bf16 (a GPU); where it is not (a CPU
     runs float32), that dtype: 'float32' for bf16 and eager, 'fp8/float32' for fp8."""
-    dtype = stage_backends.get("vision", "bf16").split("-")[0]
+    dtype = stage_backends.get("embed_prefix", "bf16").split("-")[0]
     if dtype == "bf16":
         return name
     return dtype if name in ("bf16", "eager") else f"{name}/{dtype}"
