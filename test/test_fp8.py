@@ -223,3 +223,17 @@ def test_runner_with_fp8_vision_leaves_the_baseline_bit_identical():
     assert np.array_equal(base.infer(obs, noise).actions, first)
     with pytest.raises(ValueError, match="unknown vision backend"):
         build_runner(model=model, vision="int8", progress=False)
+
+
+def test_fp8_vision_and_calibration_are_node_parameters():
+    from pi_policy.node.params import ParamError, params_from_dict
+
+    base = {"joint_names": ["j1"], "preset": "tiny"}
+    kwargs = params_from_dict(base | {"backend": "fp8", "vision_backend": "fp8",
+                                      "fp8_calibration": "/opt/calib.json"}).runner_kwargs()
+    assert kwargs["vision"] == "fp8" and kwargs["calibration"] == "/opt/calib.json"
+    assert params_from_dict(base).runner_kwargs()["calibration"] is None
+    with pytest.raises(ParamError, match="vision_backend 'int8' is not one of bf16, fp8"):
+        params_from_dict(base | {"vision_backend": "int8"})
+    with pytest.raises(ParamError, match="fp8_calibration is set, but neither backend nor vision_backend is fp8"):
+        params_from_dict(base | {"fp8_calibration": "/opt/calib.json"})

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from pi_policy.observation import DEFAULT_CAMERAS
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTCSettings, parse_delay
+from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, VISION_BACKENDS, RTCSettings, parse_delay
 
 NODE_NAME = "pi_policy_node"
 PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
@@ -54,6 +54,11 @@ class NodeParams:
                                       "bf16 (the PyTorch action expert, compiled on CUDA), triton (fused Triton "
                                       "expert) or fp8 (fused, FP8 expert weights); a fused one that cannot run falls "
                                       "back to bf16 with a warning.")
+    vision_backend: str = _p("bf16", "Vision backend: bf16 (the SigLIP tower as the model runs it) or fp8 (its "
+                                     "linears and the projector in FP8). Verify FP8 with your checkpoint first: "
+                                     "pi-policy verify --combinations (docs/fp8.md).")
+    fp8_calibration: str = _p("", "Static FP8 activation scales for the fp8 prefill and vision, written by "
+                                  "pi-policy calibrate; empty = dynamic scales, one per token.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")
@@ -139,6 +144,10 @@ class NodeParams:
             problems.append(f"backend '{self.backend}' is not one of {', '.join(BACKEND_CHOICES)}")
         if self.denoise_backend not in DENOISE_BACKENDS:
             problems.append(f"denoise_backend '{self.denoise_backend}' is not one of {', '.join(DENOISE_BACKENDS)}")
+        if self.vision_backend not in VISION_BACKENDS:
+            problems.append(f"vision_backend '{self.vision_backend}' is not one of {', '.join(VISION_BACKENDS)}")
+        if self.fp8_calibration and "fp8" not in (self.backend, self.vision_backend):
+            problems.append("fp8_calibration is set, but neither backend nor vision_backend is fp8")
         if self.backend == "tensorrt" and not self.engine_path:
             problems.append("backend tensorrt needs engine_path")
         positive = ("max_observation_age_s", "control_period_s", "latency_budget_ms")
@@ -194,7 +203,8 @@ class NodeParams:
                     prompt_format=self.prompt_format,
                     device=self.device, backend=self.backend, camera_names=self.served_cameras(),
                     seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
-                    warmup=self.warmup, denoise=self.denoise_backend, rtc=self.rtc_settings())
+                    warmup=self.warmup, denoise=self.denoise_backend, rtc=self.rtc_settings(),
+                    vision=self.vision_backend, calibration=self.fp8_calibration or None)
 
 
 def is_compressed_topic(topic: str) -> bool:
