@@ -88,8 +88,11 @@ def prefill_section(model, iters: int, decisions: dict) -> dict:
     except Exception as e:
         rows["bf16_compiled_blocks"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
     variants = {
-        "fp8_dynamic": dict(),
+        "fp8_dynamic": dict(),  # per-row scales, computed inside the RMSNorm and GeGLU kernels
+        "fp8_dynamic_separate_quant": dict(fuse_producers=False),
+        "fp8_dynamic_per_tensor_separate_quant": dict(dynamic="tensor", fuse_producers=False),
         "fp8_static": dict(calibration=[(embs, pad)]),
+        "fp8_static_separate_quant": dict(calibration=[(embs, pad)], fuse_producers=False),
         "fp8_static_probe_decisions": dict(calibration=[(embs, pad)], decisions=decisions),
         "fp8_static_exact_accum": dict(calibration=[(embs, pad)], fast_accum=False),
         "fp8_static_per_channel": dict(calibration=[(embs, pad)], per_channel=True),
