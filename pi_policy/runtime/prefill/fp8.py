@@ -248,11 +248,6 @@ def quantize_block(block: GemmaBlock, *, per_channel: bool, kernel: str, fast_ac
     return q.eval()
 
 
-def linears_of(root: nn.Module, prefix: str = "") -> dict[str, FP8Linear]:
-    """Every FP8Linear under root, by its path (with `prefix`)."""
-    return {prefix + name: m for name, m in root.named_modules() if isinstance(m, FP8Linear)}
-
-
 @torch.no_grad()
 def observe_amax(lins: dict[str, FP8Linear], run: Callable[[object], object], samples: Iterable,
                  progress: bool = False, desc: str = "fp8 calibration") -> dict[str, float]:
