@@ -22,7 +22,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model("tiny", seed=0)
+    return build_model(preset="tiny", seed=0)
 
 
 def prefix_inputs(model, seed=1, valid=None):
@@ -118,7 +118,7 @@ def test_scaled_mm_refused_without_fp8_gpu(model):
 
 
 def test_bf16_then_fp8_then_bf16_is_bit_identical():
-    model = build_model("tiny", seed=0)
+    model = build_model(preset="tiny", seed=0)
     before = weights_fingerprint(model)
     base = build_runner(model=model, progress=False)
     rng = np.random.default_rng(0)
@@ -208,7 +208,7 @@ def test_fp8_vision_close_to_the_model_which_stays_untouched(model, tmp_path):
 
 
 def test_runner_with_fp8_vision_leaves_the_baseline_bit_identical():
-    model = build_model("tiny", seed=0)
+    model = build_model(preset="tiny", seed=0)
     base = build_runner(model=model, progress=False)
     rng = np.random.default_rng(1)
     obs = Observation(images={c: rng.integers(0, 256, (60, 50, 3), dtype=np.uint8) for c in base.camera_names},
@@ -221,7 +221,7 @@ def test_runner_with_fp8_vision_leaves_the_baseline_bit_identical():
     assert "FP8 vision simulated" in fp8.backend_note
     assert not np.array_equal(out.actions, first)
     assert np.array_equal(base.infer(obs, noise).actions, first)
-    with pytest.raises(ValueError, match="unknown vision backend"):
+    with pytest.raises(ValueError, match="vision_backend 'int8' is not one of bf16, fp8"):
         build_runner(model=model, vision="int8", progress=False)
 
 
@@ -229,10 +229,10 @@ def test_fp8_vision_and_calibration_are_node_parameters():
     from pi_policy.node.params import ParamError, params_from_dict
 
     base = {"joint_names": ["j1"], "preset": "tiny"}
-    kwargs = params_from_dict(base | {"backend": "fp8", "vision_backend": "fp8",
-                                      "fp8_calibration": "/opt/calib.json"}).runner_kwargs()
-    assert kwargs["vision"] == "fp8" and kwargs["calibration"] == "/opt/calib.json"
-    assert params_from_dict(base).runner_kwargs()["calibration"] is None
+    spec = params_from_dict(base | {"backend": "fp8", "vision_backend": "fp8",
+                                    "fp8_calibration": "/opt/calib.json"}).runner_spec()
+    assert spec.vision == "fp8" and spec.fp8.calibration == "/opt/calib.json"
+    assert params_from_dict(base).runner_spec().fp8.calibration is None
     with pytest.raises(ParamError, match="vision_backend 'int8' is not one of bf16, fp8"):
         params_from_dict(base | {"vision_backend": "int8"})
     with pytest.raises(ParamError, match="fp8_calibration is set, but neither backend nor vision_backend is fp8"):

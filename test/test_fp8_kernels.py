@@ -104,7 +104,7 @@ def test_e4m3_conversion_rounds_to_nearest_even_like_torch():
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model("tiny", seed=0)
+    return build_model(preset="tiny", seed=0)
 
 
 def prefix(model, seed=1):

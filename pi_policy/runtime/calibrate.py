@@ -17,7 +17,7 @@ from torch import Tensor
 from pi_policy.model.pi0 import PiModel
 from pi_policy.model.preprocess import pixels_to_model
 from pi_policy.observation import Observation
-from pi_policy.runtime.vision import SHARED_FP8_OPTIONS
+from pi_policy.runtime.spec import FP8Options
 
 
 class CalibrationSample(NamedTuple):
@@ -53,21 +53,21 @@ def capture_samples(runner, observations: list[Observation], noise: np.ndarray) 
     return samples
 
 
-def calibrate_fp8(model: PiModel, samples: list[CalibrationSample], fp8_options: dict | None = None,
+def calibrate_fp8(model: PiModel, samples: list[CalibrationSample], fp8: FP8Options | None = None,
                   progress: bool = False) -> Calibration:
-    """amax per FP8 linear of the vision tower and the prefill (the model is only read). fp8_options:
-    build_fp8_prefill's options, for the quantized copies the activations flow through."""
+    """amax per FP8 linear of the vision tower and the prefill (the model is only read). fp8: the options of the
+    quantized copies the activations flow through."""
     from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
     from pi_policy.runtime.vision.fp8 import build_fp8_vision
 
     if not samples:
         raise ValueError("FP8 calibration needs at least one sample observation")
-    options = dict(fp8_options or {})
-    vision, _ = build_fp8_vision(model, **{k: v for k, v in options.items() if k in SHARED_FP8_OPTIONS})
+    fp8 = fp8 or FP8Options()
+    vision, _ = build_fp8_vision(model, **fp8.vision_kwargs())
     amax = vision.calibrate([s.images for s in samples], progress=progress)
     n_vision = len(vision.linears())
     del vision
-    options |= {"fuse_producers": False, "compile_blocks": False}  # calibration runs the plain blocks
-    prefill = build_fp8_prefill(model, **options).fn
+    # calibration runs the plain blocks
+    prefill = build_fp8_prefill(model, **(fp8.kwargs() | {"fuse_producers": False, "compile_blocks": False})).fn
     amax |= prefill.calibrate([(s.prefix_embs, s.prefix_pad) for s in samples], progress=progress)
     return Calibration(amax, len(prefill.running_linears()), len(prefill.linears()), n_vision)

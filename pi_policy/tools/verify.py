@@ -28,14 +28,15 @@ import torch
 from pi_policy.model.checkpoint import weights_fingerprint
 from pi_policy.observation import Observation
 from pi_policy.runtime import build_model, build_runner
-from pi_policy.runtime.expert import NAMES
+from pi_policy.runtime.choice import FUSED_DENOISE
 from pi_policy.runtime.options import PREFILL_BACKENDS, VISION_BACKENDS
+from pi_policy.runtime.spec import RunnerSpec
 from pi_policy.runtime.stats import cosine, relative_error
-from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, fp8_options
+from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, spec_from_args
 from pi_policy.tools.synthetic import sample_observations
 
-CANDIDATES = PREFILL_BACKENDS  # bf16: the prefill unchanged, a fused denoise (--denoise) is the candidate
-STAGE_CHOICES = {"vision": VISION_BACKENDS, "prefill": PREFILL_BACKENDS, "denoise": ("bf16", *NAMES)}
+CANDIDATES = PREFILL_BACKENDS  # bf16: the prefill unchanged, another stage (--vision, --denoise) is the candidate
+STAGE_CHOICES = {"vision": VISION_BACKENDS, "prefill": PREFILL_BACKENDS, "denoise": ("bf16", *FUSED_DENOISE)}
 FP8_STAGES = ("vision", "prefill", "denoise")  # the stages with an FP8 implementation
 OUTLIER_NOTE = ("Random weights have none of the activation outliers of a trained Gemma (a few channels far larger "
                 "than the rest: they set the scales and push the other values down to where FP8's precision "
@@ -82,8 +83,9 @@ class Captured:
     actions: np.ndarray  # (horizon, action_dim) float32, robot units
     k: torch.Tensor  # (layers, B, kv_heads, P, head_dim) float32 on CPU
     v: torch.Tensor
-    backends: dict[str, str]  # per stage, what ran
+    backends: dict[str, str]  # per stage, the label of what ran
     prefill_ms: float
+    dtype: str  # the model's
 
 
 def capture(runner, obs: Observation, noise: np.ndarray) -> Captured:
@@ -91,7 +93,7 @@ def capture(runner, obs: Observation, noise: np.ndarray) -> Captured:
         out = runner.infer(obs, noise=noise)
     k, v = (t.detach().float().cpu().clone() for t in runner.buf.kv)
     return Captured(np.array(out.actions, dtype=np.float32, copy=True), k, v, dict(out.latency.backends),
-                    out.latency.stages_ms["prefill"])
+                    out.latency.stages_ms["prefill"], runner.choices["prefill"].dtype)
 
 
 def stats(a: np.ndarray) -> dict[str, float]:
@@ -112,31 +114,26 @@ def compare(base: Captured, cand: Captured) -> dict:
             "kv_layers": layers}
 
 
-def expected_label(stage: str, impl: str) -> str:
-    """The start of the stage's backend label when `impl` really ran it."""
-    return NAMES[impl] if stage == "denoise" else impl
-
-
-def check_ran(cand: Candidate, ran: dict[str, str], note: str) -> None:
-    for stage, impl in cand.changed.items():
-        if not ran[stage].startswith(expected_label(stage, impl)):
+def check_ran(cand: Candidate, choices: dict, note: str) -> None:
+    """Every stage the candidate changes ran as asked (a silent fallback would compare the baseline with itself)."""
+    for stage, asked in cand.changed.items():
+        if choices[stage].impl != (FUSED_DENOISE[asked] if stage == "denoise" else asked):
             hint = (f" (on this machine leave it out: --combinations "
-                    f"{','.join(s for s in FP8_STAGES if s != stage)})" if impl == "fp8" else "")
-            raise VerifyError(f"candidate {stage} {impl!r} did not run ({stage} ran as {ran[stage]!r}): "
+                    f"{','.join(s for s in FP8_STAGES if s != stage)})" if asked == "fp8" else "")
+            raise VerifyError(f"candidate {stage} {asked!r} did not run ({stage} ran as {choices[stage].label!r}): "
                               f"{note or 'no reason given'}{hint}")
 
 
-def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = None, device: str = "cpu",
-           seed: int = 0, engine_path: str | None = None, max_rel_error: float = 0.03, scales: str | None = None,
-           calibration_samples_n: int = 4, check_baseline: bool = False, progress: bool = True,
-           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None,
-           cameras: int | None = None, prompt_format: str = "auto", denoise: str = "bf16", vision: str = "bf16",
-           combinations: tuple[str, ...] | None = None, calibration: str | None = None) -> dict:
-    """Run the comparison; returns the report (report["passed"]: every candidate's action relative error is
-    <= max_rel_error). The candidate is (vision, backend, denoise), or with `combinations` every combination of
-    those stages in FP8. scales: dynamic (default) or static (calibrated now on calibration_samples_n
-    observations); `calibration`: a calibration file (pi-policy calibrate) instead. The baseline always runs the
-    model's own stages (the PyTorch denoise)."""
+def verify(backend: str = "fp8", spec: RunnerSpec | None = None, max_rel_error: float = 0.03,
+           scales: str | None = None, calibration_samples_n: int = 4, check_baseline: bool = False,
+           denoise: str = "bf16", vision: str = "bf16", combinations: tuple[str, ...] | None = None) -> dict:
+    """Run the comparison on `spec`'s model; returns the report (report["passed"]: every candidate's action relative
+    error is <= max_rel_error). The candidate is (vision, backend, denoise), or with `combinations` every combination
+    of those stages in FP8. scales: dynamic (default) or static (calibrated now on calibration_samples_n
+    observations); the spec's fp8 calibration file instead gives static scales from `pi-policy calibrate`. The
+    baseline runs every stage as the model does (the PyTorch denoise)."""
+    spec = spec or RunnerSpec()
+    calibration = spec.fp8.calibration
     if combinations is not None:
         if (vision, backend, denoise) != ("bf16", "bf16", "bf16"):
             raise VerifyError("give either --combinations or one candidate (--vision/--backend/--denoise), not both")
@@ -158,44 +155,41 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
         raise VerifyError(f"--max-rel-error must be > 0, got {max_rel_error}")
     quantized = any(c.vision == "fp8" or c.prefill == "fp8" for c in candidates)
     t0 = time.perf_counter()
-    common = dict(norm_stats=norm_stats, tokenizer=tokenizer, seed=seed, progress=progress,
-                  prompt_format=prompt_format)
+    baseline = spec.replace(backend="bf16", denoise="bf16", vision="bf16")
 
     # 1. The baseline: its own model instance, fingerprinted, run first.
-    base_model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)
+    base_model = build_model(baseline)
     fp_before = weights_fingerprint(base_model)
-    base_runner = build_runner(preset, checkpoint, device=device, backend="bf16", model=base_model, denoise="bf16",
-                               **common)
+    base_runner = build_runner(baseline, model=base_model)
     cfg = base_model.cfg
     state_dim = base_runner.normalizer.action_dim
     obs, *calib_obs = sample_observations(base_runner.camera_names, cfg.vision.image_size, state_dim,
-                                          1 + calibration_samples_n, seed + 1)
-    noise = np.random.default_rng(seed + 2).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
+                                          1 + calibration_samples_n, spec.seed + 1)
+    noise = np.random.default_rng(spec.seed + 2).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
     base = capture(base_runner, obs, noise)
-    cal = calibration
+    amax = None
     if quantized and scales == "static":
         from pi_policy.runtime.calibrate import calibrate_fp8, capture_samples
 
-        cal = calibrate_fp8(base_model, capture_samples(base_runner, calib_obs, noise), fp8_options,
-                            progress=progress).amax
+        amax = calibrate_fp8(base_model, capture_samples(base_runner, calib_obs, noise), spec.fp8,
+                             progress=spec.progress).amax
 
     # 2. The candidates: a second instance with the same weights, checked after each.
-    cand_model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)
+    cand_model = build_model(baseline)
     if weights_fingerprint(cand_model) != fp_before:
         raise VerifyError("the candidate's model instance does not hold the baseline's weights (non-deterministic "
                           "load?); the comparison would be meaningless")
     results = []
     for cand in candidates:
-        fp8 = {"fp8_options": dict(fp8_options or {}), "calibration": cal} if quantized else {}
-        runner = build_runner(preset, checkpoint, device=device, backend=cand.prefill, model=cand_model,
-                              engine_path=engine_path, denoise=cand.denoise, vision=cand.vision, **fp8, **common)
-        note = getattr(runner, "backend_note", "")
+        runner = build_runner(baseline, model=cand_model, backend=cand.prefill, denoise=cand.denoise,
+                              vision=cand.vision, fp8=spec.fp8, calibration=amax)
+        note, choices = runner.backend_note, dict(runner.choices)
         got = capture(runner, obs, noise)
         del runner
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        check_ran(cand, got.backends, note)
+        check_ran(cand, choices, note)
         if cand is not candidates[-1] and weights_fingerprint(cand_model) != fp_before:
             raise VerifyError(f"candidate {cand.label!r} changed its model instance's weights; the next candidates "
                               "would be compared with a different model")
@@ -211,17 +205,17 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
                           f"{fp_after[:16]}): building or running them corrupted the shared model")
 
     report = {"baseline_backend": base.backends["prefill"], "baseline_backends": base.backends,
-              "baseline_denoise": base.backends["denoise"], "preset": preset,
-              "checkpoint": checkpoint or f"random-seed-{seed}", "random_weights": checkpoint is None,
+              "baseline_denoise": base.backends["denoise"], "baseline_dtype": base.dtype, "preset": spec.preset,
+              "checkpoint": spec.checkpoint or f"random-seed-{spec.seed}", "random_weights": spec.checkpoint is None,
               "device": str(next(base_model.parameters()).device),
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None,
-              "torch": torch.__version__, "seed": seed,
+              "gpu": torch.cuda.get_device_name() if spec.device != "cpu" and torch.cuda.is_available() else None,
+              "torch": torch.__version__, "seed": spec.seed,
               "scales": (f"static ({calibration})" if calibration else "static" if scales == "static" else
-                         f"dynamic per {(fp8_options or {}).get('dynamic', 'row')}") if quantized else None,
+                         f"dynamic per {spec.fp8.dynamic}") if quantized else None,
               "weights_fingerprint_before": fp_before, "weights_fingerprint_after": fp_after,
               "baseline": stats(base.actions.astype(np.float64)), "baseline_prefill_ms": base.prefill_ms,
               "max_rel_error": max_rel_error, "candidates": results,
-              "notes": ([OUTLIER_NOTE] if checkpoint is None else []) + [INPUTS_NOTE]}
+              "notes": ([OUTLIER_NOTE] if spec.checkpoint is None else []) + [INPUTS_NOTE]}
     if combinations is None:  # the one candidate's fields at the top, as before combinations existed
         r = results[0]
         report |= {"backend": backend, "vision": vision, "candidate_backend": r["ran"]["prefill"],
@@ -241,9 +235,8 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     return report
 
 
-def baseline_label(baseline_backend: str) -> str:
+def baseline_label(dtype: str) -> str:
     """The baseline by its real dtype: BF16 on a GPU, float32 on a CPU (where the model runs in float32)."""
-    dtype = baseline_backend.split("-")[0]
     return "BF16" if dtype == "bf16" else dtype
 
 
@@ -260,7 +253,7 @@ def _kv_table(layers: list[dict]) -> list[str]:
 
 def _header(r: dict, what: str) -> list[str]:
     b = r["baseline"]
-    base = baseline_label(r["baseline_backend"])
+    base = baseline_label(r["baseline_dtype"])
     lines = [f"verify {what} vs {base} baseline ({r['preset']}, {r['checkpoint']}, {r['gpu'] or r['device']}"
              + (f", activation scales {r['scales']}" if r["scales"] else "") + ")",
              f"  {base} range: [{b['min']:.4f}, {b['max']:.4f}], mean: {b['mean']:.4f}"]
@@ -268,7 +261,7 @@ def _header(r: dict, what: str) -> list[str]:
 
 
 def _footer(r: dict) -> list[str]:
-    base = baseline_label(r["baseline_backend"])
+    base = baseline_label(r["baseline_dtype"])
     lines = [f"  weights fingerprint: {r['weights_fingerprint_before'][:16]} before, "
              f"{r['weights_fingerprint_after'][:16]} after (unchanged)"]
     if r["baseline_bit_identical"] is not None:
@@ -327,8 +320,12 @@ def write_report(report: dict, path: str | Path) -> Path:
 def add_parser(subparsers) -> None:
     v = subparsers.add_parser("verify", help="compare candidate vision, prefill and denoise implementations (FP8, "
                                              "TensorRT, fused) with the untouched baseline (bf16 on a GPU, float32 "
-                                             "on a CPU)")
-    add_model_arguments(v)
+                                             "on a CPU)",
+                              description="Run candidates (one, or every combination of FP8 stages) and the untouched "
+                                          "baseline on the same observation and noise: action error and cosine (the "
+                                          "gate: exit 1 above --max-rel-error), per-layer K/V errors (diagnostics), "
+                                          "weight fingerprints.")
+    add_model_arguments(v, skip=("--backend", "--denoise", "--vision"))
     v.add_argument("--backend", default="bf16", choices=CANDIDATES,
                    help="the candidate's prefill (default bf16: unchanged, to verify another stage alone)")
     v.add_argument("--vision", default="bf16", choices=VISION_BACKENDS,
@@ -338,9 +335,9 @@ def add_parser(subparsers) -> None:
     v.add_argument("--combinations", nargs="?", const=",".join(FP8_STAGES), default=None, metavar="STAGES",
                    help="every combination of these stages in FP8 as a candidate, each against the one baseline "
                         f"(default: {','.join(FP8_STAGES)})")
-    v.add_argument("--engine", default=None, help="TensorRT engine (for --backend tensorrt)")
     v.add_argument("--max-rel-error", type=float, default=0.03,
-                   help="fail above this action relative error, for every candidate (the gate)")
+                   help="fail when a candidate's action relative error is above this fraction (the gate; default: "
+                        "%(default)s = 3%%)")
     v.add_argument("--scales", default=None, choices=("dynamic", "static"),
                    help="FP8 activation scales: dynamic (default) or static, calibrated now on --calibration-samples "
                         "observations (or give --fp8-calibration FILE)")
@@ -355,12 +352,9 @@ def add_parser(subparsers) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     combos = None if args.combinations is None else tuple(x for x in args.combinations.split(",") if x)
     try:
-        report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
+        report = verify(args.backend, spec_from_args(args, backend="bf16", denoise="bf16", vision="bf16"),
                         args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
-                        progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                        fp8_options=fp8_options(args), cameras=args.cameras,
-                        prompt_format=args.prompt_format, denoise=args.denoise, vision=args.vision,
-                        combinations=combos, calibration=args.fp8_calibration)
+                        denoise=args.denoise, vision=args.vision, combinations=combos)
     except (VerifyError, ValueError, FileNotFoundError) as e:
         print(f"verify: ERROR: {e}", file=sys.stderr)
         return 2

@@ -1,32 +1,25 @@
-"""Vision backends: the SigLIP tower as the model runs it (bf16), or with FP8 copies of its linears (fp8)."""
+"""Vision backends: the SigLIP tower as the model runs it, or with FP8 copies of its linears (fp8)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pi_policy.model.pi0 import PiModel
-from pi_policy.runtime.options import VISION_BACKENDS
+from pi_policy.runtime.choice import TORCH, Implementation
+from pi_policy.runtime.spec import FP8Options
 
-# build_fp8_prefill's options that apply to the vision tower's FP8 linears too
-SHARED_FP8_OPTIONS = ("per_channel", "fast_accum", "kernel", "fuse_quant", "dynamic")
-
-
-@dataclass
-class VisionChoice:
-    fn: object | None  # None: the model's own embed_images
-    name: str
-    note: str = ""  # what the user should know about how it runs
+__all__ = ["make_vision"]
 
 
-def make_vision(backend: str, model: PiModel, calibration=None, fp8_options: dict | None = None) -> VisionChoice:
-    """The vision stage's implementation. fp8_options: build_fp8_prefill's options; those in SHARED_FP8_OPTIONS
-    apply here. calibration: a calibration file or amax dict (its `vision.*` entries)."""
-    if backend == "bf16":
-        return VisionChoice(None, "bf16")
-    if backend == "fp8":
+def make_vision(impl: str, model: PiModel, fp8: FP8Options | None = None, calibration=None) -> Implementation:
+    """impl: torch or fp8 (pi_policy.runtime.choice). calibration: FP8 static scales (a JSON path or a dict of amax:
+    its `vision.*` entries); default the spec's calibration file, else dynamic scales."""
+    if impl == TORCH:
+        return Implementation(None)
+    if impl == "fp8":
         from pi_policy.runtime.vision.fp8 import build_fp8_vision
 
-        options = {k: v for k, v in (fp8_options or {}).items() if k in SHARED_FP8_OPTIONS}
-        fn, note = build_fp8_vision(model, calibration, **options)
-        return VisionChoice(fn, "fp8", note)
-    raise ValueError(f"unknown vision backend {backend!r}; choose one of {', '.join(VISION_BACKENDS)}")
+        fp8 = fp8 or FP8Options()
+        if not isinstance(calibration, (str, dict)):  # sample prefixes calibrate the prefill only
+            calibration = fp8.calibration
+        fn, note = build_fp8_vision(model, calibration, **fp8.vision_kwargs())
+        return Implementation(fn, "fp8", note)
+    raise ValueError(f"unknown vision implementation {impl!r}")
