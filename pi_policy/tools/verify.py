@@ -182,7 +182,7 @@ def verify(backend: str = "fp8", spec: RunnerSpec | None = None, max_rel_error: 
     results = []
     for cand in candidates:
         runner = build_runner(baseline, model=cand_model, backend=cand.prefill, denoise=cand.denoise,
-                              vision=cand.vision, fp8=spec.fp8, calibration=amax)
+                              vision=cand.vision, calibration=amax)
         note, choices = runner.backend_note, dict(runner.choices)
         got = capture(runner, obs, noise)
         del runner
