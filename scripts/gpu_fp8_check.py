@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pi_policy.model.checkpoint import weights_fingerprint  # noqa: E402
 from pi_policy.runtime import build_model  # noqa: E402
-from pi_policy.runtime.prefill.fp8 import build_fp8_prefill, fp8_supported, shape_key  # noqa: E402
+from pi_policy.runtime.prefill.fp8 import build_fp8_prefill, shape_key  # noqa: E402
+from pi_policy.runtime.prefill.fp8_linear import fp8_supported  # noqa: E402
 from pi_policy.runtime.prefill.fp8_probe import probe_fp8_shapes  # noqa: E402
 from pi_policy.runtime.spec import RunnerSpec  # noqa: E402
 from pi_policy.runtime.timer import graph_replay_times  # noqa: E402

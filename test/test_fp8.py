@@ -8,7 +8,8 @@ from pi_policy.model.checkpoint import weights_fingerprint
 from pi_policy.observation import Observation
 from pi_policy.runtime import build_model, build_runner
 from pi_policy.runtime.prefill.calibration import load_calibration, save_calibration
-from pi_policy.runtime.prefill.fp8 import E4M3_MAX, FP8Linear, build_fp8_prefill, fp8_scale, quantize_fp8, shape_key
+from pi_policy.runtime.prefill.fp8 import build_fp8_prefill, shape_key
+from pi_policy.runtime.prefill.fp8_linear import E4M3_MAX, FP8Linear, fp8_scale, quantize_fp8
 
 # e4m3 keeps 3 mantissa bits: each operand is rounded by up to 1/16 relative (RMS about 2.7%), so a dot
 # product of rounded activations and weights is off by about 4% RMS. 6% leaves room without hiding a bug

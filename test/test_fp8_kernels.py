@@ -11,8 +11,9 @@ import triton.language as tl
 from pi_policy.model.layers import RMSNorm
 from pi_policy.runtime import build_model
 from pi_policy.runtime.prefill import fp8_kernels
-from pi_policy.runtime.prefill.fp8 import FP8Activation, build_fp8_prefill, fp8_scale, quantize_fp8
+from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
 from pi_policy.runtime.prefill.fp8_fused import FusedGeGLU, NormToFP8, unavailable
+from pi_policy.runtime.prefill.fp8_linear import FP8Activation, fp8_scale, quantize_fp8
 
 
 def e4m3_step(q: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from pi_policy.model.gemma import GemmaBlock
 from pi_policy.model.layers import GeGLU, RMSNorm
-from pi_policy.runtime.prefill.fp8 import FP8Activation, FP8Linear, dynamic_scale, quantize_fp8
+from pi_policy.runtime.prefill.fp8_linear import FP8Activation, FP8Linear, dynamic_scale, quantize_fp8
 
 
 # -- the kernels as custom ops: (static scale -> e4m3) and (per-row scales -> e4m3, (M, 1) scales) --------------------
@@ -120,7 +120,7 @@ class FusedGeGLU(GeGLU):
 FUSED_PRODUCERS = (NormToFP8, FusedGeGLU)
 
 
-def fuse_producers(block: GemmaBlock) -> GemmaBlock:
+def fuse_block(block: GemmaBlock) -> GemmaBlock:
     """In a quantized block copy: the norms feeding an FP8 wqkv or gate_up, and the GeGLU feeding an FP8 down,
     quantize their own output. The swapped modules share the copy's parameters."""
     if isinstance(block.wqkv, FP8Linear):

@@ -1,7 +1,7 @@
 """FP8 (e4m3) vision: quantized copies of the SigLIP tower's linears and of the projector into the LLM's width.
 
 As for the prefill, the model is never touched: each SigLIP block is deep-copied with its four linears (qkv, out,
-fc1, fc2) replaced by FP8Linear (runtime/prefill/fp8.py), the projector too, and the copies run through the
+fc1, fc2) replaced by FP8Linear (runtime/prefill/fp8_linear.py), the projector too, and the copies run through the
 model's own `PiModel.embed_images(..., blocks=copies, projector=copy)`, so the patch embedding, LayerNorms,
 attention and GELU are the shared code. Activations are quantized per row or per tensor (dynamic) or by static
 scales from `pi-policy calibrate` (entries `vision.blocks.{i}.{name}` and `vision.projector`).
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pi_policy.model.pi0 import PiModel
 from pi_policy.runtime.prefill.calibration import load_calibration
-from pi_policy.runtime.prefill.fp8 import (
+from pi_policy.runtime.prefill.fp8_linear import (
     DYNAMIC,
     FP8Linear,
     apply_amax,
