@@ -32,6 +32,14 @@ class Flag:
     choices: tuple[str, ...] | None = None
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are comma-separated whole numbers, got {text!r}") from None
+
+
 MODEL_FLAGS = (
     Flag("--preset", "preset", "preset", f"model preset: {', '.join(PRESETS)}"),
     Flag("--checkpoint", "checkpoint", "checkpoint",
@@ -52,6 +60,9 @@ MODEL_FLAGS = (
     Flag("--engine", "engine_path", "engine_path", "TensorRT engine for --backend tensorrt"),
     Flag("--vision", "vision", "vision_backend",
          "vision tower: bf16 (the model's) or fp8 (its linears and the projector in FP8)", choices=VISION_BACKENDS),
+    Flag("--batch-sizes", "batch_sizes", "batch_sizes",
+         "comma-separated batch sizes the runner has buffers and CUDA graphs for (1 is always among them), e.g. "
+         "1,2,4,8: infer_batch runs several robots' observations at once", type=parse_batch_sizes),
 )
 _BY_NAME = {f.name: f for f in MODEL_FLAGS}
 # what eval-bag and serve let the command line override in the node parameter file (besides --set)
