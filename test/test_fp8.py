@@ -238,3 +238,27 @@ def test_fp8_vision_and_calibration_are_node_parameters():
         params_from_dict(base | {"vision_backend": "int8"})
     with pytest.raises(ParamError, match="fp8_calibration is set, but neither backend nor vision_backend is fp8"):
         params_from_dict(base | {"fp8_calibration": "/opt/calib.json"})
+
+
+@pytest.mark.parametrize("dynamic", ["row", "tensor"])
+def test_batched_fp8_rows_are_each_robots_own(dynamic):
+    # with a scale per token a robot's chunk does not depend on what the others in its batch see; with one scale per
+    # tensor it does (the brightest robot sets everyone's scale)
+    from pi_policy.runtime.spec import FP8Options
+
+    model = build_model(preset="tiny", seed=0)
+    runner = build_runner(model=model, vision="fp8", backend="fp8", fp8=FP8Options(dynamic=dynamic),
+                          batch_sizes=(1, 2), progress=False)
+    rng = np.random.default_rng(2)
+
+    def obs(scale):
+        return Observation(images={c: (rng.integers(0, 256, (56, 56, 3)) * scale).astype(np.uint8)
+                                   for c in runner.camera_names},
+                           state=rng.normal(size=8).astype(np.float32) * scale, prompt="pick up the cube")
+
+    dim, bright = obs(0.05), obs(1.0)
+    noise = rng.standard_normal((model.cfg.horizon, model.cfg.action_dim)).astype(np.float32)
+    alone = runner.infer(dim, noise).actions
+    together = runner.infer_batch([dim, bright], [noise, noise])[0].actions
+    err = rel(torch.from_numpy(together), torch.from_numpy(alone))
+    assert err < 1e-5 if dynamic == "row" else err > 1e-4
