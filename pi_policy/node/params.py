@@ -62,7 +62,7 @@ class NodeParams:
                                      "linears and the projector in FP8). Verify FP8 with your checkpoint first: "
                                      "pi-policy verify --combinations (docs/fp8.md).")
     fp8_calibration: str = _p("", "Static FP8 activation scales for the fp8 prefill and vision, written by "
-                                  "pi-policy calibrate; empty = dynamic scales, one per token.")
+                                  "pi-policy calibrate; empty = dynamic scales, one per tensor.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")

@@ -29,19 +29,23 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class FP8Options:
     """The options of the fp8 prefill (pi_policy.runtime.prefill.fp8.build_fp8_prefill) and of the fp8 vision tower
-    (pi_policy.runtime.vision.fp8.build_fp8_vision: all but keep_bf16 and unfused_quant)."""
+    (pi_policy.runtime.vision.fp8.build_fp8_vision: all but keep_bf16 and fused_quant).
+
+    The defaults are the measured configuration (one dynamic scale per tensor, quantized in a pass of its own);
+    per-row scales (`dynamic="row"`, which keep each robot of a batch independent of the others) and quantization
+    inside the RMSNorm / GeGLU kernels (`fused_quant`) are options until a GPU measures them."""
 
     keep_bf16: tuple[str, ...] = ()  # prefill linears left in bf16 in every block
     fast_accum: bool = True  # use_fast_accum of the FP8 GEMMs
     per_channel: bool = False  # per-output-channel weight scales
     calibration: str | None = None  # static activation scales (pi-policy calibrate's JSON); None: dynamic
-    dynamic: str = "row"  # without static scales: one activation scale per row (token) or per tensor
-    unfused_quant: bool = False  # quantize in a pass of its own, not inside the RMSNorm / GeGLU kernels (prefill)
+    dynamic: str = "tensor"  # without static scales: one activation scale per tensor or per row (token)
+    fused_quant: bool = False  # quantize inside the RMSNorm / GeGLU kernels that produce the activations (prefill)
 
     def kwargs(self) -> dict:
         """build_fp8_prefill's keyword arguments (calibration aside)."""
         return {"keep_bf16": self.keep_bf16, "fast_accum": self.fast_accum, "per_channel": self.per_channel,
-                "dynamic": self.dynamic, **({"fuse_producers": False} if self.unfused_quant else {})}
+                "dynamic": self.dynamic, "fuse_producers": self.fused_quant}
 
     def vision_kwargs(self) -> dict:
         """build_fp8_vision's keyword arguments (calibration aside)."""

@@ -105,11 +105,12 @@ def add_fp8_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-exact-accum", action="store_true",
                    help="fp8: exact accumulation in the FP8 GEMMs (use_fast_accum=False; slower)")
     p.add_argument("--fp8-per-channel", action="store_true", help="fp8: per-output-channel weight scales")
-    p.add_argument("--fp8-dynamic", default="row", choices=FP8_DYNAMIC,
-                   help="fp8: without static scales, one activation scale per row (token; the default) or per tensor")
-    p.add_argument("--fp8-unfused-quant", action="store_true",
-                   help="fp8: quantize the prefill's activations in a pass of their own, not inside the RMSNorm and "
-                        "GeGLU kernels that produce them (those need a CUDA GPU)")
+    p.add_argument("--fp8-dynamic", default="tensor", choices=FP8_DYNAMIC,
+                   help="fp8: without static scales, one activation scale per tensor (the default) or per row (token; "
+                        "keeps each robot of a batch independent of the others)")
+    p.add_argument("--fp8-fused-quant", action="store_true",
+                   help="fp8: quantize the prefill's activations inside the RMSNorm and GeGLU kernels that produce "
+                        "them (Triton, CUDA GPU) instead of in a pass of their own; not measured on a GPU yet")
     p.add_argument("--fp8-calibration", default=None, metavar="JSON",
                    help="fp8: static activation scales (vision and prefill) from pi-policy calibrate (default: "
                         "dynamic scales)")
@@ -145,7 +146,7 @@ def spec_from_args(args: argparse.Namespace, **fixed) -> RunnerSpec:
     if "fp8_keep_bf16" in vars(args):
         values["fp8"] = FP8Options(tuple(x for x in args.fp8_keep_bf16.split(",") if x), not args.fp8_exact_accum,
                                    args.fp8_per_channel, args.fp8_calibration, args.fp8_dynamic,
-                                   args.fp8_unfused_quant)
+                                   args.fp8_fused_quant)
     values["progress"] = not getattr(args, "no_progress", False)
     values = {k: v for k, v in values.items() if v is not None or k in ("checkpoint", "norm_stats", "tokenizer",
                                                                           "engine_path")}

@@ -40,7 +40,7 @@ def shape_key(m: int, k: int, n: int) -> str:
 
 
 def quantize_block(block: GemmaBlock, *, per_channel: bool, kernel: str, fast_accum: bool,
-                   keep_bf16: Sequence[str] = (), fuse_quant: bool = True, dynamic: str = "row",
+                   keep_bf16: Sequence[str] = (), fuse_quant: bool = True, dynamic: str = "tensor",
                    fused: bool = False) -> GemmaBlock:
     """A copy of `block` with FP8 linears. Names in keep_bf16 share the original nn.Linear (read only).
     fused: the norms and the GeGLU that feed an FP8 linear quantize their own output (Triton, fp8_fused.py)."""
@@ -118,7 +118,7 @@ def prefill_amax(calibration: dict[str, float]) -> dict[str, float]:
 def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, bool] | None = None,
                       per_channel: bool = False, fast_accum: bool = True, kernel: str | None = None,
                       fuse_quant: bool = True, compile_blocks: bool | None = None, progress: bool = False,
-                      keep_bf16: tuple[str, ...] = (), dynamic: str = "row",
+                      keep_bf16: tuple[str, ...] = (), dynamic: str = "tensor",
                       fuse_producers: bool | None = None) -> Implementation:
     """An FP8 prefill over quantized copies of the LLM blocks (the model itself is only read).
 
@@ -130,7 +130,7 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
     dynamic: without a static scale, activations are scaled per row (token) or per tensor.
     fuse_quant: activation quantization as one torch.compile'd kernel (scaled_mm path).
     fuse_producers: the RMSNorms and GeGLUs feeding FP8 linears quantize their own output (Triton kernels,
-    fp8_fused.py); default: on with the scaled_mm kernel. Where the kernels cannot run, a separate pass does it
+    fp8_fused.py); default: off (an option until a GPU measures it). Where the kernels cannot run, a separate pass does it
     and the note says why.
     compile_blocks: torch.compile each FP8 block (fuses the shared norms, RoPE and GeGLU around the GEMMs);
     default: on with the scaled_mm kernel (the first calls compile; the runner's warm-up makes them).
@@ -149,8 +149,8 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
             notes.append(f"{where}: FP8 simulated by quantize-dequantize (same numerics, not faster)")
     elif kernel == "scaled_mm" and not fp8_supported(device):
         raise RuntimeError(f"kernel 'scaled_mm' needs a CUDA GPU with compute capability >= 8.9; model is on {device}")
-    if fuse_producers is None:
-        fuse_producers = kernel == "scaled_mm"
+    if fuse_producers is None:  # an option until a GPU measures it (docs/fp8.md)
+        fuse_producers = False
     if fuse_producers:
         why = unavailable(device)
         if why:

@@ -124,7 +124,7 @@ class FP8Linear(nn.Module):
     dynamic scales per row (`dynamic="row"`) or per tensor. x may arrive already quantized (FP8Activation)."""
 
     def __init__(self, linear: nn.Linear, *, per_channel: bool = False, kernel: str = "simulated",
-                 fast_accum: bool = True, fuse_quant: bool = True, dynamic: str = "row"):
+                 fast_accum: bool = True, fuse_quant: bool = True, dynamic: str = "tensor"):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown FP8 kernel {kernel!r}; choose one of {KERNELS}")

@@ -77,7 +77,7 @@ class FP8Vision:
 
 
 def build_fp8_vision(model: PiModel, calibration=None, *, per_channel: bool = False, fast_accum: bool = True,
-                     kernel: str | None = None, fuse_quant: bool = True, dynamic: str = "row",
+                     kernel: str | None = None, fuse_quant: bool = True, dynamic: str = "tensor",
                      keep_bf16: Sequence[str] = (), progress: bool = False) -> tuple[FP8Vision, str]:
     """FP8 copies of the vision tower's linears; returns (the stage's callable, a note: empty unless simulated).
 
