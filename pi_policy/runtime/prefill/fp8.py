@@ -130,8 +130,8 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
     dynamic: without a static scale, activations are scaled per row (token) or per tensor.
     fuse_quant: activation quantization as one torch.compile'd kernel (scaled_mm path).
     fuse_producers: the RMSNorms and GeGLUs feeding FP8 linears quantize their own output (Triton kernels,
-    fp8_fused.py); default: off (an option until a GPU measures it). Where the kernels cannot run, a separate pass does it
-    and the note says why.
+    fp8_fused.py); default: off (an option until a GPU measures it). Where the kernels cannot run, a separate pass
+    does it and the note says why.
     compile_blocks: torch.compile each FP8 block (fuses the shared norms, RoPE and GeGLU around the GEMMs);
     default: on with the scaled_mm kernel (the first calls compile; the runner's warm-up makes them).
     """
