@@ -23,7 +23,7 @@ from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
 from pi_policy.model.config import PRESETS
 from pi_policy.node.compressed import DEFAULT_MAX_SIDE, MAX_SIDE_LIMIT
 from pi_policy.runtime.options import RTCSettings, parse_delay
-from pi_policy.runtime.spec import RunnerSpec
+from pi_policy.runtime.spec import FP8Options, RunnerSpec
 
 NODE_NAME = "pi_policy_node"
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
@@ -59,6 +59,11 @@ class NodeParams:
                                       "bf16 (the PyTorch action expert, compiled on CUDA), triton (fused Triton "
                                       "expert) or fp8 (fused, FP8 expert weights); a fused one that cannot run falls "
                                       "back to bf16 with a warning.")
+    vision_backend: str = _p("bf16", "Vision backend: bf16 (the SigLIP tower as the model runs it) or fp8 (its "
+                                     "linears and the projector in FP8). Verify FP8 with your checkpoint first: "
+                                     "pi-policy verify --combinations (docs/fp8.md).")
+    fp8_calibration: str = _p("", "Static FP8 activation scales for the fp8 prefill and vision, written by "
+                                  "pi-policy calibrate; empty = dynamic scales, one per tensor.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")
@@ -143,6 +148,8 @@ class NodeParams:
             problems += self.runner_spec().problems()  # the cameras, the model and its backends
         except ValueError as e:  # RTC settings
             problems.append(str(e))
+        if self.fp8_calibration and "fp8" not in (self.backend, self.vision_backend):
+            problems.append("fp8_calibration is set, but neither backend nor vision_backend is fp8")
         if not self.joint_names:
             problems.append("joint_names is empty: list the robot's joints in the model's state order")
         if not self.checkpoint and self.preset in PRESETS and not self.preset.startswith("tiny"):
@@ -200,6 +207,7 @@ class NodeParams:
                           tokenizer=self.tokenizer or None, prompt_format=self.prompt_format, seed=self.seed,
                           cameras=self.camera_set(), action_dim=self.action_dim or None, device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
+                          vision=self.vision_backend, fp8=FP8Options(calibration=self.fp8_calibration or None),
                           rtc=self.rtc_settings(), threads=self.threads, warmup=self.warmup,
                           batch_sizes=tuple(self.batch_sizes))
 
