@@ -93,12 +93,15 @@ def test_workers_give_the_one_by_one_metrics(fleet, one_by_one, tmp_path, capsys
     assert "3 bags: 3 evaluated, 0 failed" in printed and "worst tick:" in printed
 
 
-def test_ray_gives_the_one_by_one_metrics(fleet, one_by_one, tmp_path):
+def test_ray_gives_the_one_by_one_metrics(fleet, one_by_one, tmp_path, caplog):
     if importlib.util.find_spec("ray") is None:
         pytest.skip('Ray is not installed (pip install -e ".[ray]")')
     out = tmp_path / "ray"
     assert main(["eval-bag", str(fleet), *ARGS, "--ray", "--workers", "2", "--out", str(out)]) == 0
     check_against_one_by_one(out, one_by_one)
+    # the workers' model warnings reach this terminal, once each, as with --workers
+    warned = [r.getMessage() for r in caplog.records if r.name == "pi_policy.model.normalize"]
+    assert len(warned) == 1 and "no normalization stats given" in warned[0]
 
 
 def test_one_bad_bag_fails_the_batch_before_any_model(fleet, tmp_path, capsys, monkeypatch):
@@ -110,7 +113,7 @@ def test_one_bad_bag_fails_the_batch_before_any_model(fleet, tmp_path, capsys, m
     assert main(["eval-bag", str(fleet), str(tmp_path / "broken"), *ARGS, "--out", str(tmp_path / "r"),
                  "--set", "joint_names=[waist, elbo]"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: 4 of 4 bags cannot be evaluated:")
+    assert err.startswith("pi-policy eval-bag: error: 4 of 4 bags cannot be evaluated:")
     assert err.count("joint states: missing joints elbo") == 3 and "cannot read bag" in err
 
 
@@ -135,3 +138,32 @@ def test_many_bags_pool_each_rtc_mode(fleet, tmp_path, capsys):
     assert all(m["ticks"] > 0 for m in agg["pooled"].values())
     printed = capsys.readouterr().out
     assert "off MAE" in printed and "inpaint MAE" in printed
+
+
+def test_the_many_bags_report_lists_each_bags_input_problems(tmp_path, capsys):
+    from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+
+    from pi_policy.bag.reader import TYPESTORE
+
+    good = write_demo_bag(tmp_path / "bags" / "good", "mcap", DemoSpec(duration_s=1.5, seed=1))
+    src = write_demo_bag(tmp_path / "src", "mcap", DemoSpec(duration_s=1.5, seed=2))
+    kind = "sensor_msgs/msg/CompressedImage"
+    with Reader(src) as r, Writer(tmp_path / "bags" / "corrupt", version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        conns = {c.id: w.add_connection(c.topic, c.msgtype, typestore=TYPESTORE) for c in r.connections}
+        broken = 0
+        for c, t, raw in r.messages():
+            if c.msgtype == kind and broken < 1:
+                msg = TYPESTORE.deserialize_cdr(bytes(raw), kind)
+                msg.data = np.frombuffer(b"not a jpeg", np.uint8).copy()
+                raw, broken = TYPESTORE.serialize_cdr(msg, kind), broken + 1
+            w.write(conns[c.id], t, bytes(raw))
+    out = tmp_path / "r"
+    assert main(["eval-bag", str(good), str(tmp_path / "bags" / "corrupt"), *ARGS, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(printed) if line.startswith("corrupt"))
+    assert "cannot decode compressed image" in printed[row + 1] and printed[row + 1].startswith("    input: ")
+    good_row = next(i for i, line in enumerate(printed) if line.startswith("good"))
+    assert not printed[good_row + 1].startswith("    input: ")
+    rows = {row["name"]: row for row in json.loads((out / "aggregate.json").read_text())["bags"]}
+    assert rows["good"]["inputs"] == [] and any("rejected" in x for x in rows["corrupt"]["inputs"])
+    assert "cannot decode compressed image" in (out / "index.html").read_text()

@@ -2,6 +2,7 @@
 the recorded-action source comes from the config, the terminal names problems with real numbers and times, and
 plots show every backend."""
 
+import json
 import re
 import warnings
 
@@ -83,7 +84,7 @@ def eval_bag(bag, tmp_path, *extra, config=CONFIG):
 def test_each_mismatch_fails_before_any_model_with_the_names(bag, tmp_path, capsys, built, flags, expected):
     assert eval_bag(bag, tmp_path, *flags) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "nothing was run" in err
+    assert err.startswith("pi-policy eval-bag: error: ") and "nothing was run" in err
     for text in expected:
         assert text in err, err
     assert "the bag has: /cam_high/image_raw (sensor_msgs/Image, 24)" in err
@@ -113,7 +114,7 @@ def test_too_few_scored_ticks_fail_with_the_top_reasons(bag, tmp_path, capsys, b
     assert eval_bag(bag, tmp_path, "--set", "max_observation_age_s=0.05") == 1
     captured = capsys.readouterr()
     assert "ticks: 19 scheduled" in captured.out
-    (line,) = [x for x in captured.err.splitlines() if x.startswith("error:")]
+    (line,) = [x for x in captured.err.splitlines() if x.startswith("pi-policy eval-bag: error:")]
     assert "fewer than --min-scored 50%" in line and "top reasons:" in line
     assert re.search(r"\d+ x camera \w+ is stale by \d+ ms \(age \d+ ms, max 50 ms\)", line), line
     assert len(built) == 1  # it ran, then judged
@@ -179,11 +180,14 @@ def test_terminal_names_input_problems_with_times_and_examples(bag, tmp_path, ca
     damaged = rewrite(bag, tmp_path / "damaged", damage)
     assert eval_bag(damaged, tmp_path) == 0
     out = capsys.readouterr().out
-    assert re.search(r"skipped \d+ ticks: e\.g\. camera base_0_rgb is stale by \d+ ms \(age \d+ ms, max 200 ms\) "
-                     r"\(first at 0\.\d\d, ", out), out
+    found = re.search(r"skipped \d+ ticks: e\.g\. camera base_0_rgb is stale by (\d+) ms \(age \d+ ms, max 200 ms\); "
+                      r"worst: camera base_0_rgb is stale by (\d+) ms \(age \d+ ms, max 200 ms\) \(first at 0\.\d\d, ",
+                      out)
+    assert found and int(found[2]) > int(found[1]), out  # the first tick's figure, and the worst
     assert " N ms" not in out
-    assert re.search(r"/joint_states: 0 undecodable, 5 rejected of \d+ messages, first at 0\.4\d, 0\.4\d", out)
-    assert re.search(r"e\.g\. joint state: joint state has non-finite positions for: \w+", out)
+    assert re.search(r"/joint_states: 0 undecodable, 5 rejected of \d+ messages read \(\d+ more after the last tick\), "
+                     r"first at 0\.4\d+, 0\.4\d+", out)
+    assert re.search(r"e\.g\. joint state: non-finite positions for: \w+", out)
     assert re.search(r"/cam_left_wrist/image_raw/compressed: 0 undecodable, 1 rejected .* first at 0\.\d+ s; "
                      r"e\.g\. camera left_wrist_0_rgb: cannot decode compressed image", out), out
     assert re.search(r"/cam_high/image_raw: 1 gap\(s\) in the recording, longest 0\.\d+ s: 0\.\d\d-1\.\d\d s", out)
@@ -235,3 +239,16 @@ def test_no_warning_leaks_when_nothing_is_scored(bag, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         write_report(ev, tmp_path / "r")
+
+
+def test_set_an_empty_list_means_its_empty_default(bag, tmp_path, built, capsys):
+    # --set required_cameras=[] is the documented "every camera", though a ROS parameter file cannot hold []
+    assert eval_bag(bag, tmp_path, "--set", "required_cameras=[base_0_rgb]", "--set", "required_cameras=[]",
+                    "--max-ticks", "2") == 0
+    settings = json.loads((tmp_path / "report" / "metrics.json").read_text())["settings"]
+    assert settings["required_cameras"] == ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
+    config = tmp_path / "empty_list.yaml"
+    config.write_text(open(CONFIG).read().replace("    preset: tiny\n", "    preset: tiny\n    required_cameras: []\n"))
+    assert eval_bag(bag, tmp_path, config=config) == 1  # in a file: refused, as the node's ROS would
+    assert "required_cameras' is an empty list" in capsys.readouterr().err
+    assert eval_bag(bag, tmp_path, "--set", "camera_names=[]") == 1  # not a default: still refused

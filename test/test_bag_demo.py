@@ -58,9 +58,9 @@ def test_demo_messages_decode_with_the_node_conversions(tmp_path):
 
 def test_demo_bag_refuses_to_overwrite(tmp_path, capsys):
     (tmp_path / "bag").mkdir()
-    assert main(["make-demo-bag", str(tmp_path / "bag")]) == 1
+    assert main(["make-demo-bag", str(tmp_path / "bag")]) == 2  # the command line names an existing folder
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "exists" in err and err.count("\n") == 1
+    assert err.startswith("pi-policy make-demo-bag: error:") and "exists" in err and err.count("\n") == 1
 
 
 def test_inspect_rejects_missing_path(tmp_path):

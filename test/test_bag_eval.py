@@ -169,6 +169,10 @@ def test_gaps_corrupt_and_missing_topics_are_reported(bags, tmp_path):
     assert set(policies["exact"].prompts) == {""}  # no prompt topic and none configured
     html = (tmp_path / "index.html").read_text()
     assert PROMPT_TOPIC in html and "stale" in html and "undecodable" in html
+    from pi_policy.bag.summary import input_problem_lines
+
+    lines = input_problem_lines(m["inputs"])  # the missing prompt topic is said once, by the pre-flight's note
+    assert sum(PROMPT_TOPIC in line for line in lines) == 1 and any("configured prompt" in line for line in lines)
 
 
 def test_action_gaps_are_not_scored(bags, tmp_path):
@@ -223,10 +227,10 @@ def test_empty_and_unreadable_bags_fail_with_one_line(tmp_path, capsys):
         inspect_bag(tmp_path / "empty")
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "metadata.yaml").write_text("this: [is not a bag")
-    for path in ("empty", "garbage", "missing"):
+    for path, status in (("empty", 1), ("garbage", 1), ("missing", 2)):  # a bag that is not there: a usage error
         code = main(["eval-bag", str(tmp_path / path), "--config", CONFIG, "--out", str(tmp_path / "r")])
         err = capsys.readouterr().err
-        assert code == 1 and err.startswith("error:") and err.count("\n") == 1, err
+        assert code == status and err.startswith("pi-policy eval-bag: error:") and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
 
 

@@ -113,6 +113,14 @@ def test_every_option_has_help():
     assert not missing, missing
 
 
+def test_progress_bars_stay_off_a_log_file(tmp_path, capsys):
+    # stderr here is not a terminal (a CI log, a file): no bar may write its updates into it, with or without
+    # --no-progress
+    assert main(["demo", "--iters", "2", "--out", str(tmp_path / "demo")]) == 0
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "warm-up" not in err and "replay" not in err, err
+
+
 def test_bench_compares_bf16_and_fp8_vision(tmp_path, capsys):
     path = tmp_path / "vision.json"
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--iters", "2", "--backend", "fp8",

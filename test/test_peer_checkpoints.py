@@ -189,5 +189,20 @@ def test_inspect_reports_a_ready_folder_and_what_is_missing(tmp_path, capsys):
     (tmp_path / "lerobot" / "paligemma_tokenizer.model").write_bytes(b"not a SentencePiece model")
     assert main(["inspect", str(tmp_path / "lerobot")]) == 1
     assert "- a usable tokenizer: " in capsys.readouterr().out
-    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2  # a usage error: the path is not there
+    assert capsys.readouterr().err == f"pi-policy inspect: error: checkpoint {tmp_path / 'nowhere'} does not exist\n"
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 1  # a finding: it holds no weights
+    assert capsys.readouterr().err.startswith("pi-policy inspect: error: no *.safetensors weights in ")
+
+
+def test_inspect_says_when_weights_fit_no_preset(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"encoder.weight": torch.zeros(3, 4), "head.bias": torch.ones(5)}, tmp_path / "other.safetensors")
+    assert main(["inspect", str(tmp_path / "other.safetensors")]) == 1
+    out = capsys.readouterr().out
+    assert "layout      neither openpi's nor LeRobot's: not a pi0 / pi0.5 checkpoint" in out
+    assert "fits no preset (pi0, pi05, tiny, tiny05); none of their tensors is here" in out
+    assert "The file holds 2 tensors: encoder.weight (3, 4), head.bias (5,)" in out
+    assert "written by" not in out and "does not fit preset" not in out and "missing keys" not in out

@@ -10,7 +10,6 @@ import threading
 
 import numpy as np
 import pytest
-from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from test_serve import ROOT, TINY, GatedRunner, libero_request, make_runner, noise, serving, wait_for
 from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect
@@ -18,6 +17,11 @@ from websockets.sync.client import connect
 from pi_policy.node.params import ParamError
 from pi_policy.serve.config import load_serve_config
 from pi_policy.serve.protocol import unpack
+
+WebsocketClientPolicy = pytest.importorskip(
+    "openpi_client.websocket_client_policy",
+    reason='openpi\'s client is not installed (pip install -e ".[openpi]"; kept out of [test]: it pins numpy < 2)',
+).WebsocketClientPolicy
 
 ROUNDING = 1e-6  # a row batched with others vs alone: the last bit of float32 (test_batch.py says why)
 

@@ -50,8 +50,10 @@ def test_cli_exit_status_and_json(tmp_path, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_fallen_back_candidate_is_an_error(capsys):
-    assert cli("verify", "--backend", "tensorrt", "--engine", "prefill.engine", "--no-progress", "--device", "cpu") == 2
+def test_fallen_back_candidate_is_an_error(capsys, tmp_path):
+    (tmp_path / "prefill.engine").write_bytes(b"not an engine")  # TensorRT cannot load it: the prefill falls back
+    assert cli("verify", "--backend", "tensorrt", "--engine", str(tmp_path / "prefill.engine"), "--no-progress",
+               "--device", "cpu") == 1  # a failed run
     assert "did not run" in capsys.readouterr().err
 
 
@@ -143,7 +145,7 @@ def test_fp8_vision_alone_and_a_failing_combination(capsys):
 
 def test_a_stage_that_cannot_run_fails_the_comparison(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no GPU and no interpreter: the fused expert cannot run
-    assert cli("verify", "--combinations", "--no-progress", "--device", "cpu") == 2
+    assert cli("verify", "--combinations", "--no-progress", "--device", "cpu") == 1  # a failed run
     err = capsys.readouterr().err
     assert "candidate denoise 'fp8' did not run" in err and "--combinations vision,prefill" in err
 
@@ -164,11 +166,13 @@ def test_static_scales_from_a_calibration_file(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (("--combinations", "vision,int4"), "takes stages from"),
     (("--combinations", "vision", "--vision", "fp8"), "either --combinations or one candidate"),
-    (("--vision", "fp8", "--scales", "static", "--fp8-calibration", "x.json"), "not both"),
-    (("--vision", "fp8", "--fp8-calibration", "missing.json"), "calibration file not found"),
+    (("--vision", "fp8", "--scales", "static", "--fp8-calibration", "{tmp}/cal.json"), "not both"),
+    (("--vision", "fp8", "--fp8-calibration", "{tmp}/missing.json"),
+     "--fp8-calibration {tmp}/missing.json does not exist"),
     ((), "nothing to compare"),
 ])
-def test_bad_verify_requests_are_one_line_errors(argv, message, capsys):
-    assert cli("verify", "--no-progress", *argv) == 2
+def test_bad_verify_requests_are_one_line_errors(argv, message, capsys, tmp_path):
+    (tmp_path / "cal.json").write_text("{}")
+    assert cli("verify", "--no-progress", *(a.format(tmp=tmp_path) for a in argv)) == 2  # usage errors
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1] and err[-1].startswith("verify: ERROR:")
+    assert message.format(tmp=tmp_path) in err[-1] and err[-1].startswith("pi-policy verify: error:")

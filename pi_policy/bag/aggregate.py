@@ -13,11 +13,19 @@ from matplotlib.figure import Figure
 
 from pi_policy.bag.batch import WORST, BagResult
 from pi_policy.bag.metrics import Pool, summarize
-from pi_policy.bag.report import style
-from pi_policy.bag.summary import reason_lines
+from pi_policy.bag.reasons import magnitude
+from pi_policy.bag.style import style
+from pi_policy.bag.summary import input_problem_lines, reason_lines, weights_note
 
 AGGREGATE_FILES = ("aggregate.json", "bags.csv", "bags.png", "index.html")
 COLUMNS = ("mae", "mse", "mae_first_k")
+SHOWN = 3  # input problems per bag in the terminal summary (the page lists them all)
+
+
+def bag_problems(metrics: dict) -> list[str]:
+    """What a bag's own report says about its inputs: problems (rejected messages, gaps, notes) and warned ticks."""
+    warned = [f"warned {line}" for line in reason_lines(metrics["ticks"]["warning_details"])]
+    return input_problem_lines(metrics["inputs"]) + warned
 
 
 def _status(r: BagResult) -> str:
@@ -38,7 +46,7 @@ def aggregate(results: list[BagResult], passes: list[str], first_k: int, root: s
             m, t = r.metrics, r.metrics["ticks"]
             row |= {"report": Path(r.out).resolve().relative_to(root.resolve()).joinpath("index.html").as_posix(),
                     "duration_s": m["bag"]["duration_s"], "scheduled": t["scheduled"], "scored": t["evaluated"],
-                    "skipped": t["skipped"],
+                    "skipped": t["skipped"], "inputs": bag_problems(m),
                     "backends": {b: {k: v[k] for k in COLUMNS} | {"jump_p50": v["discontinuity"]["p50"],
                                                                  "total_ms_p50": v["latency_ms"].get("total", {})
                                                                  .get("p50")}
@@ -53,7 +61,10 @@ def aggregate(results: list[BagResult], passes: list[str], first_k: int, root: s
     for r in ok:
         for key, d in r.metrics["ticks"]["skipped_details"].items():
             into = reasons.setdefault(key, {"count": 0, "example": f"{d['example']} [{r.name}]", "bags": 0,
-                                            "first_s": []})
+                                            "worst": f"{d['example']} [{r.name}]", "first_s": []})
+            worst = d.get("worst", d["example"])
+            if magnitude(worst) > magnitude(into["worst"]):
+                into["worst"] = f"{worst} [{r.name}]"
             into["count"] += d["count"]
             into["bags"] += 1
             if not into["first_s"]:
@@ -62,6 +73,7 @@ def aggregate(results: list[BagResult], passes: list[str], first_k: int, root: s
     report_of = {row["name"]: row.get("report") for row in rows}
     return {
         "min_scored": min_scored,
+        "note": weights_note(ok[0].metrics.get("run", {})) if ok else None,
         "bags": rows,
         "counts": {"bags": len(results), "evaluated": len(ok), "failed": sum(r.error is not None for r in results),
                    "too_few_scored": sum(r.verdict is not None for r in results)},
@@ -134,6 +146,7 @@ def write_index(agg: dict, path: Path) -> None:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:2px 8px;"
         "border-bottom:1px solid #ddd;text-align:left}img{max-width:100%}.bad{color:#b00}</style>",
         f"<h1>eval-bag: {c['bags']} bags</h1>",
+        f"<p class='bad'>{e(agg['note'])}</p>" if agg.get("note") else "",
         f"<p>{c['evaluated']} evaluated, {c['failed']} failed, {c['too_few_scored']} with too few ticks scored. "
         f"Ticks: {t['scheduled']} scheduled, {t['scored']} scored, {t['skipped']} skipped.</p>",
         "<h2>Pooled over every scored tick</h2>",
@@ -151,6 +164,10 @@ def write_index(agg: dict, path: Path) -> None:
         rows.append(cells)
     parts.append(_table(["bag", "status", "scheduled", "scored", *(f"{b} MAE" for b in backends), "problem"], rows,
                         escape=False))
+    with_inputs = [row for row in agg["bags"] if row.get("inputs")]
+    parts.append("<h2>Input problems and warned ticks, per bag</h2>" + (
+        "".join(f"<h3>{e(row['name'])}</h3><ul>" + "".join(f"<li>{e(x)}</li>" for x in row["inputs"]) + "</ul>"
+                for row in with_inputs) if with_inputs else "<p>none</p>"))
     parts.append("<h2>Worst ticks across bags</h2>")
     parts.append(_table(["bag", "tick", "time s", "backend", "MAE"],
                         [[f"<a href='{e(w['report'])}'>{e(w['bag'])}</a>", w["tick"], f"{w['time_s']:.2f}",
@@ -190,15 +207,21 @@ def format_aggregate(agg: dict, out: str | Path) -> str:
     """The terminal summary over many bags."""
     backends = list(agg["pooled"])
     c, t = agg["counts"], agg["ticks"]
-    lines = [f"{c['bags']} bags: {c['evaluated']} evaluated, {c['failed']} failed, {c['too_few_scored']} with too few "
-             f"ticks scored; ticks: {t['scheduled']} scheduled, {t['scored']} scored, {t['skipped']} skipped",
-             f"{'bag':<24}{'scored':>10}" + "".join(f"{b + ' MAE':>14}" for b in backends) + "  status"]
+    lines = [f"note: {agg['note']}"] if agg.get("note") else []
+    lines += [f"{c['bags']} bags: {c['evaluated']} evaluated, {c['failed']} failed, {c['too_few_scored']} with too "
+              f"few "
+              f"ticks scored; ticks: {t['scheduled']} scheduled, {t['scored']} scored, {t['skipped']} skipped",
+              f"{'bag':<24}{'scored':>10}" + "".join(f"{b + ' MAE':>14}" for b in backends) + "  status"]
     for row in agg["bags"]:
         scored = f"{row['scored']}/{row['scheduled']}" if "scored" in row else "-"
         maes = "".join(f"{_num(row.get('backends', {}).get(b, {}).get('mae')):>14}" for b in backends)
         lines.append(f"{row['name'][:23]:<24}{scored:>10}{maes}  {row['status']}")
         if row["problem"]:
             lines.append(f"    {row['problem']}")
+        inputs = row.get("inputs", [])
+        lines += [f"    input: {x}" for x in inputs[:SHOWN]]
+        if len(inputs) > SHOWN:
+            lines.append(f"    and {len(inputs) - SHOWN} more in {Path(out) / row['report']}")
     lines.append(f"pooled{'':<10}{'ticks':>8}" + "".join(f"{k:>12}" for k in (*COLUMNS, "jump p50", "total ms")))
     for b, m in agg["pooled"].items():
         vals = [m[k] for k in COLUMNS] + [m["discontinuity"]["p50"], m["latency_ms"].get("total", {}).get("p50")]

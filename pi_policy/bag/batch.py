@@ -97,13 +97,14 @@ class BagResult:
     verdict: str | None = None  # scored_verdict: too few ticks scored
     error: str | None = None  # the bag could not be evaluated
     written: dict[str, int] = field(default_factory=dict)  # --write-bag: topic -> messages
+    logs: list[tuple[str, int, str]] = field(default_factory=list)  # (logger, level, message) from a Ray task
 
 
 class PolicyCache:
     """The policies one worker built, one per pass's runner settings, kept for its next bag."""
 
-    def __init__(self, device: str | None = None, progress: bool = True):
-        self.device, self.progress = device, progress
+    def __init__(self, device: str | None = None, progress: bool = True, threads: int = 0):
+        self.device, self.progress, self.threads = device, progress, threads  # threads: a worker's share
         self.policies: dict[RunnerSpec, Policy] = {}
 
     def get(self, setup: ReplaySetup) -> Policy:
@@ -112,6 +113,8 @@ class PolicyCache:
         spec = setup.params.runner_spec().replace(progress=self.progress)
         if self.device:
             spec = spec.replace(device=self.device)
+        if self.threads and not spec.threads:
+            spec = spec.replace(threads=self.threads)
         if spec not in self.policies:
             self.policies[spec] = runtime.build_runner(spec)
         policy = self.policies[spec]
@@ -167,11 +170,11 @@ def check_bags(jobs: list[BagJob]) -> dict[str, list[str]]:
         try:
             notes[job.name] = preflight(inspect_bag(job.bag), job.setup)
         except BagMismatch as exc:
-            problems.append(str(exc))
+            problems.append(str(exc) if len(jobs) == 1 else "  " + str(exc).replace("\n", "\n  "))
         except BagError as exc:  # unreadable or empty
             if len(jobs) == 1:
                 raise
-            problems.append(" ".join(str(exc).split()))
+            problems.append("  " + " ".join(str(exc).split()))
     if problems:
         head = f"{len(problems)} of {len(jobs)} bags cannot be evaluated:\n" if len(jobs) > 1 else ""
         raise BagMismatch(head + "\n".join(problems))

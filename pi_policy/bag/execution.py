@@ -6,7 +6,8 @@ A chunk takes over when it arrives (observation stamp + delay) and is followed, 
 joint_trajectory_controller follows positions-only points, until the next one arrives; a chunk that runs out
 holds its last step. Inference runs one call at a time, so a chunk never takes over before the one before it.
 The delay is fixed (`--delay N`, `inference_delay_steps: N`) or, with `auto`, each chunk's own end-to-end latency
-in the replay (observation age + the policy's host latency), rounded up to control periods.
+in the replay (observation age + the inference's time in bag time: none, simulated, or measured with --realtime),
+rounded up to control periods.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pi_policy.bag.actions import ActionSeries
 from pi_policy.bag.metrics import Trace
 from pi_policy.bag.recorder import Replay
 from pi_policy.bag.replay import Evaluation
+from pi_policy.bag.setup import InferenceTime
+from pi_policy.bag.style import RECORDED, style
 from pi_policy.node.rtc_state import sample_chunk
 from pi_policy.runtime.options import parse_delay
 from pi_policy.runtime.stats import percentiles
@@ -38,13 +41,15 @@ class Execution:
     delay_steps: np.ndarray  # (N,) each chunk's delay, control periods
 
 
-def arrival_steps(replay: Replay, period_s: float, delay: int | None) -> np.ndarray:
-    """Each scored chunk's delay in control periods: `delay`, or (None) its measured end to end, rounded up."""
+def arrival_steps(replay: Replay, period_s: float, delay: int | None, inference: InferenceTime) -> np.ndarray:
+    """Each scored chunk's delay in control periods: `delay`, or (None) its end to end, rounded up: observation age
+    plus the inference's time in bag time."""
     n = len(replay.trace.times)
     if delay is not None:
         return np.full(n, delay, np.int64)
-    host_s = replay.trace.latency_ms.get("host", np.zeros(n)) / 1e3
-    return np.ceil((replay.obs_age_s + np.nan_to_num(host_s)) / period_s - 1e-9).astype(np.int64)
+    host_ms = np.nan_to_num(replay.trace.latency_ms.get("host", np.zeros(n)))
+    took_s = np.array([inference.seconds(ms) for ms in host_ms])
+    return np.ceil((replay.obs_age_s + took_s) / period_s - 1e-9).astype(np.int64)
 
 
 def execute(trace: Trace, delay_steps: np.ndarray, name: str | None = None) -> Execution:
@@ -101,15 +106,31 @@ def delay_of(ev: Evaluation) -> int | None:
 
 def executions(ev: Evaluation) -> list[Execution]:
     p, delay = ev.settings.params.control_period_s, delay_of(ev)
-    return [execute(r.trace, arrival_steps(r, p, delay), r.name) for r in ev.replays]
+    return [execute(r.trace, arrival_steps(r, p, delay, ev.settings.inference), r.name) for r in ev.replays]
+
+
+def late_chunks(ex: Execution, horizon: int) -> str | None:
+    """A warning when chunks reach the robot at or after their last step: the robot would only hold that step, and
+    the executed metrics then describe holding, not the policy."""
+    late = int(np.sum(ex.delay_steps >= horizon))
+    if not late:
+        return None
+    return (f"{ex.name}: {late} of {len(ex.delay_steps)} chunks arrive {horizon} or more steps after their "
+            f"observation (delay up to {int(ex.delay_steps.max())} steps, chunk {horizon} steps): the robot would "
+            "hold their last step, so jump, jerk and MAE say little; lower the delay or the inference time")
 
 
 def execution_metrics(ev: Evaluation) -> dict:
-    """metrics.json's "execution": how it was simulated, then one block per replayed backend or RTC mode."""
+    """metrics.json's "execution": how it was simulated, then one block per pass (backend or RTC mode), and the
+    warnings about chunks that arrive past their horizon."""
     delay = delay_of(ev)
-    out = {"delay": "auto" if delay is None else delay, "control_period_s": ev.settings.params.control_period_s}
-    for ex in executions(ev):
+    out = {"delay": "auto" if delay is None else delay, "control_period_s": ev.settings.params.control_period_s,
+           "inference_time": ev.settings.inference.describe()}
+    warnings = []
+    for r, ex in zip(ev.replays, executions(ev), strict=True):
         out[ex.name] = summarize_execution(ex, ev.actions, ev.settings.step_offset)
+        warnings.append(late_chunks(ex, r.trace.predicted.shape[1]))
+    out["warnings"] = [w for w in warnings if w]
     return out
 
 
@@ -119,45 +140,56 @@ def format_execution(metrics: dict) -> list[str]:
     names = [k for k in ex if isinstance(ex[k], dict)]
     if not names:
         return []
-    lines = [f"executed (delay {ex['delay']}):", f"  {'':<14}{'delay p50':>10}{'jump p50':>10}{'jump p95':>10}"
-                                                   f"{'jerk p95':>12}{'MAE':>10}"]
+    lines = [f"executed (delay {ex['delay']}; {ex['inference_time']}):",
+             f"  {'':<14}{'delay p50':>10}{'jump p50':>10}{'jump p95':>10}{'jerk p95':>12}{'MAE':>10}"]
     for name in names:
         m = ex[name]
         cells = [m["delay_steps"]["p50"], m["jump"]["p50"], m["jump"]["p95"], m["jerk"]["p95"], m["mae"]]
         widths = (10, 10, 10, 12, 10)
         lines.append(f"  {name:<14}" + "".join(f"{'-' if v is None else f'{v:.4g}':>{w}}"
                                                for v, w in zip(cells, widths, strict=True)))
-    return lines
+    return lines + [f"  warning: {w}" for w in ex.get("warnings", [])]
+
+
+def plot_window(spans: list[np.ndarray], start: float, end: float, window_s: float) -> tuple[float, float]:
+    """`window_s` around the middle of the executed trajectories, moved inside the bag [start, end] (where the
+    recording is) when they run past it."""
+    spans = [t for t in spans if len(t)]
+    mid = float(np.median(np.concatenate(spans))) if spans else (start + end) / 2
+    lo = min(max(mid - window_s / 2, start), max(start, end - window_s))
+    return lo, min(lo + window_s, end)
 
 
 def plot_executed(ev: Evaluation, path, window_s: float = 1.5, max_joints: int = 3) -> None:
-    """The executed trajectory of each backend or mode over `window_s` in the middle of the bag, chunk switches
-    marked, against the recording; one panel per joint (the first `max_joints`)."""
+    """The executed trajectory of each pass over `window_s` in the middle of the bag, chunk switches marked, against
+    the recording; one panel per joint (the first `max_joints`). Each pass has its look from bag.style."""
     runs = executions(ev)
     names = ev.settings.params.joint_names[:max_joints]
-    t0 = ev.info.start_ns / 1e9
+    t0, t1 = ev.info.start_ns / 1e9, ev.info.end_ns / 1e9
     fig = Figure(figsize=(10, 1.9 * len(names) + 0.9))
     fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.1, hspace=0.15)
     axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
-    spans = [ex.times for ex in runs if len(ex.times)]
-    mid = float(np.median(np.concatenate(spans))) if spans else t0
-    lo, hi = mid - window_s / 2, mid + window_s / 2
-    colors = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]
+    lo, hi = plot_window([ex.times for ex in runs], t0, t1, window_s)
     for j, ax in enumerate(axes):
         keep = (ev.actions.times >= lo) & (ev.actions.times <= hi)
-        if keep.any():
-            ax.plot(ev.actions.times[keep] - t0, ev.actions.values[keep, j], color="black", lw=1.0, label="recorded")
+        ax.plot(ev.actions.times[keep] - t0, ev.actions.values[keep, j], color=RECORDED, lw=1.0, label="recorded")
         for k, ex in enumerate(runs):
             inside = (ex.times >= lo) & (ex.times <= hi)
-            c = colors[k % len(colors)]
-            ax.plot(ex.times[inside] - t0, ex.actions[inside, j], color=c, lw=1.1, label=ex.name)
+            st = style(k)
+            ax.plot(ex.times[inside] - t0, ex.actions[inside, j], color=st["color"], ls=st["ls"], lw=1.1,
+                    label=ex.name)
             sw = ex.switches[inside[ex.switches]] if len(ex.switches) else ex.switches
-            ax.plot(ex.times[sw] - t0, ex.actions[sw, j], "o", color=c, ms=3.5, mfc="none")
+            ax.plot(ex.times[sw] - t0, ex.actions[sw, j], "o", color=st["color"], ms=3.5, mfc="none")
+        ax.set_xlim(lo - t0, hi - t0)
         ax.set_ylabel(names[j], fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper right", ncol=len(runs) + 1)
     axes[-1].set_xlabel("time since bag start (s); circles: a new chunk takes over")
     delay = delay_of(ev)
-    fig.suptitle(f"Executed actions across chunk switches (delay {'auto' if delay is None else delay} steps)",
-                 fontsize=10)
+    late = [w for w in (late_chunks(ex, r.trace.predicted.shape[1]) for r, ex in zip(ev.replays, runs, strict=True))
+            if w]
+    title = f"Executed actions across chunk switches (delay {'auto' if delay is None else f'{delay} steps'})"
+    if late:
+        title += "\nchunks arrive past their horizon: the robot would hold their last step (see the report)"
+    fig.suptitle(title, fontsize=10, color="tab:red" if late else "black")
     fig.savefig(path, dpi=90)

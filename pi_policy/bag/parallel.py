@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import multiprocessing as mp
-import os
 from collections.abc import Iterator
 
-from tqdm import tqdm
-
 from pi_policy.bag.batch import BagJob, BagResult, PolicyCache, evaluate_job
+from pi_policy.progress import progress_bar
+from pi_policy.runtime.threads import resolve_threads
 
 # -- worker processes ---------------------------------------------------------------------------------------------
 
@@ -25,10 +24,7 @@ def _init_worker(counter, devices: list[str], log_queue, threads: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]  # the parent prints each warning once
     root.setLevel(logging.WARNING)
-    import torch
-
-    torch.set_num_threads(threads)
-    _POLICIES = PolicyCache(devices[index % len(devices)] if devices else None, progress=False)
+    _POLICIES = PolicyCache(devices[index % len(devices)] if devices else None, progress=False, threads=threads)
 
 
 def _run_in_worker(job: BagJob) -> BagResult:
@@ -50,7 +46,7 @@ def run_local(jobs: list[BagJob], workers: int = 1, progress: bool = True) -> It
     """Evaluate the jobs in this process (workers=1) or in `workers` spawned processes; yields as bags finish."""
     if workers <= 1:
         policies = PolicyCache(progress=progress)
-        for job in tqdm(jobs, desc="bags", unit="bag", disable=not progress or len(jobs) < 2):
+        for job in progress_bar(jobs, enabled=progress and len(jobs) > 1, desc="bags", unit="bag"):
             yield evaluate_job(job, policies, progress=progress and len(jobs) == 1)
         return
     ctx = mp.get_context("spawn")  # a fork would copy this process's torch and CUDA state
@@ -58,12 +54,12 @@ def run_local(jobs: list[BagJob], workers: int = 1, progress: bool = True) -> It
     counter, log_queue = ctx.Value("i", 0), ctx.Queue()
     listener = logging.handlers.QueueListener(log_queue, *logging.getLogger().handlers, respect_handler_level=True)
     listener.start()
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, resolve_threads(0) // workers)  # the automatic count, shared; --threads sets each worker's
     devices = worker_devices(jobs[0].setup.params.device, workers)
     try:
         with ctx.Pool(workers, _init_worker, (counter, devices, log_queue, threads)) as pool:
-            yield from tqdm(pool.imap_unordered(_run_in_worker, jobs), total=len(jobs), desc="bags", unit="bag",
-                            disable=not progress)
+            yield from progress_bar(pool.imap_unordered(_run_in_worker, jobs), enabled=progress, total=len(jobs),
+                                    desc="bags", unit="bag")
             pool.close()  # let the workers exit on their own: a terminated one leaves its semaphores behind
             pool.join()
     finally:
@@ -72,12 +68,30 @@ def run_local(jobs: list[BagJob], workers: int = 1, progress: bool = True) -> It
 
 # -- Ray ----------------------------------------------------------------------------------------------------------
 
+class _Collect(logging.Handler):
+    """Keeps a Ray task's warnings for the driver, which prints them as worker processes' are printed."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
 def _run_in_ray(job: BagJob) -> BagResult:
     global _POLICIES
-    if _POLICIES is None:  # Ray reuses its worker processes: the policies stay for the next bag
-        # A task that asked for a GPU sees only that one, as cuda:0.
-        _POLICIES = PolicyCache("cuda" if job.setup.params.device.startswith("cuda") else None, progress=False)
-    return evaluate_job(job, _POLICIES)
+    collect = _Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        if _POLICIES is None:  # Ray reuses its worker processes: the policies stay for the next bag
+            # A task that asked for a GPU sees only that one, as cuda:0.
+            _POLICIES = PolicyCache("cuda" if job.setup.params.device.startswith("cuda") else None, progress=False)
+        result = evaluate_job(job, _POLICIES)
+    finally:
+        logging.getLogger().removeHandler(collect)
+    result.logs = collect.records
+    return result
 
 
 def run_ray(jobs: list[BagJob], address: str | None = None, workers: int | None = None,
@@ -96,13 +110,19 @@ def run_ray(jobs: list[BagJob], address: str | None = None, workers: int | None 
                  **local)
     gpu = 1 if jobs and jobs[0].setup.params.device.startswith("cuda") else 0
     task = ray.remote(_run_in_ray).options(num_gpus=gpu, max_retries=0)
+    logged = set()
     try:
         pending = [task.remote(job) for job in jobs]
-        with tqdm(total=len(jobs), desc="bags (ray)", unit="bag", disable=not progress) as bar:
+        with progress_bar(total=len(jobs), enabled=progress, desc="bags (ray)", unit="bag") as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update()
-                yield ray.get(done[0])
+                result = ray.get(done[0])
+                for name, level, message in result.logs:  # each worker's model warnings, once
+                    if (name, message) not in logged:
+                        logged.add((name, message))
+                        logging.getLogger(name).log(level, message)
+                yield result
     finally:
         if started:
             ray.shutdown()

@@ -17,7 +17,7 @@ from pi_policy.observation import STAGES, LatencyRecord
 class Output:
     """What the node published at one tick, for --write-bag."""
 
-    log_ns: int  # tick time plus the inference's host latency
+    log_ns: int  # tick time plus the inference's time: simulated in a realtime replay, else its host latency
     trajectory: object | None  # trajectory_msgs/JointTrajectory
     diagnostics: object | None  # diagnostic_msgs/DiagnosticArray
 
@@ -37,6 +37,7 @@ class Replay:
     arrival: dict[str, list[float]]  # topic -> log times (s) of the messages read
     outputs: list[Output] = field(default_factory=list)
     stage_backends: dict[str, str] = field(default_factory=dict)  # what ran each stage, as the policy says
+    threads: int | None = None  # the policy's CPU threads, where it says
 
 
 class ReplayRecorder:
@@ -110,7 +111,8 @@ class ReplayRecorder:
             latency_ms={k: np.asarray(self._latency[k], np.float64) for k in order},
         )
 
-    def replay(self, topics: dict[str, TopicReport], arrival: dict[str, list[float]]) -> Replay:
+    def replay(self, topics: dict[str, TopicReport], arrival: dict[str, list[float]],
+               threads: int | None = None) -> Replay:
         return Replay(self.name, self.trace(), np.asarray(self.tick_times, np.float64), self.evaluated, self.skipped,
                       self.warnings, np.asarray(self._ages, np.float64), topics, arrival, self.outputs,
-                      self.stage_backends)
+                      self.stage_backends, threads)

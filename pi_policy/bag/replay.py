@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pi_policy.bag.actions import ActionSeries, find_gaps
 from pi_policy.bag.passes import ReplayPass, as_passes
@@ -16,12 +15,12 @@ from pi_policy.bag.preflight import preflight
 from pi_policy.bag.reader import TYPESTORE, BagInfo, BagMessage, TopicReport, inspect_bag, read_messages
 from pi_policy.bag.reasons import BUSY, NO_ACTIONS
 from pi_policy.bag.recorder import Output, Replay, ReplayRecorder
-from pi_policy.bag.setup import ReplaySetup, load_actions
+from pi_policy.bag.setup import InferenceTime, ReplaySetup, load_actions
 from pi_policy.node.logic import DROPPED, PolicyNodeLogic, TickResult
 from pi_policy.node.outputs import MessageClasses, MessageFactory
 from pi_policy.node.params import NODE_NAME, is_compressed_topic
 from pi_policy.observation import Policy
-from pi_policy.runtime.options import parse_delay
+from pi_policy.progress import progress_bar
 
 FACTORY = MessageFactory(MessageClasses.from_typestore(TYPESTORE))
 PolicyFactory = Callable[[str], Policy]  # pass name -> the policy that pass runs
@@ -65,8 +64,7 @@ def _ticks(stream: Iterator[BagMessage], feeder: _Feeder, info: BagInfo, s: Repl
     """Feed the messages in recorded order and yield each tick time (ns) as the node's timer would fire.
 
     With a rate, ticks fall every period from one period after the first message to the last message.
-    With rate 0 the node ticks whenever a camera frame was accepted (and inference is free, which it
-    always is here: replay does not model inference running late).
+    With rate 0 the node ticks whenever a camera frame was accepted.
     """
     if s.rate_hz > 0:
         period_ns = round(1e9 / s.rate_hz)
@@ -92,26 +90,18 @@ def _tick_count(info: BagInfo, s: ReplaySetup) -> int:
 
 
 class _Busy:
-    """Realtime replay: until when the previous inference keeps the node busy, in bag time.
+    """Until when the inference started at a tick keeps the node busy, in bag time (setup.inference); a tick before
+    that is dropped, as the node drops it."""
 
-    Its chunk reaches the robot at its observation stamp plus the fixed inference_delay_steps, or (delay 'auto')
-    one measured host latency after its tick; a tick before that is dropped, as the node drops it.
-    """
-
-    def __init__(self, setup: ReplaySetup):
-        self.on, self.period_s = setup.realtime, setup.params.control_period_s
-        self.delay = parse_delay(setup.params.inference_delay_steps)
-        self.until_ns = 0
+    def __init__(self, inference: InferenceTime):
+        self.inference, self.until_ns = inference, 0
 
     def __call__(self, tick_ns: int) -> bool:
-        return self.on and tick_ns < self.until_ns
+        return tick_ns < self.until_ns
 
     def ran(self, tick_ns: int, result: TickResult) -> None:
-        if not self.on or result.output is None:
-            return
-        stamp_s = result.assembled.observation.stamp
-        self.until_ns = (round((stamp_s + self.delay * self.period_s) * 1e9) if self.delay is not None
-                         else tick_ns + round(result.output.latency.host_ms * 1e6))
+        if result.output is not None:
+            self.until_ns = tick_ns + round(self.inference.seconds(result.output.latency.host_ms) * 1e9)
 
 
 def replay(bag: str | Path, setup: ReplaySetup, policy: Policy, actions: ActionSeries, name: str = "policy",
@@ -121,14 +111,15 @@ def replay(bag: str | Path, setup: ReplaySetup, policy: Policy, actions: ActionS
     s, params = setup, setup.params
     if policy.action_dim < len(params.joint_names):
         raise ValueError(f"policy action_dim {policy.action_dim} < {len(params.joint_names)} configured joints")
-    logic = PolicyNodeLogic.from_params(params, policy, FACTORY, NODE_NAME, hardware_id="")
+    logic = PolicyNodeLogic.from_params(params, policy, FACTORY, NODE_NAME, hardware_id="",
+                                        inference_s=s.inference.simulated_s())
     feeder = _Feeder(s, logic)
     stream = read_messages(bag, [t for t in s.input_topics if t in info.topics])
     horizon = policy.horizon
     steps = (np.arange(horizon) + s.step_offset) * params.control_period_s
     rec = ReplayRecorder(name, params.joint_names, horizon, params.control_period_s, s.step_offset)
-    busy = _Busy(s)
-    bar = tqdm(total=_tick_count(info, s), desc=f"replay {name}", unit="tick", disable=not progress)
+    busy = _Busy(s.inference)
+    bar = progress_bar(total=_tick_count(info, s), enabled=progress, desc=f"replay {name}", unit="tick")
     for tick_ns in _ticks(stream, feeder, info, s):
         if s.max_ticks is not None and len(rec) >= s.max_ticks:
             break
@@ -140,8 +131,9 @@ def replay(bag: str | Path, setup: ReplaySetup, policy: Policy, actions: ActionS
         result = logic.tick(tick_ns / 1e9, require_new=s.rate_hz == 0)
         busy.ran(tick_ns, result)
         if keep_outputs and result.level != DROPPED:
-            done_ns = tick_ns + (round(result.output.latency.host_ms * 1e6) if result.output else 0)
-            rec.publish(Output(done_ns, result.trajectory, result.diagnostics))
+            host_ms = result.output.latency.host_ms if result.output else 0.0
+            took_s = s.inference.seconds(host_ms) if s.inference.realtime else host_ms / 1e3
+            rec.publish(Output(tick_ns + round(took_s * 1e9), result.trajectory, result.diagnostics))
         assembled = result.assembled
         if assembled is not None:
             rec.warn(assembled.warnings)
@@ -159,7 +151,7 @@ def replay(bag: str | Path, setup: ReplaySetup, policy: Policy, actions: ActionS
         rec.score(assembled.observation.stamp, assembled.age_s, chunk, target, ok, result.output.latency)
     bar.close()
     stream.close()  # messages after the last tick cannot change any tick
-    return rec.replay(feeder.topics, feeder.arrival)
+    return rec.replay(feeder.topics, feeder.arrival, getattr(policy, "threads", None))
 
 
 @dataclass

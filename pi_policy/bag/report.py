@@ -15,7 +15,8 @@ from pi_policy.bag.execution import execution_metrics, format_execution, plot_ex
 from pi_policy.bag.metrics import compare, discontinuity, summarize, tick_errors
 from pi_policy.bag.reasons import reason_details, skip_counts
 from pi_policy.bag.replay import Evaluation
-from pi_policy.bag.summary import input_problem_lines, reason_lines
+from pi_policy.bag.style import style
+from pi_policy.bag.summary import METRICS, input_problem_lines, ran_lines, reason_lines, weights_note
 from pi_policy.runtime.stats import percentiles
 
 PLOTS = {
@@ -32,8 +33,9 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
     info, first = ev.info, ev.first
     t0 = info.start_ns / 1e9
 
-    def topic_report(r) -> dict:
-        return dataclasses.asdict(r) | {"first_s": [round(t - t0, 3) for t in r.first_s]}
+    def topic_report(r, topic: str) -> dict:
+        return dataclasses.asdict(r) | {"first_s": [round(t - t0, 3) for t in r.first_s],
+                                        "in_bag": info.counts.get(topic, 0)}
 
     return {
         "run": meta or {},
@@ -54,15 +56,17 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
         "inputs": {
             "notes": list(ev.notes),
             "missing_topics": ev.missing_topics,
-            "topics": {t: topic_report(r) for t, r in first.topics.items()},
+            "topics": {t: topic_report(r, t) for t, r in first.topics.items()},
             "actions": {"source": ev.settings.action_source, "topic": ev.settings.action_series_topic,
-                        "samples": int(len(ev.actions.times))} | topic_report(ev.action_report),
+                        "samples": int(len(ev.actions.times))}
+            | topic_report(ev.action_report, ev.settings.action_series_topic),
             "gaps": {t: [{"start_s": a - t0, "end_s": b - t0, "duration_s": b - a} for a, b in g]
                      for t, g in ev.gaps.items()},
             "observation_age_ms": percentiles(first.obs_age_s * 1e3),
         },
         "backends": {r.name: summarize(r.trace, first_k) | {
-            "stage_backends": r.stage_backends, "skipped_details": reason_details(r.skipped, r.tick_times, t0)}
+            "stage_backends": r.stage_backends, "threads": r.threads,
+            "skipped_details": reason_details(r.skipped, r.tick_times, t0)}
             for r in ev.replays},
         "comparison": [compare(r.trace, first.trace) for r in ev.replays[1:]],
         "execution": execution_metrics(ev),
@@ -109,16 +113,6 @@ def _num(x: float) -> str:
     return "" if not np.isfinite(x) else f"{x:.6g}"
 
 
-# One look per backend, told apart by colour, marker and line style, so that a second backend never hides the first.
-STYLES = [dict(color="tab:blue", marker="o", ls="-"), dict(color="tab:orange", marker="x", ls="--"),
-          dict(color="tab:green", marker="^", ls=":"), dict(color="tab:red", marker="s", ls="-."),
-          dict(color="tab:purple", marker="+", ls=(0, (5, 1)))]
-
-
-def style(b: int) -> dict:
-    return STYLES[b % len(STYLES)]
-
-
 def with_breaks(x: np.ndarray, y: np.ndarray, breaks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x and y with a NaN after every index where `breaks` is set, so that a line stops there."""
     idx = np.nonzero(breaks)[0] + 1
@@ -131,7 +125,8 @@ def _legend(ax, **kwargs) -> None:
 
 
 def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> Figure:
-    """Recorded actions, the executed part of each backend's chunks, and a few whole chunks, per joint."""
+    """Recorded actions, the executed part of each pass's chunks, and a few whole chunks of the baseline's (of every
+    pass, they would hide each other), per joint."""
     p, t0 = ev.settings.params, ev.info.start_ns / 1e9
     names = p.joint_names
     height = 1.5 * len(names) + 1.0
@@ -149,7 +144,7 @@ def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> Figure:
             if not len(tr.times):
                 continue
             steps = (np.arange(tr.predicted.shape[1]) + tr.step_offset) * tr.control_period_s
-            for i in np.linspace(0, len(tr.times) - 1, min(max_chunks, len(tr.times))).astype(int):
+            for i in np.linspace(0, len(tr.times) - 1, min(max_chunks, len(tr.times))).astype(int) if b == 0 else ():
                 ax.plot(tr.times[i] + steps - t0, tr.predicted[i, :, j], color=st["color"], ls=st["ls"], lw=0.6,
                         alpha=0.35)
             # The part of each chunk the robot would execute before the next tick replaces it.
@@ -160,7 +155,8 @@ def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> Figure:
         ax.grid(alpha=0.3)
     _legend(axes[0], fontsize=7, loc="upper right")
     axes[-1].set_xlabel("time since bag start (s)")
-    fig.suptitle(f"{ev.info.path.name}: predicted chunks (thin: whole chunks) vs recorded actions", fontsize=10)
+    fig.suptitle(f"{ev.info.path.name}: predicted chunks (thin: whole chunks of {ev.first.name}) vs recorded actions",
+                 fontsize=10)
     fig.savefig(path, dpi=90)
     return fig
 
@@ -205,6 +201,9 @@ def plot_tick_error(ev: Evaluation, path: Path) -> Figure:
     skipped = [ev.first.tick_times[i] - t0 for i in ev.first.skipped]
     if skipped:
         ax.plot(skipped, np.zeros(len(skipped)), "|", color="gray", ms=10, label="skipped tick")
+    warned = [ev.first.tick_times[i] - t0 for i in ev.first.warnings]
+    if warned:
+        ax.plot(warned, np.zeros(len(warned)), "v", color="tab:red", ms=5, mfc="none", label="warned tick (ran)")
     return _finish_line_plot(fig, ax, path, "observation stamp since bag start (s)", "MAE over the chunk",
                              "Error per tick")
 
@@ -227,6 +226,9 @@ def plot_latency(ev: Evaluation, path: Path) -> Figure:
                 st = style(b)
                 ax.hist(v, bins=30, histtype="step", lw=1.4, color=st["color"], ls=st["ls"],
                         label=f"{r.name} p50 {np.median(v):.2f}")
+        if stage == "total":
+            budget = ev.settings.params.latency_budget_ms
+            ax.axvline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
         ax.set_title(stage, fontsize=9)
         ax.set_xlabel("ms")
         _legend(ax, fontsize=7)
@@ -247,30 +249,31 @@ def write_html(metrics: dict, path: Path) -> None:
         disc = m["discontinuity"]["p50"]
         cells = [name] + [_fmt(m[k]) for k in keys] + [_fmt(disc), _fmt(total)]
         rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("backend", *keys, "jump p50", "total ms p50"))
+    head = "".join(f"<th>{h}</th>" for h in ("pass", *keys, "jump@stamp p50", "total ms p50"))
+    note = weights_note(metrics.get("run", {}))
     parts = [
         "<!doctype html><meta charset='utf-8'><title>eval-bag report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td,th{padding:2px 8px;"
-        "border-bottom:1px solid #ddd;text-align:left}img{max-width:100%}</style>",
+        "border-bottom:1px solid #ddd;text-align:left}img{max-width:100%}.note{color:#b00}</style>",
         f"<h1>eval-bag: {e(metrics['bag']['path'])}</h1>",
+        f"<p class='note'>{e(note)}</p>" if note else "",
         f"<p>{e(metrics['bag']['storage'])}, {metrics['bag']['duration_s']:.2f} s. Ticks: {ticks['scheduled']} "
         f"scheduled, {ticks['evaluated']} evaluated, {ticks['skipped']} skipped. "
         f"First k = {next(iter(metrics['backends'].values()))['first_k'] if metrics['backends'] else '-'} steps.</p>",
         f"<table><tr>{head}</tr>{''.join(rows)}</table>",
     ]
-    for name, m in metrics["backends"].items():
-        if m.get("stage_backends"):
-            stages = ", ".join(f"{k}: {v}" for k, v in m["stage_backends"].items())
-            parts.append(f"<p>{e(name)} ran {e(stages)}</p>")
+    parts += [f"<p>{e(line)}</p>" for line in ran_lines(metrics["backends"])]
     for c in metrics["comparison"]:
         a = c["actions"]
         parts.append(f"<p>{e(c['candidate'])} vs {e(c['baseline'])}: max |diff| {_fmt(a['max_abs_diff'])}, "
-                     f"mean |diff| {_fmt(a['mean_abs_diff'])}, relative error {_fmt(a['rel_err'])}, "
+                     f"mean |diff| {_fmt(a['mean_abs_diff'])}, relative difference {_fmt(a['rel_err'])}, "
                      f"MAE delta {_fmt(c['mae_delta'])}</p>")
     parts.append("<pre>" + e("\n".join(format_execution(metrics))) + "</pre>")
     parts.append(_list("Skipped ticks, by reason", reason_lines(ticks["skipped_details"])))
     parts.append(_list("Warnings (the tick ran), by reason", reason_lines(ticks["warning_details"])))
     parts.append(_list("Input problems", input_problem_lines(metrics["inputs"])))
+    parts.append("<h3>What the numbers mean</h3><dl>" + "".join(f"<dt><b>{e(k)}</b></dt><dd>{e(v)}</dd>"
+                                                              for k, v in METRICS.items()) + "</dl>")
     for name, title in PLOTS.items():
         parts.append(f"<h2>{e(title)}</h2><img src='{name}' alt='{e(title)}'>")
     parts.append("<p>All numbers: <a href='metrics.json'>metrics.json</a>, per tick: "
@@ -311,23 +314,29 @@ def write_report(ev: Evaluation, out: str | Path, first_k: int = 10, meta: dict 
 def format_summary(m: dict, out: str | Path) -> str:
     """The terminal summary of a report's metrics: ticks, why ticks were skipped or warned (real examples and
     times), input problems, then the table of backends."""
-    lines = []
+    note = weights_note(m.get("run", {}))
+    lines = [f"note: {note}"] if note else []
     t = m["ticks"]
     lines.append(f"ticks: {t['scheduled']} scheduled, {t['evaluated']} scored, {t['skipped']} skipped")
     lines += [f"  skipped {line}" for line in reason_lines(t["skipped_details"])]
     lines += [f"  warned {line}" for line in reason_lines(t["warning_details"])]
     lines += [f"  input: {line}" for line in input_problem_lines(m["inputs"])]
-    lines.append(f"{'backend':<16}{'MAE':>10}{'MSE':>10}{'MAE@k':>10}{'jump p50':>10}{'total ms p50':>14}")
+    lines.append(f"{'pass':<16}{'MAE':>10}{'MSE':>10}{'MAE@k':>10}{'jump@stamp':>11}{'total ms p50':>14}")
     for name, b in m["backends"].items():
         total = b["latency_ms"].get("total", {}).get("p50")
         cells = [b["mae"], b["mse"], b["mae_first_k"], b["discontinuity"]["p50"]]
-        lines.append(f"{name:<16}" + "".join(f"{'-' if v is None else f'{v:.4g}':>10}" for v in cells)
+        lines.append(f"{name:<16}" + "".join(f"{'-' if v is None else f'{v:.4g}':>{w}}"
+                                             for v, w in zip(cells, (10, 10, 10, 11), strict=True))
                      + f"{'-' if total is None else f'{total:.2f}':>14}")
+    lines += ran_lines(m["backends"])
     for c in m["comparison"]:
         a = c["actions"]
         rel = "-" if a["rel_err"] is None else f"{a['rel_err']:.4g}"
         lines.append(f"{c['candidate']} vs {c['baseline']} on {c['common_ticks']} ticks: max |diff| "
-                     f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative error {rel}")
+                     f"{a['max_abs_diff']:.4g}, mean |diff| {a['mean_abs_diff']:.4g}, relative difference {rel}")
     lines += format_execution(m)
+    if m.get("execution"):
+        lines.append("jump@stamp: a chunk's first step vs the previous chunk at that time; executed jump: at the "
+                     "switch, after the delay (index.html explains every number)")
     lines.append(f"report: {Path(out) / 'index.html'}")
     return "\n".join(lines)

@@ -3,7 +3,9 @@ node takes on each, and where the recorded actions come from. The pre-flight che
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pi_policy.bag.actions import ActionSeries, load_action_series
@@ -30,22 +32,85 @@ def image_type(topic: str) -> str:
     return COMPRESSED if is_compressed_topic(topic) else IMAGE
 
 
+INFERENCE_TIMES = ("none", "fixed", "host")
+
+
+@dataclass(frozen=True)
+class InferenceTime:
+    """How long each inference takes in bag time during a replay.
+
+    none: no time: every tick runs, and each chunk leaves the node at its tick.
+    fixed: `ms` per inference, wherever the replay runs (--latency-ms, a bench JSON, or the node's
+        latency_budget_ms): a tick that comes while the previous inference runs is dropped, as the node drops it,
+        and the same ticks are dropped on any machine.
+    host: each inference's own latency measured on this machine (--realtime): depends on the machine and on
+        what else runs on it.
+    The node's measured delay ('auto' inference_delay_steps) and the executed-trajectory simulation use the same time.
+    """
+
+    kind: str = "none"
+    ms: float = 0.0
+    source: str = ""  # where `ms` comes from, for the report
+
+    def __post_init__(self) -> None:
+        if self.kind not in INFERENCE_TIMES:
+            raise ValueError(f"inference time must be one of {INFERENCE_TIMES}, got {self.kind!r}")
+        if not (math.isfinite(self.ms) and self.ms >= 0) or (self.kind == "fixed" and self.ms <= 0):
+            raise ValueError(f"a simulated inference latency must be a positive number of ms, got {self.ms}")
+
+    @property
+    def realtime(self) -> bool:
+        """Whether inference takes bag time (ticks are dropped while it runs)."""
+        return self.kind != "none"
+
+    def seconds(self, host_ms: float) -> float:
+        """This inference's duration in bag time, given its measured host latency."""
+        return {"none": 0.0, "fixed": self.ms, "host": host_ms}[self.kind] / 1e3
+
+    def simulated_s(self) -> float | None:
+        """The duration every inference takes, or None when each takes its own measured time."""
+        return None if self.kind == "host" else self.seconds(0.0)
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return "inference takes no bag time"
+        if self.kind == "host":
+            return "each inference takes its latency measured on this machine"
+        return f"each inference takes {self.ms:g} ms of bag time" + (f" ({self.source})" if self.source else "")
+
+
+def bench_latency(path: str | Path) -> InferenceTime:
+    """The host end-to-end p50 a `pi-policy bench --json` file measured: of its first configuration, or of the one
+    named after a colon (bench.json:fp8)."""
+    text, _, name = str(path).rpartition(":")
+    if not text or Path(str(path)).is_file():
+        text, name = str(path), ""
+    try:
+        result = json.loads(Path(text).read_text())
+        configs = result["backends"]
+        name = name or next(iter(configs))
+        ms = float(configs[name]["host_e2e"]["p50"])
+    except FileNotFoundError:
+        raise ValueError(f"--latency-from {text}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
+        raise ValueError(f"--latency-from {path}: not a `pi-policy bench --json` result with a configuration "
+                         f"{name!r} ({type(exc).__name__}: {exc})") from None
+    machine = result.get("machine", {})
+    where = machine.get("gpu") or machine.get("device", "?")
+    return InferenceTime("fixed", ms, f"{Path(text).name}: {name} on {where}, host p50")
+
+
 @dataclass
 class ReplaySetup:
     """The node's parameters, plus the evaluation's own choices: where the recorded actions come from, the
-    namespace the node's relative topics resolve in, a tick limit, and whether inference takes bag time.
-
-    realtime: a tick that comes before the previous chunk would have reached the robot (its observation stamp
-    plus the fixed inference_delay_steps, or the tick plus the measured host latency with 'auto') is dropped,
-    as the node drops it; otherwise every tick runs.
-    """
+    namespace the node's relative topics resolve in, a tick limit, and how long inference takes in bag time."""
 
     params: NodeParams
     action_source: str = "topic"
     action_topic: str | None = None  # the recorded actions, when action_source is "topic"
     namespace: str = "/"
     max_ticks: int | None = None
-    realtime: bool = False
+    inference: InferenceTime = field(default_factory=InferenceTime)
 
     def __post_init__(self) -> None:
         if self.action_source not in ACTION_SOURCES:
@@ -116,7 +181,9 @@ class ReplaySetup:
                 "required_cameras": self.required_cameras, "prompt": p.prompt,
                 "latency_budget_ms": p.latency_budget_ms, "action_source": self.action_source,
                 "action_topic": self.action_series_topic, "namespace": self.namespace,
-                "max_ticks": self.max_ticks, "step_offset": self.step_offset, "realtime": self.realtime,
+                "max_ticks": self.max_ticks, "step_offset": self.step_offset, "realtime": self.inference.realtime,
+                "inference_time": self.inference.describe(),
+                "inference_ms": self.inference.ms if self.inference.kind == "fixed" else None,
                 "inference_delay_steps": p.inference_delay_steps}
 
 

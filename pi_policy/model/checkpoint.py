@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
+
+from pi_policy.progress import progress_bar
 
 from .config import PiConfig
 from .pi0 import PiModel
@@ -163,7 +164,8 @@ def read_checkpoint(path: str | Path, shapes_only: bool = False) -> dict[str, to
                 for dropped, kept in (st.metadata() or {}).items():
                     if kept in names:
                         ties[canonical_key(dropped)] = canonical_key(kept)
-                for k in tqdm(names, desc=f"reading {f.name}", leave=False, mininterval=1.0, disable=shapes_only):
+                for k in progress_bar(names, enabled=not shapes_only, desc=f"reading {f.name}", leave=False,
+                                      mininterval=1.0):
                     out[canonical_key(k)] = tuple(st.get_slice(k).get_shape()) if shapes_only else st.get_tensor(k)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None

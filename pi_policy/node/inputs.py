@@ -182,20 +182,22 @@ def clip_text(text: str, limit: int = 200) -> str:
 def joint_state_to_vector(msg, joint_names: list[str]) -> np.ndarray:
     """sensor_msgs/JointState -> positions of `joint_names`, in that order, as float32.
 
+    Errors name the problem, not the message ("missing joints: j3"): the caller says where it came from.
+
     Joints are matched by name: the message may list them in any order and carry extra joints.
     A missing joint, a duplicated name or a non-finite position among the wanted joints is an error.
     """
     names = getattr(msg, "name", None)
     if names is None or isinstance(names, str) or not isinstance(names, Sequence):
-        raise MessageError(f"joint state 'name' must be a list of strings, got {type(names).__name__}")
+        raise MessageError(f"'name' must be a list of strings, got {type(names).__name__}")
     if not all(isinstance(n, str) for n in names):
-        raise MessageError("joint state 'name' must hold only strings")
+        raise MessageError("'name' must hold only strings")
     try:
         positions = np.asarray(getattr(msg, "position", None), dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise MessageError("joint state 'position' must be a list of numbers") from None
+        raise MessageError("'position' must be a list of numbers") from None
     if positions.size != len(names):
-        raise MessageError(f"joint state has {len(names)} names but {positions.size} positions")
+        raise MessageError(f"{len(names)} names but {positions.size} positions")
     index: dict[str, int] = {}
     duplicated = []
     for i, n in enumerate(names):
@@ -204,12 +206,12 @@ def joint_state_to_vector(msg, joint_names: list[str]) -> np.ndarray:
         index[n] = i
     missing = [j for j in joint_names if j not in index]
     if missing:
-        raise MessageError(f"joint state is missing joints: {', '.join(missing)}")
+        raise MessageError(f"missing joints: {', '.join(missing)}")
     dup_wanted = [j for j in joint_names if j in duplicated]
     if dup_wanted:
-        raise MessageError(f"joint state lists joints more than once: {', '.join(dup_wanted)}")
+        raise MessageError(f"joints listed more than once: {', '.join(dup_wanted)}")
     out = positions[[index[j] for j in joint_names]]
     bad = [j for j, v in zip(joint_names, out, strict=True) if not math.isfinite(v)]
     if bad:
-        raise MessageError(f"joint state has non-finite positions for: {', '.join(bad)}")
+        raise MessageError(f"non-finite positions for: {', '.join(bad)}")
     return out.astype(np.float32)

@@ -95,6 +95,7 @@ class PolicyNodeLogic:
         stream: ActionQueue | None = None,
         stream_type: str = "float64_array",
         max_image_side: int = DEFAULT_MAX_SIDE,
+        inference_s: float | None = None,
     ):
         unknown = [c for c in assembler.camera_names if c not in policy.camera_names]
         if unknown:
@@ -126,6 +127,8 @@ class PolicyNodeLogic:
         self.max_image_side = max_image_side  # wider or taller images are refused, compressed ones undecoded
         self.rtc_mode, self.delay_steps = rtc_mode, delay_steps  # delay_steps None: measured
         self.delay = DelayEstimator(control_period_s)
+        # Bag replay simulates how long inference takes: the measured delay then counts that, not the wall time.
+        self.inference_s = inference_s
         self.executing: ExecutingChunk | None = None
         self.stream, self.stream_type = stream, stream_type
         self.counts = dict(ticks=0, inferences=0, dropped_ticks=0, skipped_ticks=0, failed_ticks=0,
@@ -230,8 +233,9 @@ class PolicyNodeLogic:
         wall_s = time.perf_counter() - start
         values["infer_wall_ms"] = _ms(wall_s * 1e3)
         self.counts["inferences"] += 1
-        self.delay.add(assembled.age_s + wall_s)  # observation stamp -> chunk published
-        values["e2e_ms"] = _ms((assembled.age_s + wall_s) * 1e3)
+        e2e_s = assembled.age_s + (wall_s if self.inference_s is None else self.inference_s)
+        self.delay.add(e2e_s)  # observation stamp -> chunk published
+        values["e2e_ms"] = _ms(e2e_s * 1e3)
         self.executing = ExecutingChunk(obs.stamp, actions)
         lat = output.latency
         for stage in STAGES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ class NodeParams:
                                            "runner is built for the subscribed ones only.")
     action_dim: int = _p(0, "Robot action dims (unpadded); 0 = the model's.")
     seed: int = _p(0, "Seed for random weights and the denoising noise.")
+    threads: int = _p(0, "PyTorch CPU threads; 0 = a quarter of the usable cores, 1 to 4 (more threads stall when "
+                         "other programs share the cores).")
     warmup: bool = _p(True, "Warm up (and capture CUDA graphs) while configuring, before serving.")
     batch_sizes: list[int] = _p([1], "Batch sizes the runner has buffers and CUDA graphs for (1 is always among "
                                      "them): the node serves one robot; pi-policy serve runs several robots' "
@@ -205,7 +208,8 @@ class NodeParams:
                           cameras=self.camera_set(), action_dim=self.action_dim or None, device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
                           vision=self.vision_backend, fp8=FP8Options(calibration=self.fp8_calibration or None),
-                          rtc=self.rtc_settings(), warmup=self.warmup, batch_sizes=tuple(self.batch_sizes))
+                          rtc=self.rtc_settings(), threads=self.threads, warmup=self.warmup,
+                          batch_sizes=tuple(self.batch_sizes))
 
 
 def is_compressed_topic(topic: str) -> bool:
@@ -232,7 +236,7 @@ class ParamError(ValueError):
     pass
 
 
-def _check_type(p: Param, value: Any) -> Any:
+def _check_type(p: Param, value: Any, empty_ok: bool = False) -> Any:
     def bad(expected: str) -> ParamError:
         return ParamError(f"parameter '{p.name}' must be {expected}, got {value!r} ({type(value).__name__})")
 
@@ -265,15 +269,18 @@ def _check_type(p: Param, value: Any) -> Any:
             value = [float(v) for v in value]  # integers are doubles, as for a double
             if not all(math.isfinite(v) for v in value):
                 raise bad("a list of finite numbers")
-        if not value:
+        if not value and not (empty_ok and p.default == []):
             raise ParamError(f"parameter '{p.name}' is an empty list, which ROS parameter files cannot hold; "
                              "leave it out to keep its default")
         value = list(value)
     return value
 
 
-def params_from_dict(values: dict[str, Any]) -> NodeParams:
-    """Defaults overlaid with `values` (parameter name -> value), type-checked, then validated."""
+def params_from_dict(values: dict[str, Any], command_line: Collection[str] = ()) -> NodeParams:
+    """Defaults overlaid with `values` (parameter name -> value), type-checked, then validated.
+
+    `command_line`: the names whose values the command line set (--set): there an empty list, which a ROS
+    parameter file cannot hold, is allowed where it is the default (`--set required_cameras=[]`: every camera)."""
     errors = []
     checked = {}
     for name, value in values.items():
@@ -282,7 +289,7 @@ def params_from_dict(values: dict[str, Any]) -> NodeParams:
             errors.append(f"unknown parameter '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             continue
         try:
-            checked[name] = _check_type(_BY_NAME[name], value)
+            checked[name] = _check_type(_BY_NAME[name], value, empty_ok=name in command_line)
         except ParamError as e:
             errors.append(str(e))
     if errors:

@@ -113,11 +113,13 @@ class PolicyNode(LifecycleNode):
         params = self.params = read_parameters(self)  # before torch is imported: a bad parameter fails fast
 
         from pi_policy.runtime import build_runner  # torch: imported only when the node is configured
+        from pi_policy.runtime.stats import threads_text
 
         log = self.get_logger()
         log.info(f"loading {params.preset} on {params.device}, prefill backend {params.backend}")
         runner = build_runner(params.runner_spec().replace(progress=True))
-        log.info(f"policy ready: cameras {runner.camera_names}, backends {runner.backends}")
+        log.info(f"policy ready: cameras {runner.camera_names}, backends {runner.backends}, "
+                 f"{threads_text(runner.threads)}")
         if runner.backend_note:  # a fallback (engine refused, compiler missing): say it loudly
             log.warning(runner.backend_note)
         converter_name, converter = image_converter()

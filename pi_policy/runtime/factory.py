@@ -17,6 +17,7 @@ from pi_policy.runtime.expert import make_denoise
 from pi_policy.runtime.prefill import make_prefill
 from pi_policy.runtime.runner import PolicyRunner
 from pi_policy.runtime.spec import RunnerSpec
+from pi_policy.runtime.threads import apply_threads
 from pi_policy.runtime.vision import make_vision
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def build_model(spec: RunnerSpec | None = None, *, dtype: torch.dtype | None = N
     buffer, graph and engine shape, does.
     """
     spec = (spec or RunnerSpec()).replace(**changes).validate()
+    apply_threads(spec.threads)  # random init and checkpoint conversion run on the CPU too
     cfg = get_config(spec.preset, num_cameras=spec.num_cameras)
     dev = resolve_device(spec.device)
     with torch.device(dev):
@@ -61,6 +63,7 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     makes, or sample prefixes for the prefill alone), in place of the spec's calibration file.
     """
     spec = (spec or RunnerSpec()).replace(**changes).validate()
+    threads = apply_threads(spec.threads)
     if model is not None and model.cfg.num_cameras != spec.num_cameras:
         raise ValueError(f"the model is built for {model.cfg.num_cameras} cameras, the runner would serve "
                          f"{list(spec.cameras.served)}")
@@ -87,7 +90,7 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
             log.warning(c.note)
     runner = PolicyRunner(model, tok, normalizer, spec.cameras, choices, vision=vision.fn, prefill=prefill.fn,
                           denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc, batch_sizes=spec.batch_sizes)
-    runner.spec = spec
+    runner.spec, runner.threads = spec, threads
     if spec.warmup:
         runner.warmup(progress=spec.progress)
     return runner

@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pi_policy.cameras import CameraSet
 from pi_policy.model.normalize import Normalizer
@@ -31,6 +30,7 @@ from pi_policy.model.pi0 import PiModel
 from pi_policy.model.preprocess import pixels_to_model, resize_with_pad_tensor, to_rgb_uint8
 from pi_policy.model.rtc import RTCInputs, prefix_weights
 from pi_policy.observation import STAGES, LatencyRecord, Observation, PolicyOutput
+from pi_policy.progress import progress_bar
 from pi_policy.runtime.choice import StageChoice, fall_back, notes, uncompiled
 from pi_policy.runtime.options import RTCSettings
 from pi_policy.runtime.timer import StageTimer
@@ -216,7 +216,7 @@ class PolicyRunner:
             self._stage(bucket, [dummy] * bucket.batch, [None] * bucket.batch)
         buckets = len(self.buckets)
         steps = iters * buckets + (len(STAGES) * buckets if self.use_graphs else 0)
-        with tqdm(total=steps, desc="warm-up", disable=not progress, leave=False) as bar:
+        with progress_bar(total=steps, enabled=progress, desc="warm-up", leave=False) as bar:
             stream = torch.cuda.Stream() if self.use_graphs else None
             ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
             with ctx:

@@ -74,6 +74,7 @@ class RunnerSpec:
     compile_stages: tuple[str, ...] | None = None  # None: the default (prefill and denoise on CUDA)
     rtc: RTCSettings = field(default_factory=RTCSettings)
     fp8: FP8Options = field(default_factory=FP8Options)
+    threads: int = 0  # PyTorch CPU threads; 0: auto (runtime.threads)
     # several robots: buffers and CUDA graphs per batch size (infer_batch runs the smallest that holds a batch)
     batch_sizes: tuple[int, ...] = (1,)
     # start-up
@@ -114,7 +115,7 @@ class RunnerSpec:
         if PRESETS.get(self.preset) is not None and self.num_cameras > PRESETS[self.preset].num_cameras:
             out.append(f"preset {self.preset} takes at most {PRESETS[self.preset].num_cameras} cameras, "
                        f"got {list(self.cameras.served)}")
-        for name in ("seed",):
+        for name in ("seed", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 out.append(f"{name} must be a whole number >= 0, got {value!r}")

@@ -103,3 +103,8 @@ def action_stats(actions: np.ndarray) -> str:
     a = np.asarray(actions)
     return (f"actions {a.shape[0]} x {a.shape[1]}: range [{a.min():.4f}, {a.max():.4f}], mean {a.mean():.4f}, "
             f"std {a.std():.4f}, finite {bool(np.isfinite(a).all())}")
+
+
+def threads_text(n: int) -> str:
+    """'1 CPU thread', '4 CPU threads': said beside the device in start-up lines."""
+    return f"{n} CPU thread{'s' if n != 1 else ''}"

@@ -142,7 +142,7 @@ def load_serve_config(path: str | Path, overrides: dict[str, Any] | None = None,
     values["camera_names"] = list(section["images"].values())
     values["camera_topics"] = list(section["images"].keys())
     try:
-        params = params_from_dict(values)
+        params = params_from_dict(values, command_line=list(overrides or {}))
     except ParamError as e:
         raise ParamError(f"{path}: {e}") from None
     return ServeConfig(params, dict(section["images"]), list(section["state"]),

@@ -13,12 +13,12 @@ from pi_policy.bag.demo_bag import STORAGES, DemoSpec, write_demo_bag
 from pi_policy.bag.eval_config import read_eval_config
 from pi_policy.bag.parallel import run_local, run_ray
 from pi_policy.bag.passes import ReplayPass, plan_passes
-from pi_policy.bag.preflight import BagMismatch
 from pi_policy.bag.reader import BagError
-from pi_policy.bag.setup import ACTION_SOURCES, ReplaySetup
+from pi_policy.bag.setup import ACTION_SOURCES, InferenceTime, ReplaySetup, bench_latency
 from pi_policy.node import params as node_params
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict
 from pi_policy.runtime.options import RTC_MODES
+from pi_policy.tools.errors import FINDING, UsageError, existing, new_output, report
 from pi_policy.tools.flags import CONFIG_FLAGS, add_config_overrides, param_overrides
 
 
@@ -66,14 +66,23 @@ def add_config_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def add_rtc_arguments(e: argparse.ArgumentParser) -> None:
-    """Real-time chunking: the modes to compare, the delay, and replay in bag time."""
+    """Real-time chunking: the modes to compare, the delay, and how long inference takes in bag time."""
     e.add_argument("--rtc", action="append", choices=RTC_MODES, default=None,
-                   help="real-time chunking mode; repeat to compare modes on one backend (default: the config's)")
+                   help="real-time chunking mode; repeat to compare modes on one backend (default: the config's). "
+                        "Inference then takes bag time: --latency-ms, --latency-from, else the config's "
+                        "latency_budget_ms")
     e.add_argument("--delay", help="control periods from an observation to its chunk reaching the robot: auto "
                                    "(measured end to end) or N (default: the config's inference_delay_steps)")
-    e.add_argument("--realtime", action="store_true",
-                   help="inference takes bag time: drop the ticks the node would drop while a slow inference runs "
-                        "(implied by --rtc)")
+    latency = e.add_mutually_exclusive_group()
+    latency.add_argument("--latency-ms", type=float, metavar="MS",
+                         help="each inference takes MS of bag time: a tick that comes while the previous one runs is "
+                              "dropped, as the node drops it; the same ticks on any machine")
+    latency.add_argument("--latency-from", metavar="BENCH_JSON[:CONFIG]",
+                         help="as --latency-ms, with the host p50 a `pi-policy bench --json` file measured (its first "
+                              "configuration, or CONFIG), e.g. the robot's GPU")
+    latency.add_argument("--realtime", action="store_true",
+                         help="as --latency-ms, with each inference's latency measured on this machine: the result "
+                              "depends on this machine's speed and load")
 
 
 def add_recorded_action_arguments(e: argparse.ArgumentParser) -> None:
@@ -98,6 +107,8 @@ def add_output_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--out", default="reports/eval-bag",
                    help="report folder; with several bags, one subfolder per bag plus the aggregate report "
                         "(default: %(default)s)")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are off anyway when stderr is not a terminal)")
     e.add_argument("--write-bag", metavar="OUT",
                    help="also write the published chunks and latency to a new bag (with several bags: OUT/<bag>)")
     e.add_argument("--write-bag-storage", choices=sorted(STORAGES), default="mcap",
@@ -114,17 +125,18 @@ def add_parallel_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def run_make_demo_bag(args: argparse.Namespace) -> int:
-    try:
-        path = write_demo_bag(args.out, args.storage, DemoSpec(duration_s=args.duration, seed=args.seed))
-    except (ValueError, OSError) as exc:
-        return _fail(exc)
+    new_output(args.out, "output bag directory")
+    if not args.duration > 0:
+        raise UsageError(f"--duration must be positive, got {args.duration}")
+    path = write_demo_bag(args.out, args.storage, DemoSpec(duration_s=args.duration, seed=args.seed))
     print(f"wrote {path} ({args.storage}, {args.duration:g} s)")
     return 0
 
 
 def load_params(args: argparse.Namespace) -> NodeParams:
     """The config file with the command line's overrides applied, type-checked and validated as the node does."""
-    values = node_params.read_param_values(args.config) | param_overrides(args, repeat=("--backend",))
+    overrides = param_overrides(args, repeat=("--backend",))
+    values = node_params.read_param_values(args.config) | overrides
     if args.camera_topic:
         names = values.get("camera_names", NodeParams().camera_names)
         topics = dict(zip(names, values.get("camera_topics", NodeParams().camera_topics), strict=False))
@@ -139,7 +151,7 @@ def load_params(args: argparse.Namespace) -> NodeParams:
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
     try:
-        return params_from_dict(values)
+        return params_from_dict(values, command_line=list(overrides))
     except ParamError as exc:
         raise ParamError(f"{args.config} with the command line's overrides: {exc}") from None
 
@@ -149,18 +161,46 @@ def load_setup(args: argparse.Namespace, params: NodeParams) -> ReplaySetup:
     config = read_eval_config(args.config)
     source = args.recorded_action_source or config.recorded_action_source
     topic = args.recorded_action_topic or config.recorded_action_topic or None
-    return ReplaySetup(params, source, topic, args.namespace, args.max_ticks,
-                       realtime=args.realtime or bool(args.rtc))
+    return ReplaySetup(params, source, topic, args.namespace, args.max_ticks, inference_time(args, params))
+
+
+def inference_time(args: argparse.Namespace, params: NodeParams) -> InferenceTime:
+    """How long inference takes in bag time: as the flags say; with --rtc and none of them, latency_budget_ms."""
+    if args.latency_ms is not None:
+        return InferenceTime("fixed", args.latency_ms, "--latency-ms")
+    if args.latency_from:
+        return bench_latency(args.latency_from)
+    if args.realtime:
+        return InferenceTime("host")
+    if args.rtc:
+        return InferenceTime("fixed", params.latency_budget_ms, "latency_budget_ms")
+    return InferenceTime()
+
+
+def check_usage(args: argparse.Namespace) -> None:
+    """What the command line alone can get wrong (exit 2), checked before the config or any bag is read."""
+    existing(args.config, "--config")
+    for bag in args.bags:
+        existing(bag, "bag")
+    if not 0 <= args.min_scored <= 1:
+        raise UsageError(f"--min-scored must be a fraction in [0, 1], got {args.min_scored}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.write_bag:
+        new_output(args.write_bag, "--write-bag")
+    if args.rtc and args.backend and len(args.backend) > 1:
+        raise UsageError("--rtc compares real-time chunking modes on one backend; give one --backend")
+    if args.latency_ms is not None and not args.latency_ms > 0:
+        raise UsageError(f"--latency-ms must be a positive number of ms, got {args.latency_ms}")
+    if args.latency_from:
+        try:
+            bench_latency(args.latency_from)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def make_jobs(args: argparse.Namespace, setup: ReplaySetup, passes: list[ReplayPass]) -> list[BagJob]:
     """One job per bag: its report folder, and its output bag with --write-bag."""
-    if not 0 <= args.min_scored <= 1:
-        raise ValueError(f"--min-scored must be a fraction in [0, 1], got {args.min_scored}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    if args.write_bag and Path(args.write_bag).exists():
-        raise FileExistsError(f"--write-bag {args.write_bag} exists already")
     bags = find_bags(args.bags)
     single = len(bags) == 1
     meta = {"command": " ".join(sys.argv), "config": args.config, "backends": [p.name for p in passes]} | {
@@ -179,13 +219,14 @@ def make_jobs(args: argparse.Namespace, setup: ReplaySetup, passes: list[ReplayP
 def run_jobs(args: argparse.Namespace, jobs: list[BagJob]) -> list[BagResult]:
     if args.ray is not None:
         return list(run_ray(jobs, None if args.ray == "local" else args.ray, args.workers if args.workers > 1
-                            else None))
+                            else None, progress=not args.no_progress))
     if args.write_bag and len(jobs) > 1:
         Path(args.write_bag).mkdir(parents=True)
-    return list(run_local(jobs, args.workers))
+    return list(run_local(jobs, args.workers, progress=not args.no_progress))
 
 
 def run_eval_bag(args: argparse.Namespace) -> int:
+    check_usage(args)
     try:
         params = load_params(args)
         setup = load_setup(args, params)
@@ -195,7 +236,7 @@ def run_eval_bag(args: argparse.Namespace) -> int:
             raise ModuleNotFoundError("--ray needs Ray", name="ray")
         check_bags(jobs)  # every bag against the config, before any model is built
     except (BagError, ValueError, OSError, RuntimeError) as exc:  # ParamError is a ValueError
-        return _fail(exc)
+        return report("eval-bag", exc)
     results = run_jobs(args, jobs)
     return report_one(results[0]) if len(jobs) == 1 else report_many(args, results, [p.name for p in passes])
 
@@ -204,12 +245,12 @@ def report_one(result: BagResult) -> int:
     from pi_policy.bag.report import format_summary
 
     if result.error:
-        return _fail(BagError(result.error))
+        return report("eval-bag", result.error, FINDING)
     print(format_summary(result.metrics, result.out))
     if result.written:
         print("wrote output bag: " + ", ".join(f"{t} ({n})" for t, n in result.written.items()))
     if result.verdict:
-        return _fail(BagError(result.verdict))
+        return report("eval-bag", result.verdict, FINDING)
     return 0
 
 
@@ -223,13 +264,6 @@ def report_many(args: argparse.Namespace, results: list[BagResult], passes: list
         print(f"wrote {len(written)} output bags under {args.write_bag}")
     bad = agg["counts"]["failed"] + agg["counts"]["too_few_scored"]
     if bad:
-        return _fail(BagError(f"{bad} of {len(results)} bags failed or scored too few ticks (listed above)"))
+        return report("eval-bag", f"{bad} of {len(results)} bags failed or scored too few ticks (listed above)",
+                      FINDING)
     return 0
-
-
-def _fail(exc: Exception) -> int:
-    if isinstance(exc, BagMismatch):  # a list of problems, one per line
-        print("error: " + str(exc), file=sys.stderr)
-    else:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, also for multi-line messages
-    return 1

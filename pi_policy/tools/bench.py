@@ -11,13 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from pi_policy.progress import progress_bar
 from pi_policy.runtime import build_model, build_runner
 from pi_policy.runtime.options import RTC_MODES, RTCSettings
 from pi_policy.runtime.roofline import format_roofline, measure_peaks, roofline
 from pi_policy.runtime.spec import RunnerSpec
-from pi_policy.runtime.stats import action_accuracy, action_stats, comparison_table, stage_table, summarize
+from pi_policy.runtime.stats import (
+    action_accuracy,
+    action_stats,
+    comparison_table,
+    stage_table,
+    summarize,
+    threads_text,
+)
+from pi_policy.tools.errors import UsageError
 from pi_policy.tools.flags import (
     add_compile_argument,
     add_fp8_arguments,
@@ -58,9 +66,9 @@ def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: 
     """
     batch = max(spec.batch_sizes)
     if batch > 1 and rtc_modes:
-        raise ValueError("real-time chunking runs at batch 1: drop --batch")
+        raise UsageError("real-time chunking runs at batch 1: drop --batch")
     if rtc_modes and len(denoise) > 1:
-        raise ValueError("compare real-time chunking modes with one --denoise")
+        raise UsageError("compare real-time chunking modes with one --denoise")
     spec = spec.replace(require_assets=False)  # timing only: no robot
     model = build_model(spec)  # one set of weights for every configuration; buffers and graphs for its views
     cfg = model.cfg
@@ -69,7 +77,8 @@ def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: 
     result = {"workload": {"preset": spec.preset, "cameras": spec.num_cameras, "prompt_tokens": cfg.max_token_len,
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
                            "batch": batch, "iters": iters, "weights": spec.checkpoint or f"random seed {spec.seed}"},
-              "machine": machine_info(next(model.parameters()).device), "backends": {}}
+              "machine": machine_info(next(model.parameters()).device) | {"cpu_threads": torch.get_num_threads()},
+              "backends": {}}
     if rtc_modes:
         defaults = {k: v for k, v in vars(RTCSettings()).items() if k != "mode"}
         result["workload"]["rtc"] = {"executed_steps": RTC_EXECUTED, "delay": RTC_DELAY} | defaults
@@ -94,7 +103,7 @@ def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: 
             cont = {"prev_chunk": actions[RTC_EXECUTED:], "delay": RTC_DELAY}
             actions = runner.infer(obs, noise=noise, **cont).actions
         records = [(runner.infer_batch(robots)[0] if batch > 1 else runner.infer(obs, **cont)).latency
-                   for _ in tqdm(range(iters), desc=f"bench {name}", disable=not spec.progress, leave=False)]
+                   for _ in progress_bar(range(iters), enabled=spec.progress, desc=f"bench {name}", leave=False)]
         entry = summarize(records) | fleet | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
                                       "stages": {s: dataclasses.asdict(c) for s, c in runner.choices.items()},
                                       "actions": actions.tolist()}
@@ -147,7 +156,8 @@ def format_result(result: dict) -> str:
     w, m = result["workload"], result["machine"]
     robots = f"batch of {w['batch']} robots, " if w.get("batch", 1) > 1 else ""
     lines = [f"pi-policy bench: {w['preset']}, {w['cameras']} cameras, {w['denoise_steps']} steps, {robots}"
-             f"{w['iters']} iters on {m.get('gpu', m['device'])} (torch {m['torch']})"]
+             f"{w['iters']} iters on {m.get('gpu', m['device'])}"
+             + (f", {threads_text(m['cpu_threads'])}" if "cpu_threads" in m else "") + f" (torch {m['torch']})"]
     names = list(result["backends"])
     label = {name: ran_as(name, result["backends"][name]["stages"]) for name in names}
     for name in names:
@@ -186,8 +196,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Time each stage (p50/p99 over --iters inferences) of one or more configurations "
                                    "on the same observation and noise; the first configuration is the baseline of "
                                    "the comparison and accuracy blocks.")
-    add_model_arguments(p, {"preset": "pi0", "device": default_device()}, repeat=("--backend", "--denoise", "--vision"),
+    add_model_arguments(p, {"preset": None, "device": default_device()}, repeat=("--backend", "--denoise", "--vision"),
                         skip=("--batch-sizes",))
+    # preset None: pi0 on a GPU, tiny on a CPU (building pi0 on a CPU takes minutes), decided in run()
+    next(a for a in p._actions if a.dest == "preset").help += " (default: pi0 on a GPU, tiny on a CPU)"
     p.add_argument("--batch", type=int, default=1,
                    help="robots per inference: every stage on N observations at once, with the time per robot "
                         "beside the total (default 1)")
@@ -207,8 +219,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
     spec = spec_from_args(args, batch_sizes=(args.batch,))
+    if args.preset is None:  # the full-size model where it runs in milliseconds, the tiny one elsewhere
+        spec = spec.replace(preset="pi0" if spec.device.startswith("cuda") else "tiny")
+    print(f"pi-policy bench: building {spec.preset} on {spec.device} ({spec.checkpoint or 'random weights'}), then "
+          f"{args.iters} timed inferences per configuration"
+          + ("; a full-size model on a CPU takes minutes to build and seconds per inference"
+             if not spec.preset.startswith("tiny") and not spec.device.startswith("cuda") else ""), flush=True)
     result = run_bench(spec, tuple(args.backend or [spec.backend]), tuple(args.denoise or ()),
                        tuple(dict.fromkeys(args.rtc or ())), args.iters, roofline_peaks(args),
                        tuple(dict.fromkeys(args.vision or ())))
@@ -227,5 +245,5 @@ def roofline_peaks(args: argparse.Namespace) -> dict | None:
         return {"name": "given peaks", "source": "--peak-tflops/--peak-gbs", "bf16_tflops": args.peak_tflops,
                 "bandwidth_gbs": args.peak_gbs}
     if not args.device.startswith("cuda"):
-        raise ValueError("--roofline measures the GPU's peaks; on a CPU give --peak-tflops and --peak-gbs")
+        raise UsageError("--roofline measures the GPU's peaks; on a CPU give --peak-tflops and --peak-gbs")
     return {"measure": True}

@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
+from pi_policy.bag.reader import BagError
 from pi_policy.tools import bag, bench, demo, engine, inspect_checkpoint, serve, verify
+from pi_policy.tools.errors import USAGE, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (demo, bench, verify, engine, bag, serve, inspect_checkpoint):
         module.add_parser(sub)
+    parser.set_defaults(commands=sub.choices)  # name -> its parser, for its own usage errors
     return parser
 
 
@@ -37,7 +40,11 @@ class Once(logging.Filter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; its exit status follows tools.errors: 0 done, 1 a finding or a failed run, 2 a usage
+    error."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's parser, with its usage and prefix (exit 2)
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     filtered = [(handler, Once()) for handler in logging.getLogger().handlers]  # a filter per handler
     for handler, once in filtered:
@@ -48,11 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"onnx": "onnx", "onnxruntime": "onnx", "ray": "ray", "fastapi": "serve-ray",
                  "starlette": "serve-ray"}.get(e.name)
         hint = f' (pip install -e ".[{extra}]")' if extra else f" (pip install {e.name})"
-        print(f"pi-policy {args.command}: error: this command needs the {e.name} package{hint}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        print(f"pi-policy {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return report(args.command, f"this command needs the {e.name} package{hint}", USAGE)
+    except (ValueError, RuntimeError, OSError, BagError) as e:  # UsageError is a ValueError: exit 2, others 1
+        return report(args.command, e)
     finally:  # the handlers outlive this command (a test runner's, an embedding program's)
         for handler, once in filtered:
             handler.removeFilter(once)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from pi_policy.progress import progress_bar
 from pi_policy.runtime import build_runner
 from pi_policy.runtime.spec import RunnerSpec
-from pi_policy.runtime.stats import action_stats, stage_table, summarize
+from pi_policy.runtime.stats import action_stats, stage_table, summarize, threads_text
+from pi_policy.tools.errors import UsageError
 from pi_policy.tools.flags import add_model_arguments, spec_from_args
 from pi_policy.tools.synthetic import synthetic_observation
 
@@ -25,18 +25,16 @@ def run_demo(spec: RunnerSpec | None = None, iters: int = 20, out: str | Path | 
     t0 = time.perf_counter()
     spec = spec or RunnerSpec()
     preset, device, seed, progress = spec.preset, spec.device, spec.seed, spec.progress
-    runner = build_runner(spec)
-    if runner.backend_note:
-        print(f"note: {runner.backend_note}")
+    runner = build_runner(spec)  # it logs the note of a stage that fell back
     cfg = runner.cfg
     print(f"model {cfg.name}: {sum(p.numel() for p in runner.model.parameters()) / 1e6:.1f}M parameters, "
           f"{cfg.num_cameras} cameras x {cfg.vision.num_tokens} tokens + {cfg.max_token_len} prompt tokens, "
-          f"{cfg.num_steps} denoise steps, horizon {cfg.horizon} on {device}; "
+          f"{cfg.num_steps} denoise steps, horizon {cfg.horizon} on {device}, {threads_text(runner.threads)}; "
           f"start-up {time.perf_counter() - t0:.1f} s")
     names = runner.camera_names
     records, actions = [], None
     rng = np.random.default_rng(seed)
-    for i in tqdm(range(iters), desc="demo", disable=not progress, leave=False):
+    for i in progress_bar(range(iters), enabled=progress, desc="demo", leave=False):
         # A robot arm drifting through a slow sinusoid, seen by all cameras.
         obs = synthetic_observation(names, 240, 14, seed + i)
         obs.state = (0.5 * np.sin(0.1 * i + np.arange(14)) + 0.01 * rng.standard_normal(14)).astype(np.float32)
@@ -68,9 +66,10 @@ def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, prog
     # The replay's topics and timing; the model is `runner`, whatever its preset.
     params = params_from_dict(demo_params("tiny", "cpu"))
     settings = ReplaySetup(params, action_topic=ACTION_TOPIC)
-    ev = evaluate(bag, settings, lambda backend: runner, [runner.backends["prefill"]], progress=progress)
+    ev = evaluate(bag, settings, lambda name: runner, [preset], progress=progress)  # one pass, named after the model
     metrics = write_report(ev, out / "report", meta={"command": "pi-policy demo", "preset": preset,
-                                                     "device": device, "seed": seed})
+                                                     "checkpoint": None, "device": device, "seed": seed,
+                                                     "threads": runner.threads})
     print(format_summary(metrics, out / "report"))
     return metrics
 
@@ -90,8 +89,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if spec.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"pi-policy demo: error: --device {spec.device} but torch sees no CUDA GPU (use --device cpu)",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--device {spec.device} but torch sees no CUDA GPU (use --device cpu)")
     run_demo(spec, args.iters, out=None if args.no_bag else args.out)
     return 0

@@ -6,12 +6,12 @@ import argparse
 import json
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pi_policy.tools.errors import FINDING, UsageError, existing, report
 from pi_policy.tools.flags import add_model_arguments, default_device, spec_from_args
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pi_policy.runtime.prefill.calibration import save_calibration
     from pi_policy.runtime.prefill.tensorrt import weights_tag
 
+    if args.samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {args.samples}")
     spec = spec_from_args(args)
     model = build_model(spec)
     cal = calibrate_fp8(model, _samples(model, spec, args.samples), progress=spec.progress)
@@ -83,9 +85,13 @@ def run_build_engine(args: argparse.Namespace) -> int:
     from pi_policy.runtime.prefill.onnx_export import export_prefill_onnx
     from pi_policy.runtime.prefill.tensorrt import build_engine, engine_meta, gpu_identity, import_tensorrt, weights_tag
 
+    if args.calibration:
+        existing(args.calibration, "--calibration")
+    elif args.samples < 1:
+        raise UsageError(f"--samples must be >= 1, got {args.samples}")
+    spec = spec_from_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = spec_from_args(args)
     model = build_model(spec)
     calibration = args.calibration or [(s.prefix_embs, s.prefix_pad) for s in _samples(model, spec, args.samples)]
     choice = build_fp8_prefill(model, calibration=calibration, per_channel=args.per_channel, progress=spec.progress)
@@ -117,9 +123,8 @@ def run_build_engine(args: argparse.Namespace) -> int:
 
 
 def _no_engine(why: str, out: Path) -> int:
-    print(f"pi-policy build-engine: error: no engine built: {why}; the ONNX graph is in {out / 'prefill.onnx'} "
-          "(--onnx-only stops there on purpose)", file=sys.stderr)
-    return 1
+    return report("build-engine", f"no engine built: {why}; the ONNX graph is in {out / 'prefill.onnx'} "
+                                  "(--onnx-only stops there on purpose)", FINDING)
 
 
 def layers_in_graph(path: str | Path) -> set[int]:

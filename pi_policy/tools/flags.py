@@ -17,7 +17,8 @@ import yaml
 from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
 from pi_policy.model.config import PRESETS
 from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, VISION_BACKENDS, parse_stages
-from pi_policy.runtime.spec import FP8_DYNAMIC, FP8_LINEARS, PROMPT_FORMATS, FP8Options, RunnerSpec
+from pi_policy.runtime.spec import FP8_DYNAMIC, FP8_LINEARS, PROMPT_FORMATS, FP8Options, RunnerSpec, SpecError
+from pi_policy.tools.errors import UsageError, existing
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ MODEL_FLAGS = (
          "denoise backend: auto (the fused Triton expert on a GPU, PyTorch elsewhere or with real-time chunking), "
          "bf16 (the PyTorch expert), triton or fp8 (the fused expert, bf16 or FP8 weights)", choices=DENOISE_BACKENDS),
     Flag("--engine", "engine_path", "engine_path", "TensorRT engine for --backend tensorrt"),
+    Flag("--threads", "threads", "threads", "PyTorch CPU threads; 0 = a quarter of the cores, 1 to 4 (more threads "
+         "stall when other programs share the cores)", type=int),
     Flag("--vision", "vision", "vision_backend",
          "vision tower: bf16 (the model's) or fp8 (its linears and the projector in FP8)", choices=VISION_BACKENDS),
     Flag("--batch-sizes", "batch_sizes", "batch_sizes",
@@ -66,7 +69,7 @@ MODEL_FLAGS = (
 )
 _BY_NAME = {f.name: f for f in MODEL_FLAGS}
 # what eval-bag and serve let the command line override in the node parameter file (besides --set)
-CONFIG_FLAGS = ("--preset", "--checkpoint", "--prompt-format", "--device", "--backend", "--denoise")
+CONFIG_FLAGS = ("--preset", "--checkpoint", "--prompt-format", "--device", "--backend", "--denoise", "--threads")
 
 
 def default_device() -> str:
@@ -126,12 +129,28 @@ def camera_set(n: int | None) -> CameraSet:
     if n is None:
         return CameraSet()
     if not 1 <= n <= len(DEFAULT_CAMERAS):
-        raise ValueError(f"--cameras must be 1..{len(DEFAULT_CAMERAS)}, got {n}")
+        raise UsageError(f"--cameras must be 1..{len(DEFAULT_CAMERAS)}, got {n}")
     return CameraSet.of(DEFAULT_CAMERAS[:n])
 
 
+PATH_FLAGS = ("checkpoint", "norm_stats", "tokenizer", "engine_path")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The files the command line names must exist (a usage error otherwise, before any model is built)."""
+    for flag in MODEL_FLAGS:
+        if flag.field in PATH_FLAGS and getattr(args, flag.field, None):
+            value = getattr(args, flag.field)
+            for path in value if isinstance(value, list) else [value]:
+                existing(path, flag.name)
+    if getattr(args, "fp8_calibration", None):
+        existing(args.fp8_calibration, "--fp8-calibration")
+
+
 def spec_from_args(args: argparse.Namespace, **fixed) -> RunnerSpec:
-    """The RunnerSpec the flags describe; `fixed`: fields the command sets itself (a repeated flag's value, say)."""
+    """The RunnerSpec the flags describe; `fixed`: fields the command sets itself (a repeated flag's value, say).
+    A value the spec refuses, or a file that is not there, is a usage error."""
+    check_paths(args)
     values: dict[str, Any] = {}
     for flag in MODEL_FLAGS:
         if flag.field in vars(args):
@@ -142,7 +161,10 @@ def spec_from_args(args: argparse.Namespace, **fixed) -> RunnerSpec:
     if "cameras" in vars(args):
         values["cameras"] = camera_set(args.cameras)
     if "compile" in vars(args):
-        values["compile_stages"] = parse_stages(args.compile)
+        try:
+            values["compile_stages"] = parse_stages(args.compile)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if "fp8_keep_bf16" in vars(args):
         values["fp8"] = FP8Options(tuple(x for x in args.fp8_keep_bf16.split(",") if x), not args.fp8_exact_accum,
                                    args.fp8_per_channel, args.fp8_calibration, args.fp8_dynamic,
@@ -150,7 +172,10 @@ def spec_from_args(args: argparse.Namespace, **fixed) -> RunnerSpec:
     values["progress"] = not getattr(args, "no_progress", False)
     values = {k: v for k, v in values.items() if v is not None or k in ("checkpoint", "norm_stats", "tokenizer",
                                                                           "engine_path")}
-    return RunnerSpec(**(values | fixed)).validate()
+    try:
+        return RunnerSpec(**(values | fixed)).validate()
+    except SpecError as e:
+        raise UsageError(str(e)) from None
 
 
 def add_config_overrides(p: argparse.ArgumentParser, flags: tuple[str, ...], repeat: tuple[str, ...] = ()) -> None:
@@ -174,17 +199,18 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected PARAM=VALUE")
+            raise UsageError(f"--set {item!r}: expected PARAM=VALUE")
         try:
             values[key.strip()] = "" if raw.strip() == "" else yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ValueError(f"--set {item!r}: VALUE is not YAML ({' '.join(str(e).split())})") from None
+            raise UsageError(f"--set {item!r}: VALUE is not YAML ({' '.join(str(e).split())})") from None
     return values
 
 
 def param_overrides(args: argparse.Namespace, repeat: tuple[str, ...] = ()) -> dict[str, Any]:
     """The node parameters the command line sets: --set items, then the model flags given (which win); a repeated
     flag sets its first value."""
+    check_paths(args)
     values = parse_set(args.overrides)
     for flag in MODEL_FLAGS:
         value = getattr(args, flag.field, None)

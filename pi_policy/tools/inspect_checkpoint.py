@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pi_policy.model.checkpoint import describe_mismatch
+from pi_policy.model.checkpoint import describe_mismatch, read_checkpoint
 from pi_policy.model.checkpoint_dir import (
     CheckpointDir,
     config_mismatches,
@@ -15,6 +15,7 @@ from pi_policy.model.checkpoint_dir import (
 from pi_policy.model.config import PRESETS, PiConfig
 from pi_policy.model.normalize import default_mode
 from pi_policy.model.tokenizer import PromptTokenizer
+from pi_policy.tools.errors import UsageError, existing
 
 PROMPTS = {
     ("openpi", False): 'the cleaned task (strip, "_" -> " "), then "\\n" encoded on its own',
@@ -22,6 +23,28 @@ PROMPTS = {
     ("lerobot", False): 'the task as given with "\\n" appended, encoded as one string',
     ("lerobot", True): '"Task: <cleaned task>, State: <state bins>;\\nAction: ", the state zero-padded to {pad} dims',
 }
+
+
+LISTED = 8  # tensors listed for weights that fit no preset
+FITS = 0.5  # the share of a preset's tensors a checkpoint of it must have, at least, to be compared with it key by key
+
+
+def overlap(fit: tuple[list[str], list[str], list[str]], found: int) -> tuple[int, int]:
+    """(the preset's tensors the checkpoint has, the preset's tensors): from compare_shapes' lists."""
+    missing, unexpected, _ = fit
+    have = found - len(unexpected)
+    return have, have + len(missing)
+
+
+def fits_none(fits: dict, found: dict[str, tuple]) -> str:
+    """What weights that are no preset's look like: the closest preset's share, and the tensors they hold."""
+    best = max(fits, key=lambda n: overlap(fits[n], len(found))[0] / overlap(fits[n], len(found))[1])
+    have, total = overlap(fits[best], len(found))
+    shown = ", ".join(f"{k} {tuple(s)}" for k, s in list(found.items())[:LISTED])
+    more = f", and {len(found) - LISTED} more" if len(found) > LISTED else ""
+    closest = (f"the closest, {best}, would find {have} of its {total} tensors here" if have else
+               "none of their tensors is here")
+    return f"fits no preset ({', '.join(PRESETS)}); {closest}. The file holds {len(found)} tensors: {shown}{more}"
 
 
 def report(path: str, preset: str | None = None) -> tuple[list[tuple[str, str]], list[str], str]:
@@ -35,9 +58,12 @@ def report(path: str, preset: str | None = None) -> tuple[list[tuple[str, str]],
             ("layout", ("LeRobot's (keys under 'model.')" if ck.layout == "lerobot" else "openpi's")
              + ("; PaliGemma's lm_head stands in for the tied token embedding" if ck.tied_lm_head else "")),
             ("written by", f"{ck.source} ({ck.evidence})")]
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     fits = preset_fits(ck.path)
+    found = read_checkpoint(ck.path, shapes_only=True)
+    if preset is None and max(have / total for have, total in (overlap(f, len(found)) for f in fits.values())) < FITS:
+        rows[2:] = [("layout", "neither openpi's nor LeRobot's: not a pi0 / pi0.5 checkpoint"),
+                    ("preset", fits_none(fits, found))]
+        return rows, [*missing, "weights that fit a preset (above)"], ""
     fitting = [n for n, f in fits.items() if not any(f)]
     name = preset or (fitting[0] if fitting else min(fits, key=lambda n: sum(len(x) for x in fits[n])))
     if not any(fits[name]):
@@ -86,6 +112,9 @@ def _stats(ck: CheckpointDir, mode: str, missing: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    existing(args.checkpoint, "checkpoint")
+    if args.preset is not None and args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     rows, missing, preset = report(args.checkpoint, args.preset)
     width = max(len(label) for label, _ in rows)
     for label, text in rows:

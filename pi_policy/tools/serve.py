@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 
+from pi_policy.tools.errors import UsageError, existing
 from pi_policy.tools.flags import CONFIG_FLAGS, add_config_overrides, param_overrides
 
 API_KEY_ENV = "PI_POLICY_API_KEY"
@@ -38,9 +39,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pi_policy.runtime.stats import threads_text
     from pi_policy.serve.config import load_serve_config
     from pi_policy.serve.server import PolicyServer, build_serve_runner
 
+    existing(args.config, "--config")
     cfg = load_serve_config(args.config, param_overrides(args), {k: getattr(args, k) for k in SERVE_FLAGS
                                                                  if getattr(args, k) is not None})
     cfg.host = args.host if args.host is not None else cfg.host
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(port: int) -> None:
         cams = ", ".join(f"{k} -> {v}" for k, v in cfg.images.items())
-        print(f"serving {server.metadata['preset']} on {cfg.params.device} at ws://{cfg.host}:{port} "
+        print(f"serving {server.metadata['preset']} on {cfg.params.device}, {threads_text(r.threads)}, at "
+              f"ws://{cfg.host}:{port} "
               f"(health: http://{cfg.host}:{port}/healthz; API key "
               f"{'required, from $' + args.api_key_env if api_key else 'not required'})\n"
               f"  cameras: {cams}\n  state: {' + '.join(cfg.state)} ({len(cfg.params.joint_names)} values); "
@@ -84,7 +88,7 @@ def run_ray(cfg, api_key: str | None, api_key_env: str) -> int:
     from pi_policy.serve.ray_app import build_app, replica_count
 
     if not cfg.port:
-        raise ValueError("--ray needs a fixed --port (Ray Serve's proxy does not pick a free one)")
+        raise UsageError("--ray needs a fixed --port (Ray Serve's proxy does not pick a free one)")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop`, systemd: stop as Ctrl-C does

@@ -17,7 +17,6 @@ import argparse
 import gc
 import itertools
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pi_policy.runtime.choice import FUSED_DENOISE
 from pi_policy.runtime.options import PREFILL_BACKENDS, VISION_BACKENDS
 from pi_policy.runtime.spec import RunnerSpec
 from pi_policy.runtime.stats import cosine, relative_error
+from pi_policy.tools.errors import FINDING, UsageError, report
 from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, spec_from_args
 from pi_policy.tools.synthetic import sample_observations
 
@@ -48,6 +48,10 @@ INPUTS_NOTE = ("Inputs are synthetic observations; a robot's images and prompts 
 
 class VerifyError(RuntimeError):
     """The comparison itself is invalid: corrupted baseline, a candidate that silently fell back, bad input."""
+
+
+class VerifyUsageError(VerifyError, UsageError):
+    """The command line asks for no comparison, or one verify cannot make (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,8 @@ def fp8_combinations(stages: tuple[str, ...] = FP8_STAGES) -> list[Candidate]:
     """Every non-empty combination of `stages` in FP8, single stages first."""
     bad = sorted(set(stages) - set(FP8_STAGES))
     if bad or not stages:
-        raise VerifyError(f"--combinations takes stages from {', '.join(FP8_STAGES)}, "
-                          f"got {', '.join(stages) or 'none'}")
+        raise VerifyUsageError(f"--combinations takes stages from {', '.join(FP8_STAGES)}, "
+                               f"got {', '.join(stages) or 'none'}")
     stages = tuple(s for s in FP8_STAGES if s in stages)
     return [Candidate(**dict.fromkeys(combo, "fp8")) for r in range(1, len(stages) + 1)
             for combo in itertools.combinations(stages, r)]
@@ -136,23 +140,24 @@ def verify(backend: str = "fp8", spec: RunnerSpec | None = None, max_rel_error: 
     calibration = spec.fp8.calibration
     if combinations is not None:
         if (vision, backend, denoise) != ("bf16", "bf16", "bf16"):
-            raise VerifyError("give either --combinations or one candidate (--vision/--backend/--denoise), not both")
+            raise VerifyUsageError("give either --combinations or one candidate (--vision/--backend/--denoise), "
+                                   "not both")
         candidates = fp8_combinations(tuple(combinations))
     else:
         for stage, impl in (("vision", vision), ("prefill", backend), ("denoise", denoise)):
             if impl not in STAGE_CHOICES[stage]:
                 what = "candidate backend" if stage == "prefill" else f"{stage}"
-                raise VerifyError(f"unknown {what} {impl!r}; choose one of {', '.join(STAGE_CHOICES[stage])}")
+                raise VerifyUsageError(f"unknown {what} {impl!r}; choose one of {', '.join(STAGE_CHOICES[stage])}")
         candidates = [Candidate(vision, backend, denoise)]
         if not candidates[0].changed:
-            raise VerifyError("nothing to compare: the candidate is the baseline (give --backend fp8|tensorrt, "
+            raise VerifyUsageError("nothing to compare: the candidate is the baseline (give --backend fp8|tensorrt, "
                               "--vision fp8, --denoise triton|fp8 or --combinations)")
     if scales not in (None, "dynamic", "static"):
-        raise VerifyError(f"--scales must be 'dynamic' or 'static', got {scales!r}")
+        raise VerifyUsageError(f"--scales must be 'dynamic' or 'static', got {scales!r}")
     if scales == "static" and calibration:
-        raise VerifyError("give either --scales static (calibrate now) or --fp8-calibration FILE, not both")
+        raise VerifyUsageError("give either --scales static (calibrate now) or --fp8-calibration FILE, not both")
     if not (max_rel_error > 0):
-        raise VerifyError(f"--max-rel-error must be > 0, got {max_rel_error}")
+        raise VerifyUsageError(f"--max-rel-error must be > 0, got {max_rel_error}")
     quantized = any(c.vision == "fp8" or c.prefill == "fp8" for c in candidates)
     t0 = time.perf_counter()
     baseline = spec.replace(backend="bf16", denoise="bf16", vision="bf16")
@@ -285,8 +290,7 @@ def format_report(r: dict) -> str:
             f"  Relative error: {100 * c['rel_error']:.3f}% (limit {100 * r['max_rel_error']:.2f}%: {GATE})",
             f"  prefill ms: baseline {r['baseline_prefill_ms']:.3f}, candidate {c['prefill_ms']:.3f} "
             "(one call; use pi-policy bench for timings)"] + _footer(r)
-        if c["note"]:
-            lines.append(f"  note: {c['note']}")
+        # the candidate's note was logged when it was built (the JSON keeps it): not printed a second time
         lines += ["", KV_HEADING] + _kv_table(c["kv_layers"])
     else:
         lines = _header(r, f"{len(cands)} FP8 combinations") + [
@@ -352,13 +356,12 @@ def add_parser(subparsers) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     combos = None if args.combinations is None else tuple(x for x in args.combinations.split(",") if x)
     try:
-        report = verify(args.backend, spec_from_args(args, backend="bf16", denoise="bf16", vision="bf16"),
+        result = verify(args.backend, spec_from_args(args, backend="bf16", denoise="bf16", vision="bf16"),
                         args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
                         denoise=args.denoise, vision=args.vision, combinations=combos)
-    except (VerifyError, ValueError, FileNotFoundError) as e:
-        print(f"verify: ERROR: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report))
+    except VerifyError as e:  # asked for no comparison (2); the candidate did not run, or the baseline moved (1)
+        return report("verify", e)
+    print(format_report(result))
     if args.json:
-        print(f"wrote {write_report(report, args.json)}")
-    return 0 if report["passed"] else 1
+        print(f"wrote {write_report(result, args.json)}")
+    return 0 if result["passed"] else FINDING

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pi_policy.model.gemma import GemmaBlock
 from pi_policy.model.pi0 import PiModel
+from pi_policy.progress import progress_bar
 from pi_policy.runtime.choice import Implementation
 from pi_policy.runtime.prefill.calibration import load_calibration
 from pi_policy.runtime.prefill.fp8_fused import FUSED_PRODUCERS, fuse_block, unavailable
@@ -159,7 +159,7 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
     m = model.cfg.prefix_len
     layers = []
     with torch.no_grad():
-        for blk in tqdm(model.llm.layers, desc="fp8 quantize", disable=not progress, leave=False):
+        for blk in progress_bar(model.llm.layers, enabled=progress, desc="fp8 quantize", leave=False):
             keep = [name for name in QUANTIZED if name in keep_bf16 or decisions is not None and not decisions.get(
                 shape_key(m, get_module(blk, name).in_features, get_module(blk, name).out_features), True)]
             layers.append(quantize_block(blk, per_channel=per_channel, kernel=kernel, fast_accum=fast_accum,

@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
+
+from pi_policy.progress import progress_bar
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -224,7 +225,7 @@ def observe_amax(lins: dict[str, FP8Linear], run: Callable[[object], object], sa
         lin.act_scale, lin.observed_amax, lin.observing = None, None, True
     try:
         n = 0
-        for sample in tqdm(list(samples), desc=desc, disable=not progress, leave=False):
+        for sample in progress_bar(list(samples), enabled=progress, desc=desc, leave=False):
             run(sample)
             n += 1
         if n == 0:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pi_policy.model.pi0 import PiModel
+from pi_policy.progress import progress_bar
 from pi_policy.runtime.prefill.calibration import load_calibration
 from pi_policy.runtime.prefill.fp8_linear import (
     DYNAMIC,
@@ -108,7 +108,7 @@ def build_fp8_vision(model: PiModel, calibration=None, *, per_channel: bool = Fa
 
     blocks = []
     with torch.no_grad():
-        for blk in tqdm(model.vision.blocks, desc="fp8 vision quantize", disable=not progress, leave=False):
+        for blk in progress_bar(model.vision.blocks, enabled=progress, desc="fp8 vision quantize", leave=False):
             originals = {name: get_module(blk, name) for name in QUANTIZED}
             q = copy.deepcopy(blk, {id(lin): nn.Identity() for lin in originals.values()})
             for name, lin in originals.items():
