@@ -1,0 +1,88 @@
+"""Delta actions and ALOHA's joint conversion against openpi's formulas (test/openpi_reference.py), masks in openpi's
+make_bool_mask notation, and one-line errors for transforms that cannot fit the robot."""
+
+import numpy as np
+import pytest
+from openpi_reference import ROBOTS, aloha_decode_state, aloha_encode_actions, bool_mask
+
+from pi_policy.model.normalize import Normalizer, NormStats
+from pi_policy.policy_config import get_policy_config
+from pi_policy.robot_transforms import RobotTransforms, make_bool_mask, mask_dims, mask_text, parse_mask
+
+
+def test_mask_notation_is_openpis():
+    assert make_bool_mask(2, -2, 2) == (True, True, False, False, True, True)  # openpi's docstring examples
+    assert make_bool_mask(2, 0, 2) == (True,) * 4
+    assert np.array_equal(make_bool_mask(6, -1, 6, -1), bool_mask(6, -1, 6, -1))
+    assert parse_mask("6,-1,6,-1") == parse_mask("[6, -1, 6, -1]") == parse_mask("6 -1 6 -1") == (6, -1, 6, -1)
+    assert parse_mask("none") == parse_mask("") == ()
+    assert mask_dims(make_bool_mask(7, -1)) == (7, -1) and mask_dims([False, True, True]) == (-1, 2)
+    assert mask_text((6, -1, 6, -1)) == "6,-1,6,-1" and mask_text(()) == "none"
+    for bad, why in (("6,x", "whole numbers"), ("6,0,1", "0 is not a run length")):
+        with pytest.raises(ValueError, match=why):
+            parse_mask(bad)
+
+
+def test_aloha_conversion_is_openpis_adapt_to_pi():
+    rng = np.random.default_rng(0)
+    t = RobotTransforms((), "aloha")
+    state = rng.uniform(-1, 1, 14)
+    state[[6, 13]] = rng.uniform(0, 1, 2)  # gripper readings, normalized linear positions
+    np.testing.assert_allclose(t.state_in(state), aloha_decode_state(state), rtol=0, atol=1e-12)
+    actions = rng.normal(size=(10, 14))
+    np.testing.assert_allclose(t.actions_out(actions, state), aloha_encode_actions(actions), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(t.actions_in(t.actions_out(actions, state), state), actions, atol=1e-12)
+    assert t.label == "aloha conversion"
+
+
+@pytest.mark.parametrize("name", ["pi0_aloha", "pi05_aloha", "pi0_libero", "pi05_droid", "pi05_libero"])
+def test_the_runners_chain_gives_openpis_actions(name):
+    """The runner's steps (conversion, normalize; un-normalize, absolute, conversion back) with each named config's
+    transforms, for random statistics, states and model outputs: openpi's output chain, to float precision."""
+    from openpi_reference import model_state, robot_actions
+
+    cfg = get_policy_config(name)
+    rng = np.random.default_rng(1)
+    dim = 14 if "aloha" in name else 8
+    mean, std = rng.normal(size=dim), rng.uniform(0.2, 2.0, dim)
+    stats = {k: NormStats(mean + i, std, mean - 2 * std, mean + 2 * std) for i, k in enumerate(("state", "actions"))}
+    norm = Normalizer(stats, "quantile" if cfg.pi05 else "mean_std", 32, cfg.action_dim)
+    t = RobotTransforms(cfg.delta_action_mask, cfg.conversion)
+    for _ in range(5):
+        state = rng.uniform(-1, 1, dim)
+        if "aloha" in name:
+            state[[6, 13]] = rng.uniform(0, 1, 2)
+        model_out = rng.normal(size=(cfg.action_horizon, 32)).astype(np.float32)
+        converted = t.state_in(state)
+        np.testing.assert_allclose(norm.normalize_state(converted), model_state(name, state, stats), atol=1e-6)
+        ours = t.actions_out(norm.unnormalize_actions(model_out), converted)
+        theirs = robot_actions(name, model_out, state, stats)
+        assert ours.shape == theirs.shape == (cfg.action_horizon, cfg.action_dim)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert ROBOTS[name][2] is None or np.abs(theirs - robot_actions(name, model_out, state * 0, stats)).max() > 0.1
+
+
+def test_actions_in_inverts_actions_out_for_real_time_chunking():
+    rng = np.random.default_rng(2)
+    for t in (RobotTransforms((6, -1, 6, -1), "aloha"), RobotTransforms((7, -1)), RobotTransforms()):
+        state = rng.uniform(0.1, 0.9, 14)
+        actions = rng.normal(size=(5, 14 if t.conversion == "aloha" else 8))
+        back = t.actions_in(t.actions_out(actions, state), state)
+        np.testing.assert_allclose(back, actions, atol=1e-12)
+    t = RobotTransforms((2, -1, 1))
+    np.testing.assert_array_equal(t.actions_out(np.zeros((1, 5)), np.arange(1.0, 6.0)), [[1, 2, 0, 4, 0]])
+    assert t.label == "delta actions 2,-1,1" and RobotTransforms().identity and not t.identity
+
+
+def test_transforms_that_do_not_fit_the_robot_are_one_line_errors():
+    RobotTransforms((6, -1, 6, -1), "aloha").check(14, 14)
+    RobotTransforms((7, -1)).check(8, 8)
+    cases = [(RobotTransforms((), "aloha"), 8, 8, "the aloha conversion needs 14 state and action dims, got 8 state"),
+             (RobotTransforms((7, -1)), 8, 6, "makes dim 6 relative, but there are only 6 robot action dims"),
+             (RobotTransforms((9,)), 7, 9, "only 7 robot state dims")]
+    for t, state_dim, action_dim, message in cases:
+        with pytest.raises(ValueError, match=message) as e:
+            t.check(state_dim, action_dim)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="robot conversion 'trossen' is not one of none, aloha"):
+        RobotTransforms((), "trossen")
