@@ -233,10 +233,13 @@ def recorded_settings(config: dict, source: str) -> Recorded:
     return rec
 
 
-def resolve_policy(pi05: bool, preset: str, defaults: dict[str, Any], policy_config: str | None = None,
-                   recorded: Recorded | None = None, overrides: PolicyOverrides | None = None) -> PolicySettings:
-    """The runner's settings. `defaults`: the preset's action_horizon, denoise_steps, max_token_len and
-    model_action_dim."""
+def resolve_policy(preset: Any, policy_config: str | None = None, recorded: Recorded | None = None,
+                   overrides: PolicyOverrides | None = None) -> PolicySettings:
+    """The runner's settings for a model preset (pi_policy.model.config.PiConfig: its name, pi05, horizon,
+    num_steps, max_token_len and action_dim give the defaults)."""
+    pi05, defaults = preset.pi05, {"action_horizon": preset.horizon, "denoise_steps": preset.num_steps,
+                                   "max_token_len": preset.max_token_len, "model_action_dim": preset.action_dim}
+    preset = preset.name
     overrides = overrides or PolicyOverrides()
     cfg = get_policy_config(policy_config) if policy_config else None
     kind = "pi05" if pi05 else "pi0"

@@ -3,6 +3,7 @@ is read as the peer wrote it; explicit parameters override both, and a disagreem
 
 import pytest
 
+from pi_policy.model.config import get_config
 from pi_policy.policy_config import (
     CONFIGS,
     PolicyOverrides,
@@ -11,8 +12,7 @@ from pi_policy.policy_config import (
     resolve_policy,
 )
 
-PI0 = {"action_horizon": 50, "denoise_steps": 10, "max_token_len": 48, "model_action_dim": 32}
-PI05 = PI0 | {"max_token_len": 200}
+PI0, PI05, TINY = get_config("pi0"), get_config("pi05"), get_config("tiny")
 
 # From openpi's src/openpi/training/config.py (and training/misc/polaris_config.py): name -> (pi05, action_horizon,
 # max_token_len, discrete_state_input, delta mask, ALOHA adapt_to_pi, robot action dims kept by the output transform,
@@ -41,7 +41,7 @@ OPENPI = {
 @pytest.mark.parametrize("name", sorted(OPENPI))
 def test_each_named_config_sets_what_openpi_sets(name):
     pi05, horizon, tokens, state_input, mask, aloha, action_dim, asset_id, prompt = OPENPI[name]
-    s = resolve_policy(pi05, "pi05" if pi05 else "pi0", PI05 if pi05 else PI0, name)
+    s = resolve_policy(PI05 if pi05 else PI0, name)
     assert (s["action_horizon"], s["max_token_len"], s["discrete_state_input"], s["delta_action_mask"],
             s["robot_conversion"], s["action_dim"], s["denoise_steps"], s["model_action_dim"]) == \
         (horizon, tokens, state_input, mask, "aloha" if aloha else "none", action_dim, 10, 32)
@@ -56,11 +56,11 @@ def test_every_config_is_listed():
 
 
 def test_without_a_name_the_preset_decides_and_parameters_override():
-    s = resolve_policy(True, "pi05", PI05)
+    s = resolve_policy(PI05)
     assert (s["action_horizon"], s["max_token_len"], s["discrete_state_input"], s["delta_action_mask"]) == \
         (50, 200, True, ())
     assert s.settings["action_horizon"].origin == "preset pi05" and s.transforms.identity
-    s = resolve_policy(True, "pi05", PI05, "pi05_droid",
+    s = resolve_policy(PI05, "pi05_droid",
                        overrides=PolicyOverrides(action_horizon=12, denoise_steps=5, delta_action_mask=(7, -1),
                                                  discrete_state_input=False))
     assert (s["action_horizon"], s["denoise_steps"], s["delta_action_mask"], s["discrete_state_input"]) == \
@@ -74,7 +74,7 @@ def test_bad_names_kinds_and_values_are_one_line_errors():
     with pytest.raises(ValueError, match=r"unknown policy_config 'pi0_drod' \(did you mean 'pi0_droid'\?\)"):
         get_policy_config("pi0_drod")
     with pytest.raises(ValueError, match="policy_config pi05_droid is a pi05 configuration, but preset 'tiny' is pi0"):
-        resolve_policy(False, "tiny", PI0, "pi05_droid")
+        resolve_policy(TINY, "pi05_droid")
     for kwargs, message in (({"action_horizon": 0}, "action_horizon must be a whole number >= 1"),
                             ({"max_token_len": 1}, "max_token_len must be at least 2"),
                             ({"robot_conversion": "trossen"}, "robot_conversion 'trossen' is not one of"),
@@ -91,7 +91,7 @@ def lerobot_config(**extra):
 
 def test_a_lerobot_config_json_records_the_shape_and_the_relative_actions():
     rec = recorded_settings(lerobot_config(), "lerobot")
-    s = resolve_policy(True, "pi05", PI05, recorded=rec)
+    s = resolve_policy(PI05, recorded=rec)
     assert (s["action_horizon"], s["denoise_steps"], s["max_token_len"], s["action_dim"], s["delta_action_mask"]) \
         == (16, 5, 180, 8, ())
     assert s.settings["action_horizon"].origin == "config.json chunk_size" and rec.n_action_steps == 8
@@ -111,17 +111,64 @@ def test_a_lerobot_config_json_records_the_shape_and_the_relative_actions():
 def test_a_name_that_contradicts_the_checkpoint_is_an_error_a_parameter_resolves():
     rec = recorded_settings(lerobot_config(chunk_size=50, type="pi05"), "lerobot")
     with pytest.raises(ValueError) as e:
-        resolve_policy(True, "pi05", PI05, "pi05_droid", rec)
+        resolve_policy(PI05, "pi05_droid", rec)
     text = str(e.value)
     assert "action_horizon: policy_config pi05_droid sets 15, config.json chunk_size says 50" in text
     assert "max_token_len: policy_config pi05_droid sets 200, config.json tokenizer_max_length says 180" in text
     assert "\n" not in text
-    s = resolve_policy(True, "pi05", PI05, "pi05_droid", rec, PolicyOverrides(action_horizon=15, max_token_len=200))
+    s = resolve_policy(PI05, "pi05_droid", rec, PolicyOverrides(action_horizon=15, max_token_len=200))
     assert s["action_horizon"] == 15 and s.notes == (
         "action_horizon 15 replaces 50 (config.json chunk_size)",
         "max_token_len 200 replaces 180 (config.json tokenizer_max_length)")
     rec = recorded_settings(lerobot_config(), "lerobot")  # LeRobot converts no joints: not an ALOHA policy
     with pytest.raises(ValueError, match="robot_conversion: policy_config pi05_aloha sets aloha, LeRobot's pi0 / "
                                          "pi0.5 convert no joints says none"):
-        resolve_policy(True, "pi05", PI05, "pi05_aloha", rec, PolicyOverrides(action_horizon=50, max_token_len=200,
+        resolve_policy(PI05, "pi05_aloha", rec, PolicyOverrides(action_horizon=50, max_token_len=200,
                                                                               action_dim=14))
+
+
+def test_inspect_says_what_a_folder_implies_and_what_is_left_to_set(tmp_path, capsys):
+    from peers import write_lerobot_dir, write_openpi_dir
+
+    from pi_policy.model import PiModel, init_random
+    from pi_policy.tools.cli import main
+
+    tiny, tiny05 = init_random(PiModel(TINY)), init_random(PiModel(get_config("tiny05")))
+    write_lerobot_dir(init_random(PiModel(get_config("tiny05", horizon=16, num_steps=5))), tmp_path / "lerobot")
+    assert main(["inspect", str(tmp_path / "lerobot")]) == 0
+    out = capsys.readouterr().out
+    for line in ("policy      action_horizon 16 (config.json chunk_size)", "denoise_steps 5 (config.json "
+                 "num_inference_steps)", "delta_action_mask none (LeRobot before 0.5 has no relative actions)",
+                 "action_dim 14 (config.json output_features)", "missing     nothing: ready"):
+        assert line in out, line
+    assert "to set" not in out  # LeRobot's processors record every transform
+
+    write_openpi_dir(tiny, tmp_path / "openpi", asset_id="trossen")
+    assert main(["inspect", str(tmp_path / "openpi")]) == 0
+    out = capsys.readouterr().out
+    assert "to set      openpi does not store delta actions, ALOHA's joint conversion or the horizon in a checkpoint" \
+        in out and "the asset id of its statistics, trossen, fits pi0_aloha, pi0_aloha_towel" in out
+    assert main(["inspect", str(tmp_path / "openpi"), "--policy-config", "pi0_aloha"]) == 0
+    out = capsys.readouterr().out
+    for line in ("delta_action_mask 6,-1,6,-1 (policy_config pi0_aloha)", "robot_conversion aloha (policy_config "
+                 "pi0_aloha)", "action_dim 14 (policy_config pi0_aloha)", "to set" not in out,
+                 f"run with    preset: tiny, checkpoint: {tmp_path / 'openpi'}, policy_config: pi0_aloha"):
+        assert line is True or line in out, line
+    # the conversion's config.json records horizon 50; pi0_droid trains 10: the folder is not pi0_droid's
+    assert main(["inspect", str(tmp_path / "openpi"), "--policy-config", "pi0_droid"]) == 1
+    out = capsys.readouterr().out
+    assert "action_horizon: policy_config pi0_droid sets 10, config.json action_horizon says 50" in out
+    assert "note        policy_config pi0_droid reads assets/droid/norm_stats.json, which is not here" in out
+
+    # openpi's LIBERO statistics sit under a two-part asset id; several ids: the named configuration picks its own
+    write_openpi_dir(tiny05, tmp_path / "libero", state_dim=8, asset_id="physical-intelligence/libero")
+    write_openpi_dir(tiny05, tmp_path / "libero", state_dim=9, asset_id="other")
+    assert main(["inspect", str(tmp_path / "libero")]) == 1
+    assert "several norm_stats.json (assets/other/norm_stats.json, assets/physical-intelligence/libero/norm_stats" \
+        in capsys.readouterr().out
+    (tmp_path / "libero" / "config.json").unlink()
+    assert main(["inspect", str(tmp_path / "libero"), "--policy-config", "pi05_libero"]) == 0
+    out = capsys.readouterr().out
+    assert "physical-intelligence/libero/norm_stats.json: openpi formulas, quantile (the preset default), state 8" \
+        in out
+    assert "action_horizon 10 (policy_config pi05_libero)" in out and "discrete_state_input False" in out
