@@ -98,7 +98,7 @@ def accuracy(model, experts: dict, cases=("all_cameras", "missing_camera"), fp32
 def check_preset(preset: str, args, out: Path) -> None:
     res = RESULTS.setdefault(preset, {})
     t0 = time.perf_counter()
-    model = build_model(preset, device=DEVICE, seed=0)
+    model = build_model(preset=preset, device=DEVICE, seed=0)
     if args.steps:
         model.cfg = dataclasses.replace(model.cfg, num_steps=args.steps)
     res["build_s"] = time.perf_counter() - t0
