@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pi_policy.robot_transforms import CONVERSIONS, RobotTransforms, make_bool_mask, mask_dims, mask_text
+from pi_policy.robot_transforms import CONVERSIONS, RobotTransforms, make_bool_mask, mask_dims, mask_text, parse_mask
 
 # What openpi's output transforms keep of the 32 model dims, per robot family.
 ALOHA_ACTIONS, DROID_ACTIONS, LIBERO_ACTIONS = 14, 8, 7
@@ -100,6 +100,27 @@ def get_policy_config(name: str) -> PolicyConfig:
     return CONFIGS[name]
 
 
+# -- parameter and flag text -> setting values (None: auto, left to the named config, the checkpoint, the preset) --
+AUTO = "auto"
+STATE_INPUTS = (AUTO, "true", "false")
+
+
+def state_input_value(text: str) -> bool | None:
+    if text not in STATE_INPUTS:
+        raise ValueError(f"discrete_state_input '{text}' is not one of {', '.join(STATE_INPUTS)} (quote it in YAML)")
+    return None if text == AUTO else text == "true"
+
+
+def mask_value(text: str) -> tuple[int, ...] | None:
+    return None if str(text).strip() == AUTO else parse_mask(text)
+
+
+def conversion_value(text: str) -> str | None:
+    if text != AUTO and text not in CONVERSIONS:
+        raise ValueError(f"robot_conversion '{text}' is not one of {AUTO}, {', '.join(CONVERSIONS)}")
+    return None if text == AUTO else text
+
+
 # -- the settings ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Setting:
@@ -123,17 +144,24 @@ class PolicyOverrides:
     robot_conversion: str | None = None
     action_dim: int | None = None
 
-    def __post_init__(self) -> None:
+    def problems(self) -> list[str]:
+        out = []
         for name in ("action_horizon", "denoise_steps", "max_token_len", "action_dim"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
-        if self.max_token_len is not None and self.max_token_len < 2:
-            raise ValueError(f"max_token_len must be at least 2 (BOS and one token), got {self.max_token_len}")
+                out.append(f"{name} must be a whole number >= 1, got {v!r}")
+            elif name == "max_token_len" and v is not None and v < 2:
+                out.append(f"max_token_len must be at least 2 (BOS and one token), got {v}")
+        if self.discrete_state_input is not None and not isinstance(self.discrete_state_input, bool):
+            out.append(f"discrete_state_input must be true or false, got {self.discrete_state_input!r}")
         if self.robot_conversion is not None and self.robot_conversion not in CONVERSIONS:
-            raise ValueError(f"robot_conversion {self.robot_conversion!r} is not one of {', '.join(CONVERSIONS)}")
+            out.append(f"robot_conversion {self.robot_conversion!r} is not one of {', '.join(CONVERSIONS)}")
         if self.delta_action_mask is not None:
-            RobotTransforms(tuple(self.delta_action_mask))
+            try:
+                RobotTransforms(tuple(self.delta_action_mask))
+            except (ValueError, TypeError) as e:
+                out.append(str(e))
+        return out
 
 
 @dataclass(frozen=True)
@@ -241,6 +269,8 @@ def resolve_policy(preset: Any, policy_config: str | None = None, recorded: Reco
                                    "max_token_len": preset.max_token_len, "model_action_dim": preset.action_dim}
     preset = preset.name
     overrides = overrides or PolicyOverrides()
+    if overrides.problems():
+        raise ValueError("; ".join(overrides.problems()))
     cfg = get_policy_config(policy_config) if policy_config else None
     kind = "pi05" if pi05 else "pi0"
     if cfg is not None and cfg.pi05 != pi05:

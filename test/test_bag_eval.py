@@ -322,3 +322,13 @@ def test_tiny_model_end_to_end(bags):
     tr = ev.first.trace
     assert len(ev.first.evaluated) == 2 and np.isfinite(tr.predicted).all()
     assert set(tr.latency_ms) >= set(STAGES) and (tr.latency_ms["total"] > 0).all()
+
+
+def test_eval_bag_replays_a_named_config_with_its_horizon(bags, tmp_path):
+    """eval-bag --policy-config pi05_libero on the demo bag (7 joints): the real tiny runner predicts 10-step chunks
+    of 7 actions, scored step by step."""
+    out = tmp_path / "report"
+    assert main(["eval-bag", str(bags["mcap"]), "--config", CONFIG, "--preset", "tiny05", "--policy-config",
+                 "pi05_libero", "--max-ticks", "2", "--min-scored", "0", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["backends"]["bf16"]
+    assert len(metrics["mae_by_step"]) == 10 and metrics["ticks"] == 2

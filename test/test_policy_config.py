@@ -79,8 +79,9 @@ def test_bad_names_kinds_and_values_are_one_line_errors():
                             ({"max_token_len": 1}, "max_token_len must be at least 2"),
                             ({"robot_conversion": "trossen"}, "robot_conversion 'trossen' is not one of"),
                             ({"delta_action_mask": (6, 0)}, "run lengths must be non-zero")):
+        assert message in PolicyOverrides(**kwargs).problems()[0]
         with pytest.raises(ValueError, match=message):
-            PolicyOverrides(**kwargs)
+            resolve_policy(PI0, overrides=PolicyOverrides(**kwargs))
 
 
 def lerobot_config(**extra):

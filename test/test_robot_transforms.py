@@ -86,3 +86,45 @@ def test_transforms_that_do_not_fit_the_robot_are_one_line_errors():
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="robot conversion 'trossen' is not one of none, aloha"):
         RobotTransforms((), "trossen")
+
+
+RUNNER_CASES = {"pi0_aloha": ("tiny", 14, 14), "pi05_droid": ("tiny05", 8, 8), "pi05_libero": ("tiny05", 8, 7)}
+
+
+@pytest.mark.parametrize("name", sorted(RUNNER_CASES))
+def test_a_runner_with_a_named_config_answers_what_openpis_chain_gives(name, tmp_path):
+    """build_runner with policy_config: the chunk's shape is the config's, the state the model gets and the actions
+    the robot gets are openpi's (test/openpi_reference.py) for random statistics, states and model outputs."""
+    from openpi_reference import model_state, robot_actions
+    from peers import random_stats
+
+    from pi_policy.model.normalize import save_norm_stats
+    from pi_policy.observation import Observation
+    from pi_policy.runtime import build_runner
+    from pi_policy.runtime.spec import RunnerSpec
+
+    preset, state_dim, action_dim = RUNNER_CASES[name]
+    stats = {"state": random_stats(state_dim, 1), "actions": random_stats(action_dim, 2)}
+    save_norm_stats(tmp_path / "norm_stats.json", stats)
+    runner = build_runner(RunnerSpec(preset=preset, policy_config=name, norm_stats=str(tmp_path / "norm_stats.json"),
+                                     progress=False))
+    cfg = get_policy_config(name)
+    assert (runner.horizon, runner.action_dim, runner.cfg.max_token_len) == (cfg.action_horizon, action_dim, 200
+                                                                            if cfg.pi05 else 48)
+    rng = np.random.default_rng(3)
+    tokens = []
+    for _ in range(3):
+        state = stats["state"].mean + stats["state"].std * rng.normal(size=state_dim)
+        if name == "pi0_aloha":
+            state[[6, 13]] = rng.uniform(0, 1, 2)
+        images = {c: rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for c in runner.camera_names}
+        noise = rng.normal(size=(cfg.action_horizon, 32)).astype(np.float32)
+        out = runner.infer(Observation(images, state, "pick up the cup"), noise).actions
+        raw = runner.buf.actions[0].numpy()  # the model's output, before un-normalization
+        assert out.shape == (cfg.action_horizon, action_dim) and out.dtype == np.float32
+        np.testing.assert_allclose(out, robot_actions(name, raw, state, stats), rtol=1e-5, atol=1e-5)
+        if not cfg.pi05:
+            np.testing.assert_allclose(runner.buf.state[0].numpy(), model_state(name, state, stats), atol=1e-6)
+        tokens.append(runner.buf.tokens[0].numpy().copy())
+    same = all(np.array_equal(t, tokens[0]) for t in tokens)
+    assert same == (name != "pi05_droid")  # pi05_droid writes the state into the prompt; pi05_libero does not

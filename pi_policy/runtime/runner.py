@@ -26,6 +26,7 @@ from pi_policy.model.pi0 import PiModel
 from pi_policy.model.preprocess import pixels_to_model, resize_with_pad_tensor, to_rgb_uint8
 from pi_policy.model.rtc import RTCInputs, prefix_weights
 from pi_policy.observation import STAGES, LatencyRecord, Observation, PolicyOutput
+from pi_policy.robot_transforms import RobotTransforms
 from pi_policy.runtime.choice import StageChoice, fall_back, notes, uncompiled
 from pi_policy.runtime.options import RTCSettings
 from pi_policy.runtime.timer import StageTimer
@@ -84,11 +85,14 @@ class PolicyRunner:
 
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, cameras: CameraSet,
                  choices: dict[str, StageChoice], *, prefill: PrefillFn | None = None,
-                 denoise: Callable | None = None, seed: int = 0, rtc: RTCSettings | None = None):
+                 denoise: Callable | None = None, seed: int = 0, rtc: RTCSettings | None = None,
+                 transforms: RobotTransforms | None = None):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
         self.tokenizer, self.normalizer = tokenizer, normalizer
+        self.transforms = transforms or RobotTransforms()  # delta actions, joint conversion: around the normalizer
+        self._state = np.zeros(0)  # the observation's state as the model's statistics describe it (converted)
         self.cameras = cameras
         self.camera_names = list(cameras.served)
         if len(self.camera_names) != cfg.num_cameras:
@@ -244,7 +248,8 @@ class PolicyRunner:
                 h["images"][0, i] = img
             else:  # full-size frames are resized on the device, as part of the vision stage
                 self._to_resize.append((i, torch.from_numpy(np.ascontiguousarray(img)).to(self.device)))
-        state = self.normalizer.normalize_state(np.asarray(obs.state), pad=False)
+        self._state = self.transforms.state_in(obs.state)
+        state = self.normalizer.normalize_state(self._state, pad=False)
         h["state"][0] = 0.0
         h["state"][0, : state.size] = state
         tokens, mask = self._tokenize(obs.prompt, state)
@@ -280,7 +285,7 @@ class PolicyRunner:
                 raise ValueError(f"delay must be a whole number of control periods >= 0, got {delay!r}")
             n = min(len(prev), self.horizon)
         if n:
-            h["prev"][0, :n] = self.normalizer.normalize_actions(prev[:n])
+            h["prev"][0, :n] = self.normalizer.normalize_actions(self.transforms.actions_in(prev[:n], self._state))
             w = prefix_weights(int(delay), self.rtc.execution_horizon, n, self.rtc.prefix_schedule)
             h["prev_weights"][:n, : self.action_dim] = w[:, None].numpy()  # padded action dims are never pulled
         h["max_weight"][...] = self.rtc.max_guidance_weight
@@ -290,7 +295,7 @@ class PolicyRunner:
     def _tokenize(self, prompt: str, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        if self.cfg.pi05:  # the state is part of the prompt
+        if self.tokenizer.kind == "pi05":  # the state is part of the prompt (pi0.5 with discrete state input)
             return self.tokenizer.tokenize(prompt, state)
         if self._token_cache is None or self._token_cache[0] != prompt:
             self._token_cache = (prompt, *self.tokenizer.tokenize(prompt))
@@ -323,6 +328,8 @@ class PolicyRunner:
         stages_ms = self.run_stages()
         self.buf.host_actions.copy_(self.buf.actions)
         actions = self.normalizer.unnormalize_actions(self.buf.host_actions[0].numpy())
+        if not self.transforms.identity:  # absolute on the delta dims, then the robot's joint convention
+            actions = self.transforms.actions_out(actions, self._state).astype(np.float32)
         host_ms = (time.perf_counter() - t0) * 1e3
         return PolicyOutput(actions, LatencyRecord(stages_ms, host_ms, dict(self.backends), prep_ms))
 

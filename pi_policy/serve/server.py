@@ -31,6 +31,7 @@ import websockets
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
 
 from pi_policy.observation import Observation, Policy, PolicyOutput
+from pi_policy.policy_config import CONFIGS as POLICY_CONFIGS
 from pi_policy.serve.config import ServeConfig
 from pi_policy.serve.keymap import to_observation
 from pi_policy.serve.protocol import pack, unpack
@@ -62,6 +63,13 @@ class PolicyServer:
                 "horizon": r.horizon, "action_dim": r.action_dim, "camera_names": list(r.camera_names),
                 "images": dict(self.cfg.images), "state": list(self.cfg.state), "prompt_key": self.cfg.prompt,
                 "joint_names": list(p.joint_names), "backends": dict(r.backends)}
+        named = POLICY_CONFIGS.get(p.policy_config)
+        if named is not None:  # what openpi's server sends for this config (ALOHA's client reads reset_pose)
+            meta["policy_config"] = named.name
+            meta |= {"reset_pose": list(named.reset_pose)} if named.reset_pose else {}
+        transforms = getattr(r, "transforms", None)
+        if transforms is not None and not transforms.identity:
+            meta["transforms"] = transforms.label
         return meta | self.cfg.metadata
 
     # -- the handshake hook: health check and API key -------------------------------------------
