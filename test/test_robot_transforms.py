@@ -128,3 +128,27 @@ def test_a_runner_with_a_named_config_answers_what_openpis_chain_gives(name, tmp
         tokens.append(runner.buf.tokens[0].numpy().copy())
     same = all(np.array_equal(t, tokens[0]) for t in tokens)
     assert same == (name != "pi05_droid")  # pi05_droid writes the state into the prompt; pi05_libero does not
+
+
+def test_real_time_chunking_continues_a_chunk_through_the_transforms(tmp_path):
+    """The executing chunk goes back to the model through the inverse chain (conversion back, deltas from the new
+    state, normalize): with inpainting, the steps executed before the new chunk arrives come out in robot units as
+    they went in."""
+    from peers import random_stats
+
+    from pi_policy.model.normalize import save_norm_stats
+    from pi_policy.observation import Observation
+    from pi_policy.runtime import build_runner
+    from pi_policy.runtime.options import RTCSettings
+    from pi_policy.runtime.spec import RunnerSpec
+
+    save_norm_stats(tmp_path / "norm_stats.json", {"state": random_stats(14, 1), "actions": random_stats(14, 2)})
+    runner = build_runner(RunnerSpec(preset="tiny", policy_config="pi0_aloha", progress=False, warmup=False,
+                                     norm_stats=str(tmp_path / "norm_stats.json"), rtc=RTCSettings("inpaint")))
+    rng = np.random.default_rng(5)
+    state = rng.uniform(0.1, 0.9, 14)
+    obs = Observation({c: rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for c in runner.camera_names}, state, "")
+    prev = runner.infer(obs).actions[5:]  # the rest of the chunk being executed, in the robot's units
+    out = runner.infer(Observation(obs.images, state + 0.05, ""), prev_chunk=prev, delay=4).actions
+    np.testing.assert_allclose(out[:4], prev[:4], rtol=1e-4, atol=1e-4)
+    assert np.abs(out[4:10] - prev[4:10]).max() > 1e-3  # the rest is the new plan

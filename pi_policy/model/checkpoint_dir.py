@@ -168,18 +168,14 @@ def preset_fits(path: str | Path, action_dim: int | None = None) -> dict[str, tu
 
 
 def config_mismatches(ck: CheckpointDir, cfg: PiConfig) -> list[str]:
-    """Where the trainer's config.json (LeRobot's) disagrees with the preset the weights are run with."""
+    """Where the trainer's config.json (LeRobot's) disagrees with the preset the weights are run with. (The
+    horizon, denoise steps, prompt length and action width it records are settings: pi_policy.policy_config.)"""
     c, out = ck.config, []
     if ck.source != "lerobot" or not c:
         return out
     kind = "pi05" if cfg.pi05 else "pi0"
     if c.get("type") in LEROBOT_TYPES and c["type"] != kind:
         out.append(f"config.json says a {c['type']} policy, the preset {cfg.name!r} is {kind}")
-    for key, ours, what in (("chunk_size", cfg.horizon, "horizon"), ("tokenizer_max_length", cfg.max_token_len,
-                            "prompt tokens"), ("num_inference_steps", cfg.num_steps, "denoise steps"),
-                            ("max_action_dim", cfg.action_dim, "action dims")):
-        if key in c and c[key] != ours:
-            out.append(f"config.json {key} is {c[key]}, the preset's {what} {ours}")
     res = c.get("image_resolution")
     if isinstance(res, list) and res and res[0] != cfg.vision.image_size:
         out.append(f"config.json image_resolution is {res}, the preset's images are {cfg.vision.image_size}")
