@@ -188,7 +188,7 @@ def layer_inputs(fe: FusedExpert, cache, pad, state):
 def launches(fe: FusedExpert, role: str, cache, bufs, pad8, cos, sin, tiles=None):
     """One launch of a kernel role per layer, on that layer's weights (so nothing stays in L2)."""
     e, tab = fe.cfg.expert, fe.schedule(fe.cfg.num_steps)
-    tiles = tiles or (kernels.TILES["attn"] if role == "attn" else kernels.tiles_for(role, fe.fp8[role]))
+    tiles = tiles or (kernels.TILES["attn"] if role == "attn" else kernels.TILES[role])
     ad = fe.cfg.pi05
     x, qkv, ss, attn, h = (bufs[k] for k in ("x", "qkv", "ss", "attn", "h"))
 
