@@ -173,3 +173,37 @@ def test_inspect_says_what_a_folder_implies_and_what_is_left_to_set(tmp_path, ca
     assert "physical-intelligence/libero/norm_stats.json: openpi formulas, quantile (the preset default), state 8" \
         in out
     assert "action_horizon 10 (policy_config pi05_libero)" in out and "discrete_state_input False" in out
+
+
+def test_parameters_and_flags_give_the_same_policy_settings():
+    import argparse
+
+    from pi_policy.node.params import ParamError, params_from_dict
+    from pi_policy.tools.flags import add_model_arguments, spec_from_args
+
+    params = params_from_dict({"preset": "tiny05", "device": "cpu", "joint_names": ["a"], "policy_config": "pi05_aloha",
+                               "action_horizon": 12, "denoise_steps": 4, "max_token_len": 64,
+                               "discrete_state_input": "false", "delta_action_mask": "6,-1,6,-1",
+                               "robot_conversion": "none", "action_dim": 14})
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny05", "--device", "cpu", "--policy-config", "pi05_aloha",
+                              "--action-horizon", "12", "--denoise-steps", "4", "--max-token-len", "64",
+                              "--discrete-state-input", "false", "--delta-action-mask", "6,-1,6,-1",
+                              "--robot-conversion", "none"])
+    assert spec_from_args(args, action_dim=14).replace(progress=True) == params.runner_spec()
+    defaults = params_from_dict({"preset": "tiny", "joint_names": ["a"]}).runner_spec()
+    assert (defaults.policy_config, defaults.action_horizon, defaults.discrete_state_input, defaults.delta_action_mask,
+            defaults.robot_conversion) == (None, None, None, None, None)
+    with pytest.raises(ParamError) as e:
+        params_from_dict({"preset": "tiny", "joint_names": ["a"], "policy_config": "pi05_droid",
+                          "denoise_steps": -1})
+    text = str(e.value)
+    assert "policy_config pi05_droid is a pi05 configuration, but preset tiny is pi0" in text
+    assert "denoise_steps must be a whole number >= 1, got -1" in text
+    for values, message in (({"discrete_state_input": "no"}, "discrete_state_input 'no' is not one of auto, true"),
+                            ({"delta_action_mask": "6;-1"}, "expected whole numbers in openpi's make_bool_mask"),
+                            ({"robot_conversion": "trossen"}, "robot_conversion 'trossen' is not one of auto, none"),
+                            ({"policy_config": "pi0_alhoa"}, "did you mean 'pi0_aloha'")):
+        with pytest.raises(ParamError, match=message):
+            params_from_dict({"preset": "tiny", "joint_names": ["a"]} | values)
