@@ -152,3 +152,15 @@ def test_real_time_chunking_continues_a_chunk_through_the_transforms(tmp_path):
     out = runner.infer(Observation(obs.images, state + 0.05, ""), prev_chunk=prev, delay=4).actions
     np.testing.assert_allclose(out[:4], prev[:4], rtol=1e-4, atol=1e-4)
     assert np.abs(out[4:10] - prev[4:10]).max() > 1e-3  # the rest is the new plan
+
+
+def test_a_given_model_keeps_its_shape_and_refuses_settings_that_change_it():
+    from pi_policy.model import PiModel, get_config, init_random
+    from pi_policy.runtime import build_runner
+
+    model = init_random(PiModel(get_config("tiny", horizon=12, num_steps=3)))
+    runner = build_runner(model=model, progress=False, warmup=False)
+    assert (runner.horizon, runner.policy.settings["action_horizon"].origin) == (12, "preset tiny")
+    with pytest.raises(ValueError, match="the model is built for horizon 12, num_steps 3.* the settings say horizon "
+                                         "10, num_steps 3"):
+        build_runner(model=model, policy_config="pi0_droid", progress=False, warmup=False)

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from pi_policy.model import PiModel, cast_for_inference, get_config, init_random
+from pi_policy.model import PiConfig, PiModel, cast_for_inference, get_config, init_random
 from pi_policy.model.checkpoint import load_checkpoint
 from pi_policy.model.checkpoint_dir import find_checkpoint, resolve_assets
 from pi_policy.model.normalize import Normalizer, default_mode
@@ -60,7 +60,7 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     FP8 static scales computed in this process (sample prefixes), in place of the spec's calibration file.
     """
     spec = (spec or RunnerSpec()).replace(**changes).validate()
-    policy = policy_settings(spec)
+    policy = policy_settings(spec, model.cfg if model is not None else None)
     for note in policy.notes:  # explicit settings that replace what the checkpoint records
         log.warning("checkpoint %s: %s", spec.checkpoint, note)
     if model is not None and model.cfg.num_cameras != spec.num_cameras:
@@ -101,14 +101,14 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     return runner
 
 
-def policy_settings(spec: RunnerSpec) -> PolicySettings:
+def policy_settings(spec: RunnerSpec, base: PiConfig | None = None) -> PolicySettings:
     """The policy around the model (horizon, denoise steps, prompt length, state input, delta actions, joint
     conversion, robot action dims): the spec's explicit settings, its named config and what the checkpoint
-    records, over the preset's defaults (pi_policy.policy_config)."""
+    records, over the defaults of `base` (a model's config; default: the spec's preset) (pi_policy.policy_config)."""
     recorded = find_checkpoint(spec.checkpoint).recorded() if spec.checkpoint else None
     if recorded is not None and recorded.problems:
         raise ValueError(f"checkpoint {spec.checkpoint}: " + "; ".join(recorded.problems))
-    return resolve_policy(get_config(spec.preset), spec.policy_config, recorded, spec.policy_overrides())
+    return resolve_policy(base or get_config(spec.preset), spec.policy_config, recorded, spec.policy_overrides())
 
 
 def settle(choice: StageChoice, built: Implementation) -> StageChoice:
