@@ -164,3 +164,25 @@ def test_a_given_model_keeps_its_shape_and_refuses_settings_that_change_it():
     with pytest.raises(ValueError, match="the model is built for horizon 12, num_steps 3.* the settings say horizon "
                                          "10, num_steps 3"):
         build_runner(model=model, policy_config="pi0_droid", progress=False, warmup=False)
+
+
+def test_a_batch_of_robots_each_get_their_own_states_transforms(tmp_path):
+    """infer_batch (pi-policy serve's batching): each row is made absolute with its own robot's state, and equals
+    that robot's chunk alone."""
+    from peers import random_stats
+
+    from pi_policy.model.normalize import save_norm_stats
+    from pi_policy.observation import Observation
+    from pi_policy.runtime import build_runner
+    from pi_policy.runtime.spec import RunnerSpec
+
+    save_norm_stats(tmp_path / "norm_stats.json", {"state": random_stats(14, 1), "actions": random_stats(14, 2)})
+    runner = build_runner(RunnerSpec(preset="tiny", policy_config="pi0_aloha", progress=False, warmup=False,
+                                     norm_stats=str(tmp_path / "norm_stats.json"), batch_sizes=(1, 4)))
+    rng = np.random.default_rng(6)
+    observations = [Observation({c: rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for c in runner.camera_names},
+                                rng.uniform(0.1, 0.9, 14), "") for _ in range(3)]
+    noises = [rng.normal(size=(50, 32)).astype(np.float32) for _ in observations]
+    batched = runner.infer_batch(observations, noises)
+    for obs, noise, out in zip(observations, noises, batched, strict=True):
+        np.testing.assert_allclose(out.actions, runner.infer(obs, noise).actions, rtol=1e-4, atol=1e-4)

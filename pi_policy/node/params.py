@@ -1,7 +1,8 @@
 """Every parameter of the pi_policy node, declared once as data (default, ROS type, description), and the checker
 for ROS 2 parameter files that applies the node's own rules.
 
-Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array", "double_array". A double
+Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array", "double_array",
+"integer_array". A double
 (or a double array) written with integers (`10` for `10.0`) is that double, as ROS users write them (the node
 accepts it too, although rclpy alone would not); an unknown name (a typo) is an error, here and in the node.
 Empty lists cannot be written in a parameter file; leave the parameter out to keep its default.
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
+from pi_policy.model.config import PRESETS
+from pi_policy.node.compressed import DEFAULT_MAX_SIDE, MAX_SIDE_LIMIT
 from pi_policy.policy_config import CONFIGS as POLICY_CONFIGS
 from pi_policy.policy_config import conversion_value, mask_value, state_input_value
 from pi_policy.runtime.options import RTCSettings, parse_delay
@@ -25,8 +28,9 @@ from pi_policy.runtime.spec import RunnerSpec
 
 NODE_NAME = "pi_policy_node"
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
-              "list[str]": "string_array", "list[float]": "double_array"}
+              "list[str]": "string_array", "list[float]": "double_array", "list[int]": "integer_array"}
 STREAM_TYPES = ("float64_array", "joint_state")
+QOS_RELIABILITY = ("best_effort", "reliable")
 
 
 def _p(default, doc: str):
@@ -75,6 +79,10 @@ class NodeParams:
                                        "none; auto.")
     seed: int = _p(0, "Seed for random weights and the denoising noise.")
     warmup: bool = _p(True, "Warm up (and capture CUDA graphs) while configuring, before serving.")
+    batch_sizes: list[int] = _p([1], "Batch sizes the runner has buffers and CUDA graphs for (1 is always among "
+                                     "them): the node serves one robot; pi-policy serve runs several robots' "
+                                     "requests at once (left at [1], its serve section's max_batch sets 1, 2, 4, "
+                                     "... up to it).")
     # inputs
     camera_names: list[str] = _p(list(DEFAULT_CAMERAS),
                                  "Model camera name of each subscribed camera (parallel to camera_topics).")
@@ -84,6 +92,14 @@ class NodeParams:
                                   "as sensor_msgs/CompressedImage, any other as sensor_msgs/Image.")
     required_cameras: list[str] = _p([], "Cameras without which a tick is skipped; empty = all. Others are "
                                          "masked out when missing or stale.")
+    camera_qos_reliability: str = _p("best_effort", "Camera subscriptions' reliability: best_effort (sensor data: "
+                                                    "lost frames are not resent) or reliable (the cameras must "
+                                                    "publish reliable too). Large images: use /compressed topics.")
+    camera_qos_depth: int = _p(5, "Camera subscriptions' queue depth (frames kept per camera until the node "
+                                  "reads them; the node uses the latest).")
+    max_image_side: int = _p(DEFAULT_MAX_SIDE, f"Largest width or height of a camera image, raw or compressed "
+                                               f"(at most {MAX_SIDE_LIMIT}); a JPEG or PNG declaring more is refused "
+                                               "before it is decoded.")
     joint_names: list[str] = _p([], "Joint names in the model's state order, looked up by name.")
     joint_state_topic: str = _p("joint_states", "sensor_msgs/JointState topic.")
     prompt: str = _p("", "Task instruction given to the policy.")
@@ -143,7 +159,7 @@ class NodeParams:
             self.prompt = POLICY_CONFIGS[self.policy_config].default_prompt
         if not self.joint_names:
             problems.append("joint_names is empty: list the robot's joints in the model's state order")
-        if not self.checkpoint and not self.preset.startswith("tiny"):
+        if not self.checkpoint and self.preset in PRESETS and not self.preset.startswith("tiny"):
             problems.append(f"checkpoint is empty: a {self.preset} with random weights must not drive a "
                             "robot (set checkpoint, or use preset tiny for a demo)")
         positive = ("max_observation_age_s", "control_period_s", "latency_budget_ms")
@@ -160,6 +176,13 @@ class NodeParams:
             parse_delay(self.inference_delay_steps)
         except ValueError as e:
             problems.append(f"inference_delay_steps: {e}")
+        if self.camera_qos_reliability not in QOS_RELIABILITY:
+            problems.append(f"camera_qos_reliability '{self.camera_qos_reliability}' is not one of "
+                            f"{', '.join(QOS_RELIABILITY)}")
+        if not self.camera_qos_depth >= 1:
+            problems.append(f"camera_qos_depth must be >= 1, got {self.camera_qos_depth}")
+        if not 1 <= self.max_image_side <= MAX_SIDE_LIMIT:
+            problems.append(f"max_image_side must be in 1..{MAX_SIDE_LIMIT}, got {self.max_image_side}")
         if self.action_stream_type not in STREAM_TYPES:
             problems.append(f"action_stream_type '{self.action_stream_type}' is not one of {', '.join(STREAM_TYPES)}")
         if self.safe_action and len(self.safe_action) != len(self.outputs()):
@@ -196,7 +219,7 @@ class NodeParams:
                           delta_action_mask=mask_value(self.delta_action_mask),
                           robot_conversion=conversion_value(self.robot_conversion), device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
-                          rtc=self.rtc_settings(), warmup=self.warmup)
+                          rtc=self.rtc_settings(), warmup=self.warmup, batch_sizes=tuple(self.batch_sizes))
 
 
 def is_compressed_topic(topic: str) -> bool:
@@ -242,9 +265,12 @@ def _check_type(p: Param, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise bad("a finite number")
-    elif p.type in ("string_array", "double_array"):
+    elif p.type in ("string_array", "double_array", "integer_array"):
         if p.type == "string_array" and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise bad("a list of strings")
+        if p.type == "integer_array" and (not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise bad("a list of integers")
         if p.type == "double_array":
             numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                       for v in value)

@@ -94,7 +94,8 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
         if c.note:
             log.warning(c.note)
     runner = PolicyRunner(model, tok, normalizer, spec.cameras, choices, prefill=prefill.fn,
-                          denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc, transforms=transforms)
+                          denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc, batch_sizes=spec.batch_sizes,
+                          transforms=transforms)
     runner.spec, runner.policy = spec, policy
     if spec.warmup:
         runner.warmup(progress=spec.progress)

@@ -37,6 +37,14 @@ class Flag:
     to_spec: Callable[[Any], Any] | None = None
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are comma-separated whole numbers, got {text!r}") from None
+
+
 MODEL_FLAGS = (
     Flag("--preset", "preset", "preset", f"model preset: {', '.join(PRESETS)}"),
     Flag("--checkpoint", "checkpoint", "checkpoint",
@@ -55,6 +63,9 @@ MODEL_FLAGS = (
          "denoise backend: auto (the fused Triton expert on a GPU, PyTorch elsewhere or with real-time chunking), "
          "bf16 (the PyTorch expert), triton or fp8 (the fused expert, bf16 or FP8 weights)", choices=DENOISE_BACKENDS),
     Flag("--engine", "engine_path", "engine_path", "TensorRT engine for --backend tensorrt"),
+    Flag("--batch-sizes", "batch_sizes", "batch_sizes",
+         "comma-separated batch sizes the runner has buffers and CUDA graphs for (1 is always among them), e.g. "
+         "1,2,4,8: infer_batch runs several robots' observations at once", type=parse_batch_sizes),
     Flag("--policy-config", "policy_config", "policy_config",
          f"openpi training config the checkpoint was trained with: {', '.join(POLICY_CONFIGS)}"),
     Flag("--action-horizon", "action_horizon", "action_horizon", "action steps per chunk (default: the policy "
