@@ -24,7 +24,7 @@ from pi_policy.node.compressed import DEFAULT_MAX_SIDE, MAX_SIDE_LIMIT
 from pi_policy.policy_config import CONFIGS as POLICY_CONFIGS
 from pi_policy.policy_config import conversion_value, mask_value, state_input_value
 from pi_policy.runtime.options import RTCSettings, parse_delay
-from pi_policy.runtime.spec import RunnerSpec
+from pi_policy.runtime.spec import FP8Options, RunnerSpec
 
 NODE_NAME = "pi_policy_node"
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
@@ -60,6 +60,11 @@ class NodeParams:
                                       "bf16 (the PyTorch action expert, compiled on CUDA), triton (fused Triton "
                                       "expert) or fp8 (fused, FP8 expert weights); a fused one that cannot run falls "
                                       "back to bf16 with a warning.")
+    vision_backend: str = _p("bf16", "Vision backend: bf16 (the SigLIP tower as the model runs it) or fp8 (its "
+                                     "linears and the projector in FP8). Verify FP8 with your checkpoint first: "
+                                     "pi-policy verify --combinations (docs/fp8.md).")
+    fp8_calibration: str = _p("", "Static FP8 activation scales for the fp8 prefill and vision, written by "
+                                  "pi-policy calibrate; empty = dynamic scales, one per tensor.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")
@@ -155,6 +160,8 @@ class NodeParams:
             problems += self.runner_spec().problems()  # the cameras, the model and its backends
         except ValueError as e:  # RTC settings, the policy settings' text
             problems.append(str(e))
+        if self.fp8_calibration and "fp8" not in (self.backend, self.vision_backend):
+            problems.append("fp8_calibration is set, but neither backend nor vision_backend is fp8")
         if not self.prompt and self.policy_config in POLICY_CONFIGS:  # openpi's InjectDefaultPrompt
             self.prompt = POLICY_CONFIGS[self.policy_config].default_prompt
         if not self.joint_names:
@@ -219,6 +226,7 @@ class NodeParams:
                           delta_action_mask=mask_value(self.delta_action_mask),
                           robot_conversion=conversion_value(self.robot_conversion), device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
+                          vision=self.vision_backend, fp8=FP8Options(calibration=self.fp8_calibration or None),
                           rtc=self.rtc_settings(), warmup=self.warmup, batch_sizes=tuple(self.batch_sizes))
 
 
