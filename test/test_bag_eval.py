@@ -341,3 +341,13 @@ def test_the_image_size_limit_applies_to_bag_frames(bags):
     assert "JPEG image (declared in its header) is 128x96, larger than max_image_side 64" in compressed["examples"][0]
     assert "image is 128x96, larger than max_image_side 64" in topics["/cam_high/image_raw"]["examples"][0]
     assert m["ticks"]["evaluated"] == 0
+
+
+def test_eval_bag_replays_a_named_config_with_its_horizon(bags, tmp_path):
+    """eval-bag --policy-config pi05_libero on the demo bag (7 joints): the real tiny runner predicts 10-step chunks
+    of 7 actions, scored step by step."""
+    out = tmp_path / "report"
+    assert main(["eval-bag", str(bags["mcap"]), "--config", CONFIG, "--preset", "tiny05", "--policy-config",
+                 "pi05_libero", "--max-ticks", "2", "--min-scored", "0", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["backends"]["bf16"]
+    assert len(metrics["mae_by_step"]) == 10 and metrics["ticks"] == 2

@@ -131,3 +131,34 @@ def test_bench_compares_bf16_and_fp8_vision(tmp_path, capsys):
     assert backends["fp8+vision-bf16"]["backends"]["vision"] == "float32-eager"
     assert backends["fp8+vision-fp8"]["backends"]["vision"] == "fp8-eager"
     assert 0 < backends["fp8+vision-fp8"]["accuracy_vs_fp8+vision-bf16"]["relative_error"] < 0.03
+
+
+def test_bench_takes_the_policy_settings_and_builds_for_their_shapes(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--iters", "1", "--backend", "eager",
+                 "--policy-config", "pi0_droid", "--denoise-steps", "4", "--max-token-len", "32",
+                 "--json", str(path)]) == 0
+    workload = json.loads(path.read_text())["workload"]
+    assert (workload["horizon"], workload["denoise_steps"], workload["prompt_tokens"]) == (10, 4, 32)
+
+
+def test_the_policy_flags_become_spec_fields_and_node_parameters(capsys):
+    import argparse
+
+    from pi_policy.tools.flags import add_config_overrides, add_model_arguments, param_overrides, spec_from_args
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    args = p.parse_args(["--preset", "tiny05", "--policy-config", "pi05_aloha", "--delta-action-mask", "6,-1,6",
+                         "--discrete-state-input", "false", "--robot-conversion", "none", "--action-horizon", "12"])
+    spec = spec_from_args(args)
+    assert (spec.policy_config, spec.delta_action_mask, spec.discrete_state_input, spec.robot_conversion,
+            spec.action_horizon, spec.denoise_steps) == ("pi05_aloha", (6, -1, 6), False, "none", 12, None)
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--policy-config", "pi05_droid"]) == 2
+    assert "policy_config pi05_droid is a pi05 configuration, but preset tiny is pi0" in capsys.readouterr().err
+    p = argparse.ArgumentParser()
+    add_config_overrides(p, ("--policy-config", "--action-horizon"))
+    args = p.parse_args(["--policy-config", "pi0_droid", "--set", "delta_action_mask=7,-1", "--set",
+                         "discrete_state_input='false'"])
+    assert param_overrides(args) == {"policy_config": "pi0_droid", "delta_action_mask": "7,-1",
+                                     "discrete_state_input": "false"}

@@ -371,3 +371,29 @@ def test_with_the_real_tiny_runner():
     assert all(np.isfinite(p.positions).all() and len(p.positions) == 2 for p in r.trajectory.points)
     for key in LATENCY_KEYS + BACKEND_KEYS:
         assert kv[key] not in ("", "n/a", "unknown"), key
+
+
+def test_a_named_config_shapes_what_the_node_publishes():
+    """policy_config pi0_droid through the node's own wiring (params -> runner spec -> runner -> logic): the robot
+    gets 10-step chunks of 8 actions, on the trajectory and the raw chunk, and an empty prompt parameter is the
+    config's default prompt where it has one."""
+    runtime = pytest.importorskip("pi_policy.runtime")
+    from pi_policy.node.params import params_from_dict
+
+    joints = [f"panda_joint{i}" for i in range(1, 8)] + ["gripper"]
+    params = params_from_dict({"preset": "tiny", "device": "cpu", "policy_config": "pi0_droid", "joint_names": joints,
+                               "camera_names": CAMS[:2], "camera_topics": ["ext", "wrist"], "prompt": "wipe",
+                               "latency_budget_ms": 1e6})
+    runner = runtime.build_runner(params.runner_spec().replace(progress=False))
+    logic = PolicyNodeLogic.from_params(params, runner, FACTORY)
+    for cam in CAMS[:2]:
+        logic.assembler.set_image(cam, 1.0, np.zeros((48, 64, 3), np.uint8))
+    logic.assembler.set_joints(1.0, np.linspace(-1, 1, 8))
+    r = logic.tick(1.05)
+    assert r.level == "OK", r.message
+    assert r.output.actions.shape == (10, 8) and len(r.trajectory.points) == 10
+    assert [d.size for d in r.raw.layout.dim] == [10, 8]
+    towel = params_from_dict({"preset": "tiny", "policy_config": "pi0_aloha_towel", "joint_names": ["a"]})
+    assert towel.prompt == "fold the towel"
+    assert params_from_dict({"preset": "tiny", "policy_config": "pi0_aloha_towel", "joint_names": ["a"],
+                             "prompt": "fold the shirt"}).prompt == "fold the shirt"

@@ -31,7 +31,7 @@ WebsocketClientPolicy = pytest.importorskip(
 ).WebsocketClientPolicy
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"preset": "tiny", "checkpoint": "", "norm_stats": "", "tokenizer": "", "device": "cpu", "threads": 1}
-HORIZON, MODEL_DIM = 50, 32
+MODEL_DIM = 32
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +42,8 @@ def _one_thread():
     torch.set_num_threads(2)
 
 
-def config(name: str):
-    cfg = load_serve_config(ROOT / "config" / f"serve_{name}.yaml", TINY)
+def config(name: str, **params):
+    cfg = load_serve_config(ROOT / "config" / f"serve_{name}.yaml", TINY | params)
     cfg.host, cfg.port = "127.0.0.1", 0
     cfg.max_clients = 64  # openpi's client has no close(): the tests' clients stay connected until the module ends
     return cfg
@@ -68,8 +68,8 @@ def rng_image(rng, *shape):
     return rng.integers(0, 256, shape, dtype=np.uint8)
 
 
-def noise(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((HORIZON, MODEL_DIM)).astype(np.float32)
+def noise(seed: int, horizon: int = 50) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((horizon, MODEL_DIM)).astype(np.float32)
 
 
 # Requests as openpi's example clients build them, and the observation each one means, written out by hand.
@@ -102,33 +102,35 @@ def libero_request(rng):
     return request, Observation({"base_0_rgb": img, "left_wrist_0_rgb": wrist}, state, "open the drawer")
 
 
-LAYOUTS = {"aloha": (aloha_request, 14), "droid": (droid_request, 8), "libero": (libero_request, 7)}
+# each profile's request and the (horizon, action dims) of its policy_config: pi0_aloha_towel, pi0_droid, pi0_libero
+LAYOUTS = {"aloha": (aloha_request, 50, 14), "droid": (droid_request, 10, 8), "libero": (libero_request, 50, 7)}
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_openpi_client_gets_metadata_and_the_direct_runner_actions(name):
     cfg = config(name)
-    make_request, action_dim = LAYOUTS[name]
+    make_request, horizon, action_dim = LAYOUTS[name]
     request, obs = make_request(np.random.default_rng(0))
     direct = make_runner(cfg)
     with serving(cfg) as server:
         client = WebsocketClientPolicy("127.0.0.1", server.port)
         meta = client.get_server_metadata()
         assert meta["server"] == "pi_policy" and meta["preset"] == "tiny"
-        assert meta["horizon"] == HORIZON and meta["action_dim"] == action_dim
+        assert meta["horizon"] == horizon and meta["action_dim"] == action_dim
         assert meta["images"] == cfg.images and meta["state"] == cfg.state
         for i in range(2):
-            reply = client.infer(request | {"noise": noise(i)})
-            expected = direct.infer(obs, noise(i)).actions
-            assert reply["actions"].shape == (HORIZON, action_dim) and reply["actions"].dtype == np.float32
+            reply = client.infer(request | {"noise": noise(i, horizon)})
+            expected = direct.infer(obs, noise(i, horizon)).actions
+            assert reply["actions"].shape == (horizon, action_dim) and reply["actions"].dtype == np.float32
             np.testing.assert_array_equal(reply["actions"], expected)
         for key in ("infer_ms", "prep_ms", "total_ms", *(f"{s}_ms" for s in STAGES)):
             assert reply["policy_timing"][key] > 0
         for key in ("infer_ms", "queue_ms", "decode_ms", "prev_total_ms"):
             assert reply["server_timing"][key] >= 0
         assert reply["server_timing"]["prev_total_ms"] > 0  # the previous request's round trip was measured
-    if name == "aloha":
-        assert meta["reset_pose"] == [0.0, -1.5, 1.5, 0.0, 0.0, 0.0]  # the config's extra metadata
+    if name == "aloha":  # what openpi's server sends for pi0_aloha_towel; its ALOHA client reads reset_pose
+        assert meta["reset_pose"] == [0.0, -1.5, 1.5, 0.0, 0.0, 0.0] and meta["policy_config"] == "pi0_aloha_towel"
+        assert meta["transforms"] == "delta actions 6,-1,6,-1 + aloha conversion"
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +403,7 @@ def test_the_command_serves_until_sigterm():
         assert line.startswith("serving tiny on cpu, 1 CPU thread, at ws://127.0.0.1:"), line + proc.stderr.read()
         port = int(line.split("ws://127.0.0.1:")[1].split()[0])
         reply = WebsocketClientPolicy("127.0.0.1", port).infer(droid_request(np.random.default_rng(0))[0])
-        assert reply["actions"].shape == (50, 8)
+        assert reply["actions"].shape == (10, 8)
         with connect(f"ws://127.0.0.1:{port}", compression=None) as ws:  # connected when the server is stopped
             ws.recv()
             proc.send_signal(signal.SIGTERM)
@@ -415,3 +417,61 @@ def test_the_command_serves_until_sigterm():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_openpis_droid_example_runs_unchanged_against_the_droid_profile():
+    """examples/droid/main.py's loop as openpi ships it: its request (images resized with openpi_client's
+    image_tools, 7 joint positions, a 1-element gripper position, the instruction), its shape assertion, then its
+    chunk stepping (8 actions per query), gripper binarization and clipping."""
+    from openpi_client import image_tools
+
+    cfg = config("droid")
+    rng = np.random.default_rng(7)
+    with serving(cfg) as server:
+        policy_client = WebsocketClientPolicy("127.0.0.1", server.port)
+        actions_from_chunk_completed, pred_action_chunk, queries = 0, None, 0
+        for _ in range(12):
+            curr_obs = {"left_image": rng_image(rng, 720, 1280, 3), "wrist_image": rng_image(rng, 720, 1280, 3),
+                        "joint_position": rng.uniform(-2, 2, 7), "gripper_position": np.array([rng.uniform(0, 1)])}
+            if actions_from_chunk_completed == 0 or actions_from_chunk_completed >= 8:
+                actions_from_chunk_completed = 0
+                request_data = {
+                    "observation/exterior_image_1_left": image_tools.resize_with_pad(curr_obs["left_image"], 224, 224),
+                    "observation/wrist_image_left": image_tools.resize_with_pad(curr_obs["wrist_image"], 224, 224),
+                    "observation/joint_position": curr_obs["joint_position"],
+                    "observation/gripper_position": curr_obs["gripper_position"],
+                    "prompt": "put the marker in the cup",
+                }
+                pred_action_chunk = policy_client.infer(request_data)["actions"]
+                queries += 1
+                assert pred_action_chunk.shape == (10, 8)
+            action = pred_action_chunk[actions_from_chunk_completed]
+            actions_from_chunk_completed += 1
+            action = np.concatenate([action[:-1], np.ones((1,)) if action[-1].item() > 0.5 else np.zeros((1,))])
+            action = np.clip(action, -1, 1)
+            assert action.shape == (8,) and np.isfinite(action).all()
+        assert queries == 2 and server.inferences == 2
+
+
+def test_the_aloha_profile_answers_what_openpis_pi0_aloha_chain_gives(tmp_path):
+    """Delta joints made absolute and ALOHA's adapt_to_pi, through openpi's own client: the reply is openpi's output
+    chain (test/openpi_reference.py) applied to the model's raw output, for the state the client sent."""
+    from openpi_reference import robot_actions
+    from peers import random_stats
+
+    from pi_policy.model.normalize import save_norm_stats
+
+    stats = {"state": random_stats(14, 5), "actions": random_stats(14, 6)}
+    save_norm_stats(tmp_path / "norm_stats.json", stats)
+    cfg = config("aloha", norm_stats=str(tmp_path / "norm_stats.json"))
+    rng = np.random.default_rng(8)
+    with serving(cfg) as server:
+        client = WebsocketClientPolicy("127.0.0.1", server.port)
+        for _ in range(2):
+            request, _ = aloha_request(rng)
+            request["state"][[6, 13]] = rng.uniform(0, 1, 2)  # gripper positions, normalized as Aloha sends them
+            reply = client.infer(request)["actions"]
+            raw = server.runner.buf.actions[0].numpy()  # the model's output for this request
+            expected = robot_actions("pi0_aloha", raw, request["state"], stats)
+            assert reply.shape == (50, 14)
+            np.testing.assert_allclose(reply, expected, rtol=1e-5, atol=1e-5)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from pi_policy.policy_config import Recorded, recorded_settings
 
 from .checkpoint import (
     LM_HEAD,
@@ -63,13 +65,26 @@ class CheckpointDir:
     stats_file: Path | None = None
     tokenizer: Path | None = None
     notes: list[str] = field(default_factory=list)  # what is missing or ambiguous beside the weights
+    stats_files: list[Path] = field(default_factory=list)  # every openpi norm_stats.json found
+
+    def asset_ids(self) -> list[str]:
+        """openpi's asset ids of the statistics found (assets/<asset_id>/norm_stats.json)."""
+        return [f.parent.relative_to(self.root / "assets").as_posix() for f in self.stats_files
+                if (self.root / "assets") in f.parents]
+
+    def stats_for(self, asset_id: str | None) -> Path | None:
+        """The statistics a named configuration reads (assets/<asset_id>/), else the one found."""
+        if asset_id is not None and (self.root / "assets" / asset_id / "norm_stats.json") in self.stats_files:
+            return self.root / "assets" / asset_id / "norm_stats.json"
+        return self.stats_file
+
+    def recorded(self) -> Recorded:
+        """The policy settings its config.json records (LeRobot's policy config, openpi's conversion config)."""
+        return recorded_settings(self.config, self.source)
 
     @property
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.weights)
-
-    def statistics(self) -> Statistics | None:
-        return None if self.stats_file is None else load_statistics(self.stats_file)
 
 
 def _header(files: list[Path]) -> tuple[list[str], set[str]]:
@@ -110,14 +125,15 @@ def find_checkpoint(path: str | Path) -> CheckpointDir:
                          "there (older checkpoints: convert with LeRobot's migrate_policy_normalization)")
     else:
         source = "openpi"
-        found = [f for f in [root / "norm_stats.json", *sorted(root.glob("assets/*/norm_stats.json"))] if f.is_file()]
+        # assets/<asset_id>/norm_stats.json; an asset id may hold a slash (physical-intelligence/libero)
+        found = [f for f in [root / "norm_stats.json", *sorted(root.glob("assets/**/norm_stats.json"))] if f.is_file()]
         evidence = ", ".join(str(f.relative_to(root)) for f in found) or (
             "config.json of an openpi conversion" if "paligemma_variant" in config else
             "no LeRobot processor files or config beside the weights")
         stats = found[0] if len(found) == 1 else None
         if len(found) > 1:
             notes.append(f"several norm_stats.json ({', '.join(str(f.relative_to(root)) for f in found)}): "
-                         "set norm_stats to the one of your robot")
+                         "set norm_stats to the one of your robot, or policy_config to pick its asset id")
         elif not found:
             notes.append("no norm_stats.json beside the weights (openpi keeps it in assets/<asset_id>/)")
     tokenizer = next((t for t in tokenizer_candidates(root) if t.is_file()), None)
@@ -126,7 +142,8 @@ def find_checkpoint(path: str | Path) -> CheckpointDir:
         layout="lerobot" if names and all(k.startswith("model.") for k in names) else "openpi",
         num_tensors=len(names), dtypes=sorted(dtypes),
         tied_lm_head=TIED[0][0] not in canonical and LM_HEAD in canonical,
-        config=config, stats_file=stats, tokenizer=tokenizer, notes=notes)
+        config=config, stats_file=stats, tokenizer=tokenizer, notes=notes, stats_files=found if source == "openpi"
+        else [])
 
 
 def load_statistics(path: str | Path) -> Statistics:
@@ -138,29 +155,27 @@ def load_statistics(path: str | Path) -> Statistics:
     return load_openpi_stats(p)
 
 
-def preset_fits(path: str | Path) -> dict[str, tuple[list[str], list[str], list[str]]]:
-    """Preset name -> (missing, unexpected, mis-shaped) keys of the checkpoint against it; from headers only."""
+def preset_fits(path: str | Path, action_dim: int | None = None) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """Preset name -> (missing, unexpected, mis-shaped) keys of the checkpoint against it; from headers only.
+    `action_dim`: the model's action width where the checkpoint records one other than the presets' 32."""
     found = read_checkpoint(path, shapes_only=True)
     fits = {}
     for name, cfg in PRESETS.items():
         with torch.device("meta"):
-            fits[name] = compare_shapes(expected_shapes(PiModel(cfg)), found)
+            model = PiModel(replace(cfg, action_dim=action_dim) if action_dim else cfg)
+            fits[name] = compare_shapes(expected_shapes(model), found)
     return fits
 
 
 def config_mismatches(ck: CheckpointDir, cfg: PiConfig) -> list[str]:
-    """Where the trainer's config.json (LeRobot's) disagrees with the preset the weights are run with."""
+    """Where the trainer's config.json (LeRobot's) disagrees with the preset the weights are run with. (The
+    horizon, denoise steps, prompt length and action width it records are settings: pi_policy.policy_config.)"""
     c, out = ck.config, []
     if ck.source != "lerobot" or not c:
         return out
     kind = "pi05" if cfg.pi05 else "pi0"
     if c.get("type") in LEROBOT_TYPES and c["type"] != kind:
         out.append(f"config.json says a {c['type']} policy, the preset {cfg.name!r} is {kind}")
-    for key, ours, what in (("chunk_size", cfg.horizon, "horizon"), ("tokenizer_max_length", cfg.max_token_len,
-                            "prompt tokens"), ("num_inference_steps", cfg.num_steps, "denoise steps"),
-                            ("max_action_dim", cfg.action_dim, "action dims")):
-        if key in c and c[key] != ours:
-            out.append(f"config.json {key} is {c[key]}, the preset's {what} {ours}")
     res = c.get("image_resolution")
     if isinstance(res, list) and res and res[0] != cfg.vision.image_size:
         out.append(f"config.json image_resolution is {res}, the preset's images are {cfg.vision.image_size}")
@@ -184,13 +199,19 @@ class Assets:
 
 
 def resolve_assets(cfg: PiConfig, checkpoint: str | None = None, norm_stats: str | None = None,
-                   tokenizer: str | None = None, prompt_format: str = "auto", require: bool = True) -> Assets:
-    """Explicit parameters win; what is missing is taken from beside the checkpoint. With a checkpoint and
+                   tokenizer: str | None = None, prompt_format: str = "auto", require: bool = True,
+                   asset_id: str | None = None) -> Assets:
+    """Explicit parameters win; what is missing is taken from beside the checkpoint (openpi's statistics under
+    assets/<asset_id>/ when a named configuration gives the id and several are there). With a checkpoint and
     `require`, missing statistics (and, beyond the tiny presets, a missing tokenizer) are an error."""
     if prompt_format not in ("auto", *PROMPT_FORMATS):
         raise ValueError(f"prompt_format must be auto, {' or '.join(PROMPT_FORMATS)}; got {prompt_format!r}")
     ck = find_checkpoint(checkpoint) if checkpoint else None
-    stats = load_statistics(norm_stats) if norm_stats else ck.statistics() if ck else None
+    found = ck.stats_for(asset_id) if ck else None
+    if ck and asset_id and found is not None and asset_id not in ck.asset_ids() and ck.source == "openpi":
+        log.warning("checkpoint %s: the named configuration reads assets/%s/norm_stats.json, which is not there; "
+                    "using %s", checkpoint, asset_id, found.relative_to(ck.root))
+    stats = load_statistics(norm_stats) if norm_stats else load_statistics(found) if found else None
     if ck and stats is None and require:
         why = "; ".join(ck.notes) or "none found"
         raise ValueError(f"checkpoint {checkpoint} has no normalization statistics ({why}). Set norm_stats to "

@@ -22,6 +22,8 @@ import yaml
 from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
 from pi_policy.model.config import PRESETS
 from pi_policy.node.compressed import DEFAULT_MAX_SIDE, MAX_SIDE_LIMIT
+from pi_policy.policy_config import CONFIGS as POLICY_CONFIGS
+from pi_policy.policy_config import conversion_value, mask_value, state_input_value
 from pi_policy.runtime.options import RTCSettings, parse_delay
 from pi_policy.runtime.spec import FP8Options, RunnerSpec
 
@@ -67,7 +69,20 @@ class NodeParams:
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")
-    action_dim: int = _p(0, "Robot action dims (unpadded); 0 = the model's.")
+    action_dim: int = _p(0, "Robot action dims (unpadded); 0 = policy_config's, else the statistics'.")
+    # the policy around the model (README: Use your checkpoint); auto / 0: policy_config's, else the checkpoint's
+    # config.json, else the preset's
+    policy_config: str = _p("", "openpi training config the checkpoint was trained with (pi0_aloha, pi05_droid, "
+                                "pi05_libero, ...): sets the settings below as openpi does; empty = none.")
+    action_horizon: int = _p(0, "Action steps per chunk; 0 = auto.")
+    denoise_steps: int = _p(0, "Flow-matching denoise steps (fewer run faster); 0 = auto.")
+    max_token_len: int = _p(0, "Prompt length in tokens; 0 = auto.")
+    discrete_state_input: str = _p("auto", "pi0.5: write the state into the prompt, 'true' or 'false' (quoted); "
+                                           "auto.")
+    delta_action_mask: str = _p("auto", "Action dims predicted relative to the state, in openpi's make_bool_mask "
+                                        "notation ('6,-1,6,-1'), or none; auto.")
+    robot_conversion: str = _p("auto", "Joint convention conversion in and out: aloha (openpi's adapt_to_pi) or "
+                                       "none; auto.")
     seed: int = _p(0, "Seed for random weights and the denoising noise.")
     threads: int = _p(0, "PyTorch CPU threads; 0 = a quarter of the usable cores, 1 to 4 (more threads stall when "
                          "other programs share the cores).")
@@ -146,10 +161,12 @@ class NodeParams:
                 problems.append(f"{what} has an empty entry")
         try:
             problems += self.runner_spec().problems()  # the cameras, the model and its backends
-        except ValueError as e:  # RTC settings
+        except ValueError as e:  # RTC settings, the policy settings' text
             problems.append(str(e))
         if self.fp8_calibration and "fp8" not in (self.backend, self.vision_backend):
             problems.append("fp8_calibration is set, but neither backend nor vision_backend is fp8")
+        if not self.prompt and self.policy_config in POLICY_CONFIGS:  # openpi's InjectDefaultPrompt
+            self.prompt = POLICY_CONFIGS[self.policy_config].default_prompt
         if not self.joint_names:
             problems.append("joint_names is empty: list the robot's joints in the model's state order")
         if not self.checkpoint and self.preset in PRESETS and not self.preset.startswith("tiny"):
@@ -205,7 +222,12 @@ class NodeParams:
         """The runner these parameters describe (raises ValueError for bad RTC settings; validate() lists all)."""
         return RunnerSpec(preset=self.preset, checkpoint=self.checkpoint or None, norm_stats=self.norm_stats or None,
                           tokenizer=self.tokenizer or None, prompt_format=self.prompt_format, seed=self.seed,
-                          cameras=self.camera_set(), action_dim=self.action_dim or None, device=self.device,
+                          cameras=self.camera_set(), action_dim=self.action_dim or None,
+                          policy_config=self.policy_config or None, action_horizon=self.action_horizon or None,
+                          denoise_steps=self.denoise_steps or None, max_token_len=self.max_token_len or None,
+                          discrete_state_input=state_input_value(self.discrete_state_input),
+                          delta_action_mask=mask_value(self.delta_action_mask),
+                          robot_conversion=conversion_value(self.robot_conversion), device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
                           vision=self.vision_backend, fp8=FP8Options(calibration=self.fp8_calibration or None),
                           rtc=self.rtc_settings(), threads=self.threads, warmup=self.warmup,

@@ -7,11 +7,12 @@ import logging
 
 import torch
 
-from pi_policy.model import PiModel, cast_for_inference, get_config, init_random
+from pi_policy.model import PiConfig, PiModel, cast_for_inference, get_config, init_random
 from pi_policy.model.checkpoint import load_checkpoint
-from pi_policy.model.checkpoint_dir import resolve_assets
+from pi_policy.model.checkpoint_dir import find_checkpoint, resolve_assets
 from pi_policy.model.normalize import Normalizer, default_mode
 from pi_policy.model.tokenizer import load_tokenizer
+from pi_policy.policy_config import PolicySettings, resolve_policy
 from pi_policy.runtime.choice import Implementation, StageChoice, fall_back, plan_stages
 from pi_policy.runtime.expert import make_denoise
 from pi_policy.runtime.prefill import make_prefill
@@ -42,7 +43,7 @@ def build_model(spec: RunnerSpec | None = None, *, dtype: torch.dtype | None = N
     """
     spec = (spec or RunnerSpec()).replace(**changes).validate()
     apply_threads(spec.threads)  # random init and checkpoint conversion run on the CPU too
-    cfg = get_config(spec.preset, num_cameras=spec.num_cameras)
+    cfg = get_config(spec.preset, num_cameras=spec.num_cameras, **policy_settings(spec).model_overrides())
     dev = resolve_device(spec.device)
     with torch.device(dev):
         model = PiModel(cfg)
@@ -64,17 +65,28 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     """
     spec = (spec or RunnerSpec()).replace(**changes).validate()
     threads = apply_threads(spec.threads)
+    policy = policy_settings(spec, model.cfg if model is not None else None)
+    for note in policy.notes:  # explicit settings that replace what the checkpoint records
+        log.warning("checkpoint %s: %s", spec.checkpoint, note)
     if model is not None and model.cfg.num_cameras != spec.num_cameras:
         raise ValueError(f"the model is built for {model.cfg.num_cameras} cameras, the runner would serve "
                          f"{list(spec.cameras.served)}")
-    cfg = model.cfg if model is not None else get_config(spec.preset)
+    shape = policy.model_overrides()
+    if model is not None and any(getattr(model.cfg, k) != v for k, v in shape.items()):
+        raise ValueError(f"the model is built for {', '.join(f'{k} {getattr(model.cfg, k)}' for k in shape)}; the "
+                         f"settings say {', '.join(f'{k} {v}' for k, v in shape.items())}")
+    cfg = model.cfg if model is not None else get_config(spec.preset, **shape)
+    asset_id = policy.config.asset_id if policy.config else None
     assets = resolve_assets(cfg, spec.checkpoint, spec.norm_stats, spec.tokenizer, spec.prompt_format,
-                            spec.require_assets)
+                            spec.require_assets, asset_id)
     model = model or build_model(spec)
     cfg = model.cfg
     kind = "pi05" if cfg.pi05 else "pi0"
-    normalizer = Normalizer.from_statistics(assets.statistics, default_mode(kind), cfg.action_dim, spec.action_dim)
-    tok = load_tokenizer(assets.tokenizer, cfg.vocab_size, cfg.max_token_len, kind, assets.prompt_format,
+    normalizer = Normalizer.from_statistics(assets.statistics, default_mode(kind), cfg.action_dim, policy["action_dim"])
+    transforms = policy.transforms
+    transforms.check(normalizer.state_dim, normalizer.action_dim)
+    prompt_kind = "pi05" if cfg.pi05 and policy["discrete_state_input"] else "pi0"  # pi05_libero: no state in it
+    tok = load_tokenizer(assets.tokenizer, cfg.vocab_size, cfg.max_token_len, prompt_kind, assets.prompt_format,
                          assets.state_pad)
     on_gpu = next(model.parameters()).device.type == "cuda"
     choices = plan_stages(spec, on_gpu, "bf16" if model.dtype == torch.bfloat16 else
@@ -89,11 +101,22 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
         if c.note:
             log.warning(c.note)
     runner = PolicyRunner(model, tok, normalizer, spec.cameras, choices, vision=vision.fn, prefill=prefill.fn,
-                          denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc, batch_sizes=spec.batch_sizes)
-    runner.spec, runner.threads = spec, threads
+                          denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc, batch_sizes=spec.batch_sizes,
+                          transforms=transforms)
+    runner.spec, runner.threads, runner.policy = spec, threads, policy
     if spec.warmup:
         runner.warmup(progress=spec.progress)
     return runner
+
+
+def policy_settings(spec: RunnerSpec, base: PiConfig | None = None) -> PolicySettings:
+    """The policy around the model (horizon, denoise steps, prompt length, state input, delta actions, joint
+    conversion, robot action dims): the spec's explicit settings, its named config and what the checkpoint
+    records, over the defaults of `base` (a model's config; default: the spec's preset) (pi_policy.policy_config)."""
+    recorded = find_checkpoint(spec.checkpoint).recorded() if spec.checkpoint else None
+    if recorded is not None and recorded.problems:
+        raise ValueError(f"checkpoint {spec.checkpoint}: " + "; ".join(recorded.problems))
+    return resolve_policy(base or get_config(spec.preset), spec.policy_config, recorded, spec.policy_overrides())
 
 
 def settle(choice: StageChoice, built: Implementation) -> StageChoice:

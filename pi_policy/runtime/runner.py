@@ -31,6 +31,7 @@ from pi_policy.model.preprocess import pixels_to_model, resize_with_pad_tensor, 
 from pi_policy.model.rtc import RTCInputs, prefix_weights
 from pi_policy.observation import STAGES, LatencyRecord, Observation, PolicyOutput
 from pi_policy.progress import progress_bar
+from pi_policy.robot_transforms import RobotTransforms
 from pi_policy.runtime.choice import StageChoice, fall_back, notes, uncompiled
 from pi_policy.runtime.options import RTCSettings
 from pi_policy.runtime.timer import StageTimer
@@ -107,6 +108,7 @@ class Bucket:
             "prefill": lambda: runner._prefill(self.buf), "denoise": lambda: runner._denoise(self.buf)}
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.to_resize: list[tuple[int, int, torch.Tensor]] = []  # (row, camera, full-size frame on the device)
+        self.states: dict[int, np.ndarray] = {}  # row -> its state as the model's statistics describe it (converted)
 
 
 class PolicyRunner:
@@ -122,11 +124,12 @@ class PolicyRunner:
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, cameras: CameraSet,
                  choices: dict[str, StageChoice], *, vision: Callable | None = None, prefill: PrefillFn | None = None,
                  denoise: Callable | None = None, seed: int = 0, rtc: RTCSettings | None = None,
-                 batch_sizes: tuple[int, ...] = (1,)):
+                 batch_sizes: tuple[int, ...] = (1,), transforms: RobotTransforms | None = None):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
         self.tokenizer, self.normalizer = tokenizer, normalizer
+        self.transforms = transforms or RobotTransforms()  # delta actions, joint conversion: around the normalizer
         self.cameras = cameras
         self.camera_names = list(cameras.served)
         if len(self.camera_names) != cfg.num_cameras:
@@ -275,7 +278,7 @@ class PolicyRunner:
         """Validate each observation and stage it in its row of the bucket's buffers; the rows after them are
         padding (nothing valid to attend to). RowError names the first invalid observation."""
         b, h = bucket.buf, bucket.buf.host_np
-        bucket.to_resize = []
+        bucket.to_resize, bucket.states = [], {}
         for row, (obs, noise) in enumerate(zip(observations, noises, strict=True)):
             try:
                 self._stage_row(bucket, row, obs, noise)
@@ -311,7 +314,8 @@ class PolicyRunner:
                 h["images"][row, i] = img
             else:  # full-size frames are resized on the device, as part of the vision stage
                 bucket.to_resize.append((row, i, torch.from_numpy(np.ascontiguousarray(img)).to(self.device)))
-        state = self.normalizer.normalize_state(np.asarray(obs.state), pad=False)
+        bucket.states[row] = self.transforms.state_in(obs.state)
+        state = self.normalizer.normalize_state(bucket.states[row], pad=False)
         h["state"][row] = 0.0
         h["state"][row, : state.size] = state
         tokens, mask = self._tokenize(obs.prompt, state)
@@ -341,7 +345,8 @@ class PolicyRunner:
                 raise ValueError(f"delay must be a whole number of control periods >= 0, got {delay!r}")
             n = min(len(prev), self.horizon)
         if n:
-            h["prev"][0, :n] = self.normalizer.normalize_actions(prev[:n])
+            state = self.buckets[1].states[0]  # the observation's, staged just before
+            h["prev"][0, :n] = self.normalizer.normalize_actions(self.transforms.actions_in(prev[:n], state))
             w = prefix_weights(int(delay), self.rtc.execution_horizon, n, self.rtc.prefix_schedule)
             h["prev_weights"][:n, : self.action_dim] = w[:, None].numpy()  # padded action dims are never pulled
         h["max_weight"][...] = self.rtc.max_guidance_weight
@@ -351,7 +356,7 @@ class PolicyRunner:
     def _tokenize(self, prompt: str, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        if self.cfg.pi05:  # the state is part of the prompt
+        if self.tokenizer.kind == "pi05":  # the state is part of the prompt (pi0.5 with discrete state input)
             return self.tokenizer.tokenize(prompt, state)
         if prompt not in self._token_cache:  # a fleet's robots may each have their own task
             if len(self._token_cache) >= TOKEN_CACHE:
@@ -386,9 +391,17 @@ class PolicyRunner:
         prep_ms = (time.perf_counter() - t0) * 1e3
         stages_ms = self.run_stages()
         self.buf.host_actions.copy_(self.buf.actions)
-        actions = self.normalizer.unnormalize_actions(self.buf.host_actions[0].numpy())
+        actions = self._robot_actions(self.buf.host_actions[0].numpy(), self.buckets[1].states[0])
         host_ms = (time.perf_counter() - t0) * 1e3
         return PolicyOutput(actions, LatencyRecord(stages_ms, host_ms, dict(self.backends), prep_ms))
+
+    def _robot_actions(self, model_actions: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """The model's actions for one robot in its units: un-normalized, then absolute on the delta dims (adding
+        the converted state) and back in the robot's joint convention."""
+        actions = self.normalizer.unnormalize_actions(model_actions)
+        if self.transforms.identity:
+            return actions
+        return self.transforms.actions_out(actions, state).astype(np.float32)
 
     def bucket_for(self, n: int) -> int:
         """The batch size that runs n observations: the smallest bucket that holds them."""
@@ -416,7 +429,7 @@ class PolicyRunner:
         stages_ms = self.run_stages(bucket.batch)
         b = bucket.buf
         b.host_actions.copy_(b.actions)
-        actions = [self.normalizer.unnormalize_actions(b.host_actions[row].numpy()) for row in range(n)]
+        actions = [self._robot_actions(b.host_actions[row].numpy(), bucket.states[row]) for row in range(n)]
         host_ms = (time.perf_counter() - t0) * 1e3
         return [PolicyOutput(a, LatencyRecord(dict(stages_ms), host_ms, dict(self.backends), prep_ms))
                 for a in actions]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from pi_policy.cameras import CameraSet
 from pi_policy.model.config import PRESETS
+from pi_policy.policy_config import CONFIGS as POLICY_CONFIGS
+from pi_policy.policy_config import PolicyOverrides, get_policy_config
 from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, VISION_BACKENDS, RTCSettings, parse_stages
 
 PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
@@ -63,7 +65,15 @@ class RunnerSpec:
     require_assets: bool = True  # False (latency benchmarks): a checkpoint without statistics or tokenizer runs
     seed: int = 0  # random weights and the denoising noise
     cameras: CameraSet = field(default_factory=CameraSet)  # the runner is built for cameras.served
-    action_dim: int | None = None  # the robot's (unpadded) action dims; None: the model's
+    action_dim: int | None = None  # the robot's (unpadded) action dims; None: the named config's, else the stats'
+    # the policy around the model (pi_policy.policy_config); None: the named config's, the checkpoint's, the preset's
+    policy_config: str | None = None  # openpi's training config name (pi0_aloha, pi05_droid, ...)
+    action_horizon: int | None = None
+    denoise_steps: int | None = None
+    max_token_len: int | None = None
+    discrete_state_input: bool | None = None  # pi0.5: the state written into the prompt
+    delta_action_mask: tuple[int, ...] | None = None  # openpi's make_bool_mask notation; () = absolute actions
+    robot_conversion: str | None = None  # none or aloha (openpi's adapt_to_pi)
     # where and how each stage runs
     device: str = "cpu"
     backend: str = "bf16"  # the prefill: bf16, fp8, tensorrt, or eager (bf16 without graphs or compilation)
@@ -119,9 +129,17 @@ class RunnerSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 out.append(f"{name} must be a whole number >= 0, got {value!r}")
-        if self.action_dim is not None and (isinstance(self.action_dim, bool) or not isinstance(self.action_dim, int)
-                                            or self.action_dim < 1):
-            out.append(f"action_dim must be a whole number >= 1, got {self.action_dim!r}")
+        if self.policy_config is not None:
+            if self.policy_config not in POLICY_CONFIGS:
+                try:
+                    get_policy_config(self.policy_config)
+                except ValueError as e:
+                    out.append(str(e))
+            elif self.preset in PRESETS and POLICY_CONFIGS[self.policy_config].pi05 != PRESETS[self.preset].pi05:
+                cfg = POLICY_CONFIGS[self.policy_config]
+                out.append(f"policy_config {cfg.name} is a {cfg.kind} configuration, but preset {self.preset} is "
+                           f"{'pi05' if PRESETS[self.preset].pi05 else 'pi0'}")
+        out += self.policy_overrides().problems()
         bad = [x for x in self.fp8.keep_bf16 if x not in FP8_LINEARS]
         if bad:
             out.append(f"fp8 keep_bf16 {bad}: choose from {', '.join(FP8_LINEARS)}")
@@ -138,6 +156,11 @@ class RunnerSpec:
                 out.append(f"the TensorRT prefill engine runs batch 1: batch_sizes {list(sizes)} need the bf16 or fp8 "
                            "prefill")
         return out
+
+    def policy_overrides(self) -> PolicyOverrides:
+        """The policy settings given explicitly."""
+        return PolicyOverrides(self.action_horizon, self.denoise_steps, self.max_token_len, self.discrete_state_input,
+                               self.delta_action_mask, self.robot_conversion, self.action_dim)
 
     def validate(self) -> RunnerSpec:
         """self, or a SpecError listing every problem."""

@@ -46,6 +46,7 @@ from websockets.asyncio.server import Request, Response, ServerConnection, serve
 from websockets.protocol import State
 
 from pi_policy.observation import Observation, Policy, PolicyOutput
+from pi_policy.policy_config import CONFIGS as POLICY_CONFIGS
 from pi_policy.serve.config import ServeConfig
 from pi_policy.serve.keymap import to_observation
 from pi_policy.serve.protocol import close_reason, pack, unpack
@@ -77,6 +78,13 @@ def server_metadata(runner: Policy, cfg: ServeConfig) -> dict:
             "horizon": runner.horizon, "action_dim": runner.action_dim, "camera_names": list(runner.camera_names),
             "images": dict(cfg.images), "state": list(cfg.state), "prompt_key": cfg.prompt,
             "joint_names": list(p.joint_names), "backends": dict(runner.backends)}
+    named = POLICY_CONFIGS.get(p.policy_config)
+    if named is not None:  # what openpi's server sends for this config (ALOHA's client reads reset_pose)
+        meta["policy_config"] = named.name
+        meta |= {"reset_pose": list(named.reset_pose)} if named.reset_pose else {}
+    transforms = getattr(runner, "transforms", None)
+    if transforms is not None and not transforms.identity:
+        meta["transforms"] = transforms.label
     return meta | cfg.metadata
 
 

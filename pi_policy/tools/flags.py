@@ -16,6 +16,9 @@ import yaml
 
 from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
 from pi_policy.model.config import PRESETS
+from pi_policy.policy_config import AUTO, STATE_INPUTS, conversion_value, mask_value, state_input_value
+from pi_policy.policy_config import CONFIGS as POLICY_CONFIGS
+from pi_policy.robot_transforms import CONVERSIONS
 from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, VISION_BACKENDS, parse_stages
 from pi_policy.runtime.spec import FP8_DYNAMIC, FP8_LINEARS, PROMPT_FORMATS, FP8Options, RunnerSpec, SpecError
 from pi_policy.tools.errors import UsageError, existing
@@ -23,7 +26,8 @@ from pi_policy.tools.errors import UsageError, existing
 
 @dataclass(frozen=True)
 class Flag:
-    """One model flag: its RunnerSpec field and the node parameter it overrides."""
+    """One model flag: its RunnerSpec field and the node parameter it overrides. The flag's value is the
+    parameter's (text, as in the parameter file); `to_spec` turns it into the spec field's value."""
 
     name: str
     field: str
@@ -31,6 +35,7 @@ class Flag:
     help: str
     type: Callable[[str], Any] = str
     choices: tuple[str, ...] | None = None
+    to_spec: Callable[[Any], Any] | None = None
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -66,10 +71,27 @@ MODEL_FLAGS = (
     Flag("--batch-sizes", "batch_sizes", "batch_sizes",
          "comma-separated batch sizes the runner has buffers and CUDA graphs for (1 is always among them), e.g. "
          "1,2,4,8: infer_batch runs several robots' observations at once", type=parse_batch_sizes),
+    Flag("--policy-config", "policy_config", "policy_config",
+         f"openpi training config the checkpoint was trained with: {', '.join(POLICY_CONFIGS)}"),
+    Flag("--action-horizon", "action_horizon", "action_horizon", "action steps per chunk (default: the policy "
+         "config's, the checkpoint's, the preset's)", type=int, to_spec=lambda v: v or None),
+    Flag("--denoise-steps", "denoise_steps", "denoise_steps", "flow-matching denoise steps (default: the "
+         "checkpoint's, else 10)", type=int, to_spec=lambda v: v or None),
+    Flag("--max-token-len", "max_token_len", "max_token_len", "prompt length in tokens (default: the policy config's, "
+         "the checkpoint's, the preset's)", type=int, to_spec=lambda v: v or None),
+    Flag("--discrete-state-input", "discrete_state_input", "discrete_state_input",
+         "pi0.5: write the state into the prompt", choices=STATE_INPUTS, to_spec=state_input_value),
+    Flag("--delta-action-mask", "delta_action_mask", "delta_action_mask",
+         "action dims relative to the state, openpi's make_bool_mask notation (e.g. 6,-1,6,-1), or none",
+         to_spec=mask_value),
+    Flag("--robot-conversion", "robot_conversion", "robot_conversion",
+         "joint convention conversion in and out (aloha: openpi's adapt_to_pi)", choices=(AUTO, *CONVERSIONS),
+         to_spec=conversion_value),
 )
 _BY_NAME = {f.name: f for f in MODEL_FLAGS}
 # what eval-bag and serve let the command line override in the node parameter file (besides --set)
-CONFIG_FLAGS = ("--preset", "--checkpoint", "--prompt-format", "--device", "--backend", "--denoise", "--threads")
+CONFIG_FLAGS = ("--preset", "--checkpoint", "--prompt-format", "--device", "--backend", "--denoise", "--threads",
+                "--policy-config", "--action-horizon", "--denoise-steps")
 
 
 def default_device() -> str:
@@ -155,7 +177,8 @@ def spec_from_args(args: argparse.Namespace, **fixed) -> RunnerSpec:
     for flag in MODEL_FLAGS:
         if flag.field in vars(args):
             value = getattr(args, flag.field)
-            values[flag.field] = value[0] if isinstance(value, list) else value
+            value = value[0] if isinstance(value, list) else value
+            values[flag.field] = flag.to_spec(value) if flag.to_spec is not None and value is not None else value
     for name in ("checkpoint", "norm_stats", "tokenizer", "engine_path"):
         values[name] = values.get(name) or None
     if "cameras" in vars(args):
