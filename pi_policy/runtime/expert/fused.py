@@ -35,6 +35,24 @@ def pack(w: Tensor, fold: Tensor | None, fp8: bool) -> tuple[Tensor, Tensor | No
     return w.to(torch.bfloat16).contiguous(), None
 
 
+def pack_layer(blk, name: str, adaptive: bool, fp8: bool) -> tuple[Tensor, Tensor | None]:
+    """One expert layer's matrix `name` (of MATRICES) packed; pi0's RMSNorm weights folded into qkv and gate_up."""
+    w, norm = {"qkv": (blk.wqkv.weight, blk.attn_norm), "wo": (blk.wo.weight, None),
+               "gate_up": (blk.mlp.gate_up.weight, blk.mlp_norm), "down": (blk.mlp.down.weight, None)}[name]
+    return pack(w, None if adaptive or norm is None else norm.weight, fp8)
+
+
+def stack(packed: list[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    """Per-layer packed matrices -> one (layers, out, in) tensor and (layers, out) scales, filled in place."""
+    w = packed[0][0].new_empty((len(packed), *packed[0][0].shape))
+    s = None if packed[0][1] is None else packed[0][1].new_empty((len(packed), *packed[0][1].shape))
+    for i, (wi, si) in enumerate(packed):
+        w[i].copy_(wi)
+        if s is not None:
+            s[i].copy_(si)
+    return w, s
+
+
 def dequantize(w: Tensor, scale: Tensor | None) -> Tensor:
     """The float32 matrix a kernel multiplies by."""
     return w.float() if scale is None else w.float() * scale[:, None]
@@ -53,15 +71,12 @@ class FusedExpert:
         self.model, self.cfg, self.weights = model, cfg, weights
         adaptive = cfg.pi05
         fp8 = {name: weights == "fp8" and name not in keep_bf16 for name in MATRICES}
-        self.layers = []
         with torch.no_grad():
-            for blk in model.expert.layers:
-                self.layers.append({
-                    "qkv": pack(blk.wqkv.weight, None if adaptive else blk.attn_norm.weight, fp8["qkv"]),
-                    "wo": pack(blk.wo.weight, None, fp8["wo"]),
-                    "gate_up": pack(blk.mlp.gate_up.weight, None if adaptive else blk.mlp_norm.weight,
-                                    fp8["gate_up"]),
-                    "down": pack(blk.mlp.down.weight, None, fp8["down"])})
+            # each matrix kind as one (layers, out, in) tensor, which the persistent kernel indexes; per-layer views
+            self.stacked = {name: stack([pack_layer(blk, name, adaptive, fp8[name]) for blk in model.expert.layers])
+                            for name in MATRICES}
+            self.layers = [{name: (w[i], None if s is None else s[i]) for name, (w, s) in self.stacked.items()}
+                           for i in range(len(model.expert.layers))]
             self.out_w = pack(model.action_out.weight, None if adaptive else model.expert.norm.weight, False)[0]
             self.out_b = model.action_out.bias.detach().float()
             if not adaptive:  # action_time_in(cat(tokens, t_emb)): the token half here, the time half per step
