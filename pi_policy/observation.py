@@ -8,8 +8,6 @@ from typing import Protocol
 import numpy as np
 
 STAGES = ("vision", "embed_prefix", "prefill", "denoise")
-# The camera slots pi0 / pi0.5 were trained with (openpi's names), in the model's order.
-DEFAULT_CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 
 
 @dataclass
@@ -61,5 +59,8 @@ class Policy(Protocol):
     camera_names: list[str]
     horizon: int
     action_dim: int
+    backends: dict[str, str]  # stage -> what ran it (a label such as bf16-graph-compiled)
+    backend_note: str  # why a stage runs other than asked, or what to know about it; empty if nothing
+
 
     def infer(self, obs: Observation, **continuation) -> PolicyOutput: ...

@@ -98,7 +98,7 @@ def accuracy(model, experts: dict, cases=("all_cameras", "missing_camera"), fp32
 def check_preset(preset: str, args, out: Path) -> None:
     res = RESULTS.setdefault(preset, {})
     t0 = time.perf_counter()
-    model = build_model(preset, device=DEVICE, seed=0)
+    model = build_model(preset=preset, device=DEVICE, seed=0)
     if args.steps:
         model.cfg = dataclasses.replace(model.cfg, num_steps=args.steps)
     res["build_s"] = time.perf_counter() - t0
@@ -188,7 +188,7 @@ def layer_inputs(fe: FusedExpert, cache, pad, state):
 def launches(fe: FusedExpert, role: str, cache, bufs, pad8, cos, sin, tiles=None):
     """One launch of a kernel role per layer, on that layer's weights (so nothing stays in L2)."""
     e, tab = fe.cfg.expert, fe.schedule(fe.cfg.num_steps)
-    tiles = tiles or (kernels.TILES["attn"] if role == "attn" else kernels.tiles_for(role, fe.fp8[role]))
+    tiles = tiles or (kernels.TILES["attn"] if role == "attn" else kernels.TILES[role])
     ad = fe.cfg.pi05
     x, qkv, ss, attn, h = (bufs[k] for k in ("x", "qkv", "ss", "attn", "h"))
 

@@ -25,6 +25,7 @@ from pi_policy.model.checkpoint import weights_fingerprint  # noqa: E402
 from pi_policy.runtime import build_model  # noqa: E402
 from pi_policy.runtime.prefill.fp8 import build_fp8_prefill, fp8_supported, shape_key  # noqa: E402
 from pi_policy.runtime.prefill.fp8_probe import probe_fp8_shapes  # noqa: E402
+from pi_policy.runtime.spec import RunnerSpec  # noqa: E402
 from pi_policy.runtime.timer import graph_replay_times  # noqa: E402
 from pi_policy.tools.verify import format_report, verify, write_report  # noqa: E402
 
@@ -139,7 +140,7 @@ def main() -> int:
     log(f"== {summary}")
 
     log(f"== building {args.preset} (random weights, seed 0, bf16)")
-    model = build_model(args.preset, device="cuda", seed=0)
+    model = build_model(preset=args.preset, device="cuda", seed=0)
     fp = weights_fingerprint(model.llm)
     log(f"   built in {time.perf_counter() - t0:.0f} s")
 
@@ -175,7 +176,7 @@ def main() -> int:
     if not args.skip_verify:
         log("== verify --backend fp8 (dynamic scales), full pipeline, BF16 first")
         try:
-            report = verify("fp8", args.preset, device="cuda", seed=0, check_baseline=True, progress=False)
+            report = verify("fp8", RunnerSpec(preset=args.preset, device="cuda", progress=False), check_baseline=True)
             write_report(report, out / "verify.json")
             log(format_report(report))
             summary["verify"] = {k: report[k] for k in ("rel_error", "max_diff", "mean_diff", "passed",

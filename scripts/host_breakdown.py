@@ -6,7 +6,7 @@ import time
 import numpy as np
 import torch
 
-from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
 from pi_policy.runtime import build_runner
 from pi_policy.tools.synthetic import synthetic_observation
 
@@ -18,7 +18,7 @@ parser.add_argument("--cameras", type=int, default=3, help="camera views the run
 args = parser.parse_args()
 
 cams = list(DEFAULT_CAMERAS[: args.cameras])
-runner = build_runner(args.preset, device="cuda", progress=False, camera_names=cams,
+runner = build_runner(preset=args.preset, device="cuda", progress=False, cameras=CameraSet.of(cams),
                       compile_stages=() if args.compile == "none" else None)
 obs = synthetic_observation(cams, 224, seed=0)
 parts = {"prep": [], "launch": [], "wait": [], "post": [], "host_total": [], "gpu_total": []}

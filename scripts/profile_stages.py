@@ -5,7 +5,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pi_policy.observation import DEFAULT_CAMERAS
+from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.runtime import build_runner
 from pi_policy.tools.synthetic import synthetic_observation
 
@@ -15,7 +15,7 @@ parser.add_argument("--rows", type=int, default=12)
 parser.add_argument("--compile", default="", help="comma-separated stages to torch.compile")
 args = parser.parse_args()
 
-runner = build_runner(args.preset, device="cuda", backend="eager", progress=False,
+runner = build_runner(preset=args.preset, device="cuda", backend="eager", progress=False,
                       compile_stages=tuple(s for s in args.compile.split(",") if s))
 obs = synthetic_observation(DEFAULT_CAMERAS, 224)
 runner.infer(obs)

@@ -73,7 +73,7 @@ def main() -> int:
 
         # The expected answers, from a runner built as the server builds its own.
         torch.set_num_threads(args.threads)
-        runner = build_runner(**cfg.params.runner_kwargs() | {"progress": False})
+        runner = build_runner(cfg.params.runner_spec().replace(progress=False))
         cases, expected = {}, {}
         for c in range(args.clients):
             for v in range(VARIANTS):

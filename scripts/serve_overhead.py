@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.node.params import NodeParams
-from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_runner
 from pi_policy.serve.config import ServeConfig
 from pi_policy.serve.server import PolicyServer
@@ -77,7 +77,7 @@ def main() -> None:
     params = NodeParams(preset=args.preset, checkpoint=args.checkpoint, device=args.device, backend=args.backend,
                         joint_names=[f"j{i}" for i in range(14)], action_dim=14, prompt="")
     cfg = ServeConfig(params, dict(KEYS), ["observation/state"], host="127.0.0.1", port=0)
-    server = PolicyServer(lambda: build_runner(**params.runner_kwargs()), cfg)
+    server = PolicyServer(lambda: build_runner(params.runner_spec()), cfg)
     obs = observation()[0]
 
     def direct(n: int) -> list[float]:  # on the worker thread, where the server calls the runner

@@ -51,9 +51,9 @@ def built(monkeypatch, bag):
     """Replaces the model with RecordedPolicy and records every build: [] means no model was built."""
     calls = []
 
-    def fake_build_runner(**kw):
-        calls.append(kw)
-        return RecordedPolicy(bag, 0.0 if kw["backend"] == "bf16" else 0.05)
+    def fake_build_runner(spec):
+        calls.append(spec)
+        return RecordedPolicy(bag, 0.0 if spec.backend == "bf16" else 0.05)
 
     monkeypatch.setattr(pi_policy.runtime, "build_runner", fake_build_runner)
     return calls

@@ -22,6 +22,7 @@ from pi_policy.bag.reader import TYPESTORE, BagError, inspect_bag, read_messages
 from pi_policy.bag.replay import NO_ACTIONS, ReplaySetup, evaluate, load_actions, skip_counts
 from pi_policy.bag.report import REPORT_FILES, build_metrics, write_html, write_report
 from pi_policy.bag.writer import write_output_bag
+from pi_policy.cameras import CameraSet
 from pi_policy.node.params import params_from_dict
 from pi_policy.observation import STAGES, LatencyRecord, PolicyOutput
 from pi_policy.tools.cli import main
@@ -233,9 +234,9 @@ def test_cli_eval_bag_with_overrides(bags, tmp_path, capsys, monkeypatch):
     s = settings()
     seen = []
 
-    def fake_build_runner(**kw):
-        seen.append(kw)
-        return ReplayPolicy(bags["mcap"], s, 0.0 if kw["backend"] == "bf16" else 0.02)
+    def fake_build_runner(spec):
+        seen.append(spec)
+        return ReplayPolicy(bags["mcap"], s, 0.0 if spec.backend == "bf16" else 0.02)
 
     monkeypatch.setattr(pi_policy.runtime, "build_runner", fake_build_runner)
     out, written = tmp_path / "report", tmp_path / "out_bag"
@@ -245,7 +246,7 @@ def test_cli_eval_bag_with_overrides(bags, tmp_path, capsys, monkeypatch):
                  "--camera-topic", "base_0_rgb=/cam_high/image_raw"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert [kw["backend"] for kw in seen] == ["bf16", "fp8"] and seen[0]["preset"] == "tiny"
+    assert [spec.backend for spec in seen] == ["bf16", "fp8"] and seen[0].preset == "tiny"
     m = json.loads((out / "metrics.json").read_text())
     assert m["ticks"]["scheduled"] == 6 and m["settings"]["max_age_s"] == 0.3
     assert m["backends"]["bf16"]["mae"] == 0.0 and m["backends"]["fp8"]["mae"] > 0
@@ -305,7 +306,7 @@ def test_robot_config_replays_with_command_line_overrides():
     args = parser.parse_args(parser_args)
     params = load_params(args)
     assert params.preset == "tiny" and params.checkpoint == "" and len(params.joint_names) == 14
-    assert params.runner_kwargs()["prompt_format"] == "lerobot"
+    assert params.runner_spec().prompt_format == "lerobot"
     s = ReplaySetup(params, "joints", None, namespace=args.namespace)
     assert s.cameras["base_0_rgb"] == "/robot1/cameras/base/image_raw"
     assert s.joint_states_topic == "/robot1/joint_states" and s.params.required_cameras == ["base_0_rgb"]
@@ -315,8 +316,8 @@ def test_tiny_model_end_to_end(bags):
     from pi_policy.runtime import build_runner
 
     s = settings(max_ticks=2)
-    ev = evaluate(bags["mcap"], s, lambda b: build_runner("tiny", backend=b, camera_names=list(DEMO_CAMERAS),
-                                                          progress=False),
+    ev = evaluate(bags["mcap"], s, lambda b: build_runner(preset="tiny", backend=b,
+                                                          cameras=CameraSet.of(DEMO_CAMERAS), progress=False),
                   ["eager"], progress=False)
     tr = ev.first.trace
     assert len(ev.first.evaluated) == 2 and np.isfinite(tr.predicted).all()

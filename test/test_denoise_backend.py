@@ -8,9 +8,9 @@ import pytest
 import torch
 from interpreted_kernels import few_programs  # noqa: F401 - first: sets up Triton's interpreter
 
+from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.model import PiModel, get_config, init_random
 from pi_policy.node.params import PARAMS, ParamError, params_from_dict
-from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_runner
 from pi_policy.runtime.expert import kernels
 from pi_policy.tools.cli import main
@@ -47,17 +47,18 @@ def test_a_fused_expert_that_fails_at_warm_up_falls_back_visibly(monkeypatch):
     assert runner.backends["denoise"] == "fp8w-eager"
     runner.warmup(iters=1, progress=False)
     assert runner.backends["denoise"] == "float32-eager"
-    assert "fused denoise failed" in runner.compile_note and "no kernel image" in runner.compile_note
+    assert "denoise fp8 unavailable (failed on its first run" in runner.backend_note
+    assert "no kernel image" in runner.backend_note
     assert np.isfinite(infer(runner).actions).all()
 
 
 def test_without_a_gpu_the_fused_expert_is_refused_with_a_note(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    runner = build_runner("tiny", denoise="triton", progress=False, warmup=False)
+    runner = build_runner(preset="tiny", denoise="triton", progress=False, warmup=False)
     assert runner.backends["denoise"] == "float32-eager"
     assert "denoise triton unavailable (needs a CUDA GPU" in runner.backend_note
-    with pytest.raises(ValueError, match="unknown denoise backend"):
-        build_runner("tiny", denoise="int4", progress=False, warmup=False)
+    with pytest.raises(ValueError, match="denoise_backend 'int4' is not one of"):
+        build_runner(preset="tiny", denoise="int4", progress=False, warmup=False)
 
 
 def test_bench_compares_denoise_backends_with_an_accuracy_block(monkeypatch, tmp_path, capsys):
@@ -85,20 +86,28 @@ def test_denoise_backend_is_a_node_parameter():
     param = next(p for p in PARAMS if p.name == "denoise_backend")
     assert param.default == "auto" and "triton" in param.description and "fp8" in param.description
     base = {"joint_names": ["j1"], "preset": "tiny"}
-    assert params_from_dict(base | {"denoise_backend": "fp8"}).runner_kwargs()["denoise"] == "fp8"
+    assert params_from_dict(base | {"denoise_backend": "fp8"}).runner_spec().denoise == "fp8"
     with pytest.raises(ParamError, match="denoise_backend 'int4' is not one of auto, bf16, triton, fp8"):
         params_from_dict(base | {"denoise_backend": "int4"})
 
 
 def test_auto_is_triton_on_a_gpu_and_bf16_elsewhere_or_under_rtc():
-    from pi_policy.runtime.options import resolve_denoise
+    from pi_policy.runtime.choice import plan_stages
+    from pi_policy.runtime.options import RTCSettings
+    from pi_policy.runtime.spec import RunnerSpec, SpecError
 
-    assert resolve_denoise(None, on_gpu=True) == resolve_denoise("auto", True) == "triton"
-    assert resolve_denoise("auto", on_gpu=False) == "bf16"
-    assert resolve_denoise("auto", on_gpu=True, rtc_mode="inpaint") == "bf16"
-    assert resolve_denoise("fp8", on_gpu=False) == "fp8"  # an explicit choice stays (and falls back visibly)
-    with pytest.raises(ValueError, match="unknown denoise backend 'int4'"):
-        resolve_denoise("int4", True)
+    def denoise(on_gpu, **spec):
+        return plan_stages(RunnerSpec(**spec), on_gpu, "bf16")["denoise"]
+
+    assert denoise(True).impl == "triton" and denoise(True).label == "triton-graph"
+    assert denoise(False).impl == "torch" and denoise(False).label == "bf16-eager"
+    rtc = denoise(True, rtc=RTCSettings("inpaint"))
+    assert rtc.impl == "torch" and rtc.label == "bf16-graph-compiled+rtc-inpaint" and not rtc.note
+    explicit = denoise(True, denoise="fp8", rtc=RTCSettings("guided"))  # asked for, so the user is told why not
+    assert explicit.impl == "torch" and "real-time chunking (guided) runs on the PyTorch" in explicit.note
+    assert denoise(False, denoise="fp8").impl == "fp8w"  # an explicit choice stays (and falls back visibly)
+    with pytest.raises(SpecError, match="denoise_backend 'int4' is not one of"):
+        RunnerSpec(denoise="int4").validate()
     runner = build_runner(model=two_step_model(), progress=False, warmup=False)  # CPU, default: no fallback note
     assert runner.backend_note == "" and runner.backends["denoise"].startswith("float32")
 

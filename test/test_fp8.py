@@ -22,7 +22,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model("tiny", seed=0)
+    return build_model(preset="tiny", seed=0)
 
 
 def prefix_inputs(model, seed=1, valid=None):
@@ -118,7 +118,7 @@ def test_scaled_mm_refused_without_fp8_gpu(model):
 
 
 def test_bf16_then_fp8_then_bf16_is_bit_identical():
-    model = build_model("tiny", seed=0)
+    model = build_model(preset="tiny", seed=0)
     before = weights_fingerprint(model)
     base = build_runner(model=model, progress=False)
     rng = np.random.default_rng(0)

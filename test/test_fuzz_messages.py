@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 from rosbags.typesys import Stores, get_typestore
 
+from pi_policy.cameras import CameraSet
 from pi_policy.node.assembler import ObservationAssembler
 from pi_policy.node.inputs import (
     SUPPORTED_ENCODINGS,
@@ -138,7 +139,7 @@ def test_conversions_raise_only_message_error():
 
 def test_node_logic_never_raises():
     rng = np.random.default_rng(99)
-    assembler = ObservationAssembler(CAMS, required_cameras=["a"], max_age_s=0.2, max_future_s=0.02)
+    assembler = ObservationAssembler(CameraSet.of(CAMS, CAMS, ["a"]), max_age_s=0.2, max_future_s=0.02)
     logic = PolicyNodeLogic(Policy(rng), assembler, MessageFactory(MessageClasses.from_typestore(TS)), JOINTS,
                             JOINTS[:2], control_period_s=0.02, latency_budget_ms=10.0)
     levels = set()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.node.params import (
     NODE_NAME,
     PARAMS,
@@ -164,16 +165,13 @@ def test_all_problems_reported_at_once():
     assert "'seed'" in str(e.value) and "'prompt'" in str(e.value)
 
 
-def test_runner_kwargs_match_build_runner():
-    import inspect
-
-    runtime = pytest.importorskip("pi_policy.runtime")
+def test_parameters_describe_a_valid_runner():
     params = load_params_yaml(ROOT / "config" / "thor.yaml")
-    accepted = inspect.signature(runtime.build_runner).parameters
-    kwargs = params.runner_kwargs()
-    assert set(kwargs) <= set(accepted)
-    assert kwargs["checkpoint"] == params.checkpoint and kwargs["engine_path"] == params.engine_path
-    assert load_params_yaml(ROOT / "config" / "two_camera.yaml").runner_kwargs()["engine_path"] is None
+    spec = params.runner_spec().validate()
+    assert spec.checkpoint == params.checkpoint and spec.engine_path == params.engine_path
+    assert spec.cameras.served == tuple(c for c in DEFAULT_CAMERAS if c in params.camera_names)
+    two = load_params_yaml(ROOT / "config" / "two_camera.yaml").runner_spec()
+    assert two.engine_path is None and two.num_cameras == 2
 
 
 def _launch_arguments(tree: ast.Module) -> dict[str, ast.Call]:
@@ -214,12 +212,12 @@ def test_launch_file_with_ros_launch():
 
 
 def test_prompt_format_parameter_names_the_tokenizers_formats():
-    from pi_policy.node.params import PROMPT_FORMATS
+    from pi_policy.runtime.spec import PROMPT_FORMATS
 
     tokenizer = pytest.importorskip("pi_policy.model.tokenizer")  # torch; node_params keeps its own copy
     assert PROMPT_FORMATS == ("auto", *tokenizer.PROMPT_FORMATS)
     base = {"preset": "tiny", "joint_names": ["a"]}
-    assert params_from_dict(base).runner_kwargs()["prompt_format"] == "auto"
-    assert params_from_dict(base | {"prompt_format": "lerobot"}).runner_kwargs()["prompt_format"] == "lerobot"
+    assert params_from_dict(base).runner_spec().prompt_format == "auto"
+    assert params_from_dict(base | {"prompt_format": "lerobot"}).runner_spec().prompt_format == "lerobot"
     with pytest.raises(ParamError, match="prompt_format 'hf' is not one of auto, openpi, lerobot"):
         params_from_dict(base | {"prompt_format": "hf"})

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from rosbags.typesys import Stores, get_typestore
 
+from pi_policy.cameras import CameraSet
 from pi_policy.node.assembler import ObservationAssembler
 from pi_policy.node.inputs import sec_to_stamp, stamp_to_sec
 from pi_policy.node.logic import PolicyNodeLogic
@@ -70,7 +71,7 @@ def joint_msg(t, names=("j3", "extra", "j1", "j0", "j2"), positions=(3.0, 9.0, 1
 
 def make(policy=None, required=None, budget_ms=50.0, publish_raw=True, out=OUT_JOINTS):
     policy = policy or FakePolicy()
-    assembler = ObservationAssembler(CAMS, required_cameras=required, max_age_s=0.1, max_future_s=0.02,
+    assembler = ObservationAssembler(CameraSet.of(CAMS, CAMS, required), max_age_s=0.1, max_future_s=0.02,
                                      prompt="fold the towel")
     logic = PolicyNodeLogic(policy, assembler, FACTORY, JOINTS, out,
                             control_period_s=0.02, latency_budget_ms=budget_ms, hardware_id="thor",
@@ -346,18 +347,19 @@ def test_bad_configuration(kwargs, match):
                 latency_budget_ms=50.0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        PolicyNodeLogic(FakePolicy(), ObservationAssembler(CAMS), FACTORY, **args)
+        PolicyNodeLogic(FakePolicy(), ObservationAssembler(CameraSet.of(CAMS, CAMS)), FACTORY, **args)
 
 
 def test_camera_not_in_model():
     with pytest.raises(ValueError, match="not inputs of the model"):
-        PolicyNodeLogic(FakePolicy(), ObservationAssembler(["top"]), FACTORY, JOINTS, OUT_JOINTS, 0.02, 50.0)
+        PolicyNodeLogic(FakePolicy(), ObservationAssembler(CameraSet.of(["top"], ["top"])), FACTORY, JOINTS,
+                        OUT_JOINTS, 0.02, 50.0)
 
 
 def test_with_the_real_tiny_runner():
     runtime = pytest.importorskip("pi_policy.runtime")
     runner = runtime.build_runner(preset="tiny", device="cpu", progress=False)
-    assembler = ObservationAssembler(runner.camera_names[:2], max_age_s=0.5)  # third camera masked
+    assembler = ObservationAssembler(CameraSet.of(runner.camera_names[:2]), max_age_s=0.5)  # third camera masked
     logic = PolicyNodeLogic(runner, assembler, FACTORY, ["a", "b"], ["a", "b"], 0.02, 1e6)
     for cam in runner.camera_names[:2]:
         assembler.set_image(cam, 1.0, np.zeros((48, 64, 3), np.uint8))

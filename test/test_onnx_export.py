@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    model = build_model("tiny", seed=0)
+    model = build_model(preset="tiny", seed=0)
     cfg = model.cfg
     g = torch.Generator().manual_seed(3)
     embs = torch.randn(1, cfg.prefix_len, cfg.llm.width, generator=g)
@@ -66,7 +66,7 @@ def test_onnxruntime_with_other_inputs(exported):
 
 
 def test_export_refuses_dynamic_scales(tmp_path):
-    model = build_model("tiny", seed=0)
+    model = build_model(preset="tiny", seed=0)
     with pytest.raises(ValueError, match="static activation scale"):
         export_prefill_onnx(build_fp8_prefill(model).fn, tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="opset"):

@@ -11,11 +11,11 @@ from peers import copy_weights, peer_module, save_like_peer, write_lerobot_dir, 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.model import PiModel, get_config, init_random
 from pi_policy.model.checkpoint import LM_HEAD, PG, CheckpointError, load_checkpoint, weights_fingerprint
 from pi_policy.model.checkpoint_dir import find_checkpoint, load_statistics, resolve_assets
 from pi_policy.node.params import params_from_dict
-from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_runner
 from pi_policy.tools.cli import main
 from pi_policy.tools.synthetic import synthetic_observation
@@ -57,9 +57,10 @@ def test_peer_folder_loads_and_acts_like_the_weights_it_was_saved_from(tmp_path,
     assert (ck.source, ck.layout, ck.tied_lm_head) == (source, source, True)
     assert weights_fingerprint(load_checkpoint(PiModel(model.cfg), root)) == weights_fingerprint(model)
 
-    runner = build_runner(preset, str(root), progress=False)  # statistics and prompt format from the folder
+    # statistics and prompt format from the folder
+    runner = build_runner(preset=preset, checkpoint=str(root), progress=False)
     assert runner.tokenizer.prompt_format == source and runner.normalizer.convention == source
-    reference = build_runner(preset, model=model, norm_stats=str(ck.stats_file), prompt_format=source,
+    reference = build_runner(preset=preset, model=model, norm_stats=str(ck.stats_file), prompt_format=source,
                              progress=False)
     for seed in range(2):
         np.testing.assert_array_equal(run(runner, seed), run(reference, seed))
@@ -72,7 +73,7 @@ def test_peer_folder_loads_and_acts_like_the_weights_it_was_saved_from(tmp_path,
 def test_a_weights_file_finds_what_lies_beside_it(tmp_path):
     model = init_random(PiModel(get_config("tiny05")), seed=8)
     write_lerobot_dir(model, tmp_path)
-    runner = build_runner("tiny05", str(tmp_path / "model.safetensors"), progress=False)
+    runner = build_runner(preset="tiny05", checkpoint=str(tmp_path / "model.safetensors"), progress=False)
     assert runner.tokenizer.prompt_format == "lerobot" and runner.normalizer.state_dim == 14
 
 
@@ -114,17 +115,18 @@ def test_without_statistics_a_checkpoint_is_refused_with_one_clear_line(tmp_path
     (tmp_path / "assets" / "robot" / "norm_stats.json").unlink()
     values = {"preset": "tiny", "checkpoint": str(tmp_path), "device": "cpu", "joint_names": ["j"]}
     with pytest.raises(ValueError, match="no normalization statistics .*norm_stats.json.*motors"):
-        build_runner(**params_from_dict(values).runner_kwargs())  # the node's own path
+        build_runner(params_from_dict(values).runner_spec())  # the node's own path
     # The random-weights demo needs none; a benchmark may run without them on purpose.
-    assert build_runner("tiny", progress=False).normalizer.stats is None
-    assert build_runner("tiny", str(tmp_path), require_assets=False, progress=False).normalizer.stats is None
+    assert build_runner(preset="tiny", progress=False).normalizer.stats is None
+    bench = build_runner(preset="tiny", checkpoint=str(tmp_path), require_assets=False, progress=False)
+    assert bench.normalizer.stats is None
     # Two robots' statistics and no choice made: refused, naming both.
     write_openpi_dir(model, tmp_path / "two", asset_id="a")
     (tmp_path / "two" / "assets" / "b").mkdir()
     (tmp_path / "two" / "assets" / "b" / "norm_stats.json").write_bytes(
         (tmp_path / "two" / "assets" / "a" / "norm_stats.json").read_bytes())
     with pytest.raises(ValueError, match="several norm_stats.json"):
-        build_runner("tiny", str(tmp_path / "two"), progress=False)
+        build_runner(preset="tiny", checkpoint=str(tmp_path / "two"), progress=False)
 
 
 def test_full_size_checkpoint_needs_the_tokenizer_found_beside_it(tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.model.pi0 import euler_times
 from pi_policy.model.rtc import RTCInputs, prefix_weights
-from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_model, build_runner
 from pi_policy.runtime.options import RTCSettings, parse_delay
 from pi_policy.tools.synthetic import synthetic_observation
@@ -52,7 +52,7 @@ def test_settings_and_delay_are_checked():
 
 @pytest.fixture(scope="module", params=["tiny", "tiny05"])
 def model(request):
-    return build_model(request.param, seed=1)
+    return build_model(preset=request.param, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,21 @@
 """PolicyRunner: same actions as the model's own sample_actions, timings for every stage, clear input errors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
 from pi_policy.model.preprocess import resize_with_pad
-from pi_policy.observation import DEFAULT_CAMERAS, STAGES, Observation
+from pi_policy.observation import STAGES, Observation
 from pi_policy.runtime import build_runner
 from pi_policy.tools.synthetic import synthetic_observation
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny05"])
 def runner(request):
-    return build_runner(request.param, progress=False, seed=1)
+    return build_runner(preset=request.param, progress=False, seed=1)
 
 
 def model_inputs(runner, obs, noise):
@@ -59,8 +62,8 @@ def test_same_noise_same_actions_and_fresh_noise_differs(runner):
 
 def test_two_runners_with_one_seed_agree():
     obs = synthetic_observation(DEFAULT_CAMERAS, 56, seed=5)
-    a = build_runner("tiny", progress=False, seed=7).infer(obs).actions
-    b = build_runner("tiny", progress=False, seed=7).infer(obs).actions
+    a = build_runner(preset="tiny", progress=False, seed=7).infer(obs).actions
+    b = build_runner(preset="tiny", progress=False, seed=7).infer(obs).actions
     np.testing.assert_array_equal(a, b)
 
 
@@ -88,25 +91,26 @@ def test_wrong_noise_shape_is_refused(runner):
 
 
 def test_a_failing_compiler_falls_back_to_the_plain_stages_visibly():
-    r = build_runner("tiny", progress=False, warmup=False)
+    r = build_runner(preset="tiny", progress=False, warmup=False)
     expected = r.infer(synthetic_observation(DEFAULT_CAMERAS, 56), noise=np.zeros((50, 32), np.float32)).actions
 
     def broken(*args, **kwargs):
         raise RuntimeError("no Triton on this platform")
 
-    r.velocity_fn, r.compiled = broken, ("denoise",)  # what a compiled stage looks like when the compiler fails
-    r.backends["denoise"] += "-compiled"
+    r.velocity_fn = broken  # what a compiled stage looks like when the compiler fails
+    r.choices["denoise"] = dataclasses.replace(r.choices["denoise"], compiled=True)
     r.warmup(progress=False)
-    assert "torch.compile failed" in r.compile_note and "no Triton" in r.compile_note
-    assert not r.backends["denoise"].endswith("-compiled") and r.compiled == ()
+    assert "torch.compile failed" in r.backend_note and "no Triton" in r.backend_note
+    assert not r.backends["denoise"].endswith("-compiled") and not any(c.compiled for c in r.choices.values())
     got = r.infer(synthetic_observation(DEFAULT_CAMERAS, 56), noise=np.zeros((50, 32), np.float32)).actions
     np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny05"])
 def test_a_two_camera_runner_has_two_view_buffers_and_the_masked_three_view_actions(preset):
-    two = build_runner(preset, camera_names=["base_0_rgb", "right_wrist_0_rgb"], progress=False, seed=2)
-    three = build_runner(preset, progress=False, seed=2)
+    two = build_runner(preset=preset, cameras=CameraSet.of(["base_0_rgb", "right_wrist_0_rgb"]), progress=False,
+                       seed=2)
+    three = build_runner(preset=preset, progress=False, seed=2)
     cfg = two.cfg
     assert cfg.num_cameras == 2 and two.buf.images.shape[1] == 2
     assert two.buf.prefix_embs.shape[1] == 2 * cfg.vision.num_tokens + cfg.max_token_len
@@ -125,4 +129,4 @@ def test_node_params_serve_the_subscribed_cameras_in_model_order():
 
     p = params_from_dict({"preset": "tiny", "joint_names": ["a"], "camera_names": ["right_wrist_0_rgb", "base_0_rgb"],
                           "camera_topics": ["r", "b"]})
-    assert p.runner_kwargs()["camera_names"] == ["base_0_rgb", "right_wrist_0_rgb"]
+    assert p.runner_spec().cameras.served == ("base_0_rgb", "right_wrist_0_rgb")

@@ -46,7 +46,7 @@ def config(name: str):
 
 
 def make_runner(cfg):
-    return build_runner(**cfg.params.runner_kwargs() | {"progress": False})
+    return build_runner(cfg.params.runner_spec().replace(progress=False))
 
 
 @contextlib.contextmanager
@@ -122,7 +122,7 @@ def test_openpi_client_gets_metadata_and_the_direct_runner_actions(name):
             assert reply["policy_timing"][key] > 0
         for key in ("infer_ms", "queue_ms", "decode_ms", "prev_total_ms"):
             assert reply["server_timing"][key] >= 0
-        assert reply["server_timing"]["prev_total_ms"] >= reply["server_timing"]["infer_ms"] * 0.5
+        assert reply["server_timing"]["prev_total_ms"] > 0  # the previous request's round trip was measured
     if name == "aloha":
         assert meta["reset_pose"] == [0.0, -1.5, 1.5, 0.0, 0.0, 0.0]  # the config's extra metadata
 

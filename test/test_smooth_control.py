@@ -221,6 +221,6 @@ def test_new_parameters_are_checked(values, fragment):
 def test_new_parameters_reach_the_runner():
     params = params_from_dict(dict(preset="tiny", joint_names=JOINTS, rtc_mode="guided", execution_horizon=12,
                                    prefix_schedule="linear", max_guidance_weight=8.0, safe_action=[0.0, 0.1, 0.2]))
-    rtc = params.runner_kwargs()["rtc"]
+    rtc = params.runner_spec().rtc
     assert (rtc.mode, rtc.execution_horizon, rtc.prefix_schedule, rtc.max_guidance_weight) == ("guided", 12,
                                                                                                "linear", 8.0)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from pi_policy.cameras import CameraSet
 from pi_policy.node.assembler import ObservationAssembler
 from pi_policy.node.inputs import MessageError
 
@@ -14,7 +15,7 @@ def img(value=0):
 
 
 def filled(required=None, t=10.0):
-    a = ObservationAssembler(CAMS, required_cameras=required, max_age_s=0.1, max_future_s=0.02, prompt="pick")
+    a = ObservationAssembler(CameraSet.of(CAMS, CAMS, required), max_age_s=0.1, max_future_s=0.02, prompt="pick")
     for i, c in enumerate(CAMS):
         a.set_image(c, t - 0.01 * i, img(i))
     a.set_joints(t - 0.005, np.array([1.0, 2.0]))
@@ -46,7 +47,7 @@ def test_stale_required_camera_skips():
 
 
 def test_missing_required_camera_and_joints():
-    a = ObservationAssembler(CAMS, max_age_s=0.1)
+    a = ObservationAssembler(CameraSet.of(CAMS, CAMS), max_age_s=0.1)
     a.set_image("base", 1.0, img())
     r = a.assemble(1.0)
     assert not r.ok
@@ -64,19 +65,12 @@ def test_optional_camera_missing_or_stale_is_masked_with_warning():
     assert any("camera right is stale" in w and "masked" in w for w in r.warnings)
     assert r.observation.stamp == pytest.approx(9.99)  # the stale camera's stamp is not used
 
-    b = ObservationAssembler(CAMS, required_cameras=["base"], max_age_s=0.1)
+    b = ObservationAssembler(CameraSet.of(CAMS, CAMS, ["base"]), max_age_s=0.1)
     b.set_image("base", 1.0, img())
     b.set_joints(1.0, [0.0])
     r = b.assemble(1.0)
     assert r.ok and set(r.observation.images) == {"base"}
     assert len(r.warnings) == 2
-
-
-def test_all_cameras_optional_and_missing_skips():
-    a = ObservationAssembler(CAMS, required_cameras=[], max_age_s=0.1)
-    a.set_joints(1.0, [0.0])
-    r = a.assemble(1.0)
-    assert not r.ok and "no usable camera image" in r.errors
 
 
 def test_future_and_zero_stamps():
@@ -128,11 +122,11 @@ def test_bad_inputs_raise_and_keep_previous(call, match):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"camera_names": []},
-        {"camera_names": ["a", "a"]},
-        {"camera_names": ["a"], "required_cameras": ["b"]},
-        {"camera_names": ["a"], "max_age_s": 0.0},
-        {"camera_names": ["a"], "max_future_s": -1.0},
+        {"cameras": CameraSet((), ())},
+        {"cameras": CameraSet(("a", "a"), ("a", "a"))},
+        {"cameras": CameraSet(("a",), ("a",), ("b",))},
+        {"cameras": CameraSet(("a",), ("a",)), "max_age_s": 0.0},
+        {"cameras": CameraSet(("a",), ("a",)), "max_future_s": -1.0},
     ],
 )
 def test_bad_construction(kwargs):

@@ -66,14 +66,14 @@ def test_missing_or_broken_sidecar(tmp_path):
 
 
 def test_shapes_of_pi0():
-    shapes = expected_shapes(build_model("tiny"))
+    shapes = expected_shapes(build_model(preset="tiny"))
     assert shapes["k_cache"] == shapes["v_cache"] and len(shapes["k_cache"]) == 5
 
 
 def test_fallback_is_visible_and_strict_raises(tmp_path):
-    model = build_model("tiny")
+    model = build_model(preset="tiny")
     choice = load_tensorrt_prefill(model, str(tmp_path / "missing.engine"), None)
-    assert choice.fn is None and choice.name == "bf16" and "falling back to bf16" in choice.note
+    assert choice.fn is None and choice.impl == "torch" and "needs a CUDA device" in choice.note
     with pytest.raises(EngineMismatch):
         load_tensorrt_prefill(model, None, None, strict=True)
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from pi_policy.runtime.spec import RunnerSpec
 from pi_policy.tools.cli import main
 from pi_policy.tools.verify import VerifyError, format_report, verify
 
@@ -14,7 +15,7 @@ FIELDS = {"backend", "baseline_backend", "candidate_backend", "candidate_note", 
 
 @pytest.fixture(scope="module")
 def report():
-    return verify("fp8", "tiny", check_baseline=True, progress=False)
+    return verify("fp8", RunnerSpec(progress=False), check_baseline=True)
 
 
 def test_report_has_every_field(report):
@@ -50,15 +51,15 @@ def test_cli_exit_status_and_json(tmp_path, capsys):
 
 
 def test_fallen_back_candidate_is_an_error(capsys):
-    assert cli("verify", "--backend", "tensorrt", "--no-progress", "--device", "cpu") == 2
+    assert cli("verify", "--backend", "tensorrt", "--engine", "prefill.engine", "--no-progress", "--device", "cpu") == 2
     assert "did not run" in capsys.readouterr().err
 
 
 def test_bad_requests():
     with pytest.raises(VerifyError, match="unknown candidate"):
-        verify("int4", progress=False)
+        verify("int4", RunnerSpec(progress=False))
     with pytest.raises(VerifyError, match="max-rel-error"):
-        verify("fp8", max_rel_error=0, progress=False)
+        verify("fp8", RunnerSpec(progress=False), max_rel_error=0)
 
 
 def test_build_engine_writes_onnx_and_fails_without_an_engine(tmp_path, capsys):
@@ -79,7 +80,8 @@ def test_calibrate_and_verify_count_the_same_fp8_linears(tmp_path, capsys):
     assert cli("calibrate", "--out", str(tmp_path / "cal.json"), "--samples", "1", "--no-progress",
                "--device", "cpu") == 0
     assert "scales for 5 of the 5 FP8 linears the prefill runs (of 8 quantized" in capsys.readouterr().out
-    assert "5 FP8 linears run in the prefill (8/8 quantized" in verify("fp8", "tiny", progress=False)["candidate_note"]
+    note = verify("fp8", RunnerSpec(progress=False))["candidate_note"]
+    assert "5 FP8 linears run in the prefill (8/8 quantized" in note
 
 
 def test_calibrate_then_build_from_file(tmp_path):

@@ -20,6 +20,7 @@ from pi_policy.bag.reader import BagError, inspect_bag
 from pi_policy.bag.replay import Evaluation, ReplaySetup, evaluate, resolve_topic
 from pi_policy.bag.summary import scored_verdict
 from pi_policy.observation import Policy
+from pi_policy.runtime.spec import RunnerSpec
 
 BAG_FILES = (".mcap", ".db3")
 WORST = 10  # worst ticks kept per bag, and across bags
@@ -102,18 +103,17 @@ class PolicyCache:
 
     def __init__(self, device: str | None = None, progress: bool = True):
         self.device, self.progress = device, progress
-        self.policies: dict[str, Policy] = {}
+        self.policies: dict[RunnerSpec, Policy] = {}
 
     def get(self, setup: ReplaySetup, backend: str) -> Policy:
         from pi_policy import runtime
 
-        kwargs = setup.params.runner_kwargs() | {"backend": backend, "progress": self.progress}
+        spec = setup.params.runner_spec().replace(backend=backend, progress=self.progress)
         if self.device:
-            kwargs["device"] = self.device
-        key = repr(sorted(kwargs.items()))
-        if key not in self.policies:
-            self.policies[key] = runtime.build_runner(**kwargs)
-        policy = self.policies[key]
+            spec = spec.replace(device=self.device)
+        if spec not in self.policies:
+            self.policies[spec] = runtime.build_runner(spec)
+        policy = self.policies[spec]
         # The denoising noise comes from the policy's generator: restart it so that every bag sees the same
         # noise sequence, whether the policy is fresh or has run other bags (or its warm-up) before.
         generator = getattr(policy, "generator", None)

@@ -38,13 +38,13 @@ def preflight(info: BagInfo, setup: ReplaySetup) -> list[str]:
     problems: list[str] = []
     notes: list[str] = []
     params = setup.params
-    required = set(params.required_cameras or params.camera_names)
+    cameras = params.camera_set()
     images = _topics_of(info, IMAGE, COMPRESSED)
     for cam, topic in setup.cameras.items():
         want = COMPRESSED if is_compressed_topic(topic) else IMAGE
         problem = _topic_problem(info, topic, (want,), images, "image")
         if problem:
-            role = "required" if cam in required else "optional"
+            role = "required" if cameras.is_required(cam) else "optional"
             problems.append(f"camera {cam} ({role}): {problem}")
 
     js = setup.joint_states_topic

@@ -106,7 +106,7 @@ class ReplaySetup:
                 "joint_states_topic": self.joint_states_topic, "prompt_topic": self.prompt_topic,
                 "rate_hz": p.inference_rate_hz, "control_period_s": p.control_period_s,
                 "max_age_s": p.max_observation_age_s, "max_future_s": p.max_future_skew_s,
-                "required_cameras": list(p.required_cameras) or list(p.camera_names), "prompt": p.prompt,
+                "required_cameras": list(p.camera_set().required), "prompt": p.prompt,
                 "latency_budget_ms": p.latency_budget_ms, "action_source": self.action_source,
                 "action_topic": self.action_series_topic, "namespace": self.namespace,
                 "max_ticks": self.max_ticks, "step_offset": self.step_offset, "realtime": self.realtime,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pi_policy.cameras import CameraSet
 from pi_policy.node.inputs import MessageError
 from pi_policy.node.params import NodeParams
 from pi_policy.observation import Observation
@@ -51,24 +52,16 @@ def _check_stamp(stamp: float, what: str) -> float:
 class ObservationAssembler:
     def __init__(
         self,
-        camera_names: list[str],
-        required_cameras: list[str] | None = None,
+        cameras: CameraSet,
         max_age_s: float = NodeParams.max_observation_age_s,
         max_future_s: float = NodeParams.max_future_skew_s,
         prompt: str = "",
     ):
-        if not camera_names:
-            raise ValueError("at least one camera is needed")
-        if len(set(camera_names)) != len(camera_names):
-            raise ValueError(f"camera names repeat: {camera_names}")
-        required = list(camera_names) if required_cameras is None else list(required_cameras)
-        unknown = [c for c in required if c not in camera_names]
-        if unknown:
-            raise ValueError(f"required cameras {unknown} are not among the cameras {camera_names}")
+        """cameras: the subscribed cameras (in their order) and the required ones (pi_policy.cameras)."""
+        self.cameras = cameras.check()
         if not max_age_s > 0 or not max_future_s >= 0:
             raise ValueError(f"max_age_s must be > 0 and max_future_s >= 0, got {max_age_s}, {max_future_s}")
-        self.camera_names = list(camera_names)
-        self.required_cameras = required
+        self.camera_names = list(cameras.subscribed)
         self.max_age_s = float(max_age_s)
         self.max_future_s = float(max_future_s)
         self._prompt = prompt
@@ -140,7 +133,7 @@ class ObservationAssembler:
         used: dict[str, np.ndarray] = {}
         stamps: list[float] = []
         for cam in self.camera_names:
-            required = cam in self.required_cameras
+            required = self.cameras.is_required(cam)
             if cam not in images:
                 problem = f"no image yet from camera {cam}"
             else:

@@ -136,8 +136,8 @@ class PolicyNodeLogic:
         """The node's parameters -> its assembler and logic: the one wiring, for the rclpy node and bag replay.
 
         `extra`: the remaining keyword arguments of the constructor (the rclpy node's image converter)."""
-        assembler = ObservationAssembler(params.camera_names, params.required_cameras or None,
-                                         params.max_observation_age_s, params.max_future_skew_s, params.prompt)
+        assembler = ObservationAssembler(params.camera_set(), params.max_observation_age_s, params.max_future_skew_s,
+                                         params.prompt)
         stream = None
         if params.action_stream_topic:
             stream = ActionQueue(params.control_period_s, params.safe_action or None, params.action_stream_deadline_s)

@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 
-from pi_policy.observation import DEFAULT_CAMERAS
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTCSettings, parse_delay
+from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
+from pi_policy.runtime.options import RTCSettings, parse_delay
+from pi_policy.runtime.spec import RunnerSpec
 
 NODE_NAME = "pi_policy_node"
-PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
               "list[str]": "string_array", "list[float]": "double_array"}
 STREAM_TYPES = ("float64_array", "joint_state")
@@ -85,7 +85,8 @@ class NodeParams:
     frame_id: str = _p("", "header.frame_id of the published trajectory.")
     latency_topic: str = _p("policy/latency", "diagnostic_msgs/DiagnosticArray published every tick.")
     latency_budget_ms: float = _p(100.0, "Total latency above which the tick's diagnostic is WARN.")
-    autostart: bool = _p(True, "Configure and activate at startup (lifecycle node), as a plain node always.")
+    autostart: bool = _p(True, "Configure and activate at startup (lifecycle node); false: wait for the lifecycle "
+                                "transitions (ros2 lifecycle set).")
     # smooth control across chunks (docs/smooth-control.md)
     rtc_mode: str = _p(RTCSettings.mode, "Real-time chunking: off, inpaint (the steps executed before a new chunk "
                                          "arrives are held to the previous chunk while denoising) or guided "
@@ -113,48 +114,31 @@ class NodeParams:
         if len(self.camera_names) != len(self.camera_topics):
             problems.append(f"camera_names has {len(self.camera_names)} entries but camera_topics has "
                             f"{len(self.camera_topics)}; they are parallel lists")
-        if not self.camera_names:
-            problems.append("camera_names is empty")
-        for what in ("camera_names", "camera_topics", "joint_names", "output_joint_names"):
+        for what in ("camera_topics", "joint_names", "output_joint_names"):
             names = getattr(self, what)
             if len(set(names)) != len(names):
                 problems.append(f"{what} has repeated entries: {names}")
             if any(not n for n in names):
                 problems.append(f"{what} has an empty entry")
-        unknown = [c for c in self.required_cameras if c not in self.camera_names]
-        if unknown:
-            problems.append(f"required_cameras {unknown} are not in camera_names {self.camera_names}")
-        extra = [c for c in self.camera_names if c not in self.model_cameras()]
-        if extra:
-            problems.append(f"camera_names {extra} are not among the model's cameras {self.model_cameras()} "
-                            "(set model_camera_names to the names the model was trained with)")
+        try:
+            problems += self.runner_spec().problems()  # the cameras, the model and its backends
+        except ValueError as e:  # RTC settings
+            problems.append(str(e))
         if not self.joint_names:
             problems.append("joint_names is empty: list the robot's joints in the model's state order")
         if not self.checkpoint and not self.preset.startswith("tiny"):
             problems.append(f"checkpoint is empty: a {self.preset} with random weights must not drive a "
                             "robot (set checkpoint, or use preset tiny for a demo)")
-        if self.prompt_format not in PROMPT_FORMATS:
-            problems.append(f"prompt_format '{self.prompt_format}' is not one of {', '.join(PROMPT_FORMATS)}")
-        if self.backend not in BACKEND_CHOICES:
-            problems.append(f"backend '{self.backend}' is not one of {', '.join(BACKEND_CHOICES)}")
-        if self.denoise_backend not in DENOISE_BACKENDS:
-            problems.append(f"denoise_backend '{self.denoise_backend}' is not one of {', '.join(DENOISE_BACKENDS)}")
-        if self.backend == "tensorrt" and not self.engine_path:
-            problems.append("backend tensorrt needs engine_path")
         positive = ("max_observation_age_s", "control_period_s", "latency_budget_ms")
         for name in positive:
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("inference_rate_hz", "max_future_skew_s", "action_dim", "seed"):
+        for name in ("inference_rate_hz", "max_future_skew_s"):
             if not getattr(self, name) >= 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("action_topic", "joint_state_topic", "latency_topic"):
             if not getattr(self, name):
                 problems.append(f"{name} is empty")
-        try:
-            self.rtc_settings()
-        except ValueError as e:
-            problems.append(str(e))
         try:
             parse_delay(self.inference_delay_steps)
         except ValueError as e:
@@ -174,13 +158,9 @@ class NodeParams:
         """(camera name, topic, compressed) for each subscribed camera."""
         return [(n, t, is_compressed_topic(t)) for n, t in zip(self.camera_names, self.camera_topics, strict=True)]
 
-    def model_cameras(self) -> list[str]:
-        return list(self.model_camera_names or DEFAULT_CAMERAS)
-
-    def served_cameras(self) -> list[str]:
-        """The subscribed cameras in the model's order: the views the runner's buffers and graphs are built for
-        (a two-camera robot pays for two images). Masking a camera and leaving it out give the same actions."""
-        return [c for c in self.model_cameras() if c in self.camera_names]
+    def camera_set(self) -> CameraSet:
+        """The model's cameras, the subscribed ones and the required ones (pi_policy.cameras)."""
+        return CameraSet.of(self.camera_names, self.model_camera_names, self.required_cameras)
 
     def outputs(self) -> list[str]:
         return self.output_joint_names or self.joint_names
@@ -188,13 +168,13 @@ class NodeParams:
     def rtc_settings(self) -> RTCSettings:
         return RTCSettings(self.rtc_mode, self.execution_horizon, self.prefix_schedule, self.max_guidance_weight)
 
-    def runner_kwargs(self) -> dict[str, Any]:
-        return dict(preset=self.preset, checkpoint=self.checkpoint or None,
-                    norm_stats=self.norm_stats or None, tokenizer=self.tokenizer or None,
-                    prompt_format=self.prompt_format,
-                    device=self.device, backend=self.backend, camera_names=self.served_cameras(),
-                    seed=self.seed, engine_path=self.engine_path or None, action_dim=self.action_dim or None,
-                    warmup=self.warmup, denoise=self.denoise_backend, rtc=self.rtc_settings())
+    def runner_spec(self) -> RunnerSpec:
+        """The runner these parameters describe (raises ValueError for bad RTC settings; validate() lists all)."""
+        return RunnerSpec(preset=self.preset, checkpoint=self.checkpoint or None, norm_stats=self.norm_stats or None,
+                          tokenizer=self.tokenizer or None, prompt_format=self.prompt_format, seed=self.seed,
+                          cameras=self.camera_set(), action_dim=self.action_dim or None, device=self.device,
+                          backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
+                          rtc=self.rtc_settings(), warmup=self.warmup)
 
 
 def is_compressed_topic(topic: str) -> bool:

@@ -87,9 +87,9 @@ class _PolicyServing:
 
         log = self.get_logger()
         log.info(f"loading {params.preset} on {params.device}, prefill backend {params.backend}")
-        runner = build_runner(**params.runner_kwargs(), progress=True)
-        log.info(f"policy ready: cameras {runner.camera_names}, backends {getattr(runner, 'backends', {})}")
-        if getattr(runner, "backend_note", ""):  # a fallback (engine refused, compiler missing): say it loudly
+        runner = build_runner(params.runner_spec().replace(progress=True))
+        log.info(f"policy ready: cameras {runner.camera_names}, backends {runner.backends}")
+        if runner.backend_note:  # a fallback (engine refused, compiler missing): say it loudly
             log.warning(runner.backend_note)
         converter_name, converter = image_converter()
         log.info(f"sensor_msgs/Image converter: {converter_name}")

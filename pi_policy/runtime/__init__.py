@@ -1,6 +1,9 @@
-"""The staged runtime: static buffers, CUDA graphs, per-stage timing, prefill backends.
+"""The staged runtime: the runner spec, static buffers, CUDA graphs, per-stage timing, and the implementations of
+the stages (prefill backends in `prefill/`, the fused denoise expert in `expert/`, the rules that choose among
+them in `choice`).
 
-Torch loads on first use of the runner or the factory, so that `options` and `stats` import on any machine.
+Torch loads on first use of the runner or the factory, so that `spec`, `choice`, `options` and `stats` import on
+any machine.
 """
 
 from __future__ import annotations

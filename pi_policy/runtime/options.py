@@ -1,5 +1,7 @@
 """The runtime's vocabulary: backend names, compile switches, real-time chunking settings, torch-free.
 
+The rules that turn these names into what runs each stage live in pi_policy.runtime.choice.
+
 Parameter checks, argument parsers and the launch file import this without loading torch. A backend names the
 implementation of the prefill; CUDA graphs and torch.compile are separate switches. `eager` is kept as a backend
 name for the command line and parameter files: it means bf16 with neither graphs nor compilation.
@@ -14,21 +16,8 @@ from pi_policy.observation import STAGES
 PREFILL_BACKENDS = ("bf16", "fp8", "tensorrt")
 BACKEND_CHOICES = (*PREFILL_BACKENDS, "eager")  # what --backend and the `backend` parameter accept
 # The denoise loop: bf16 is the PyTorch action expert (torch.compile'd on CUDA); triton and fp8 are the fused Triton
-# expert with bf16 or FP8 (e4m3, per-output-channel) weights.
-# auto: triton on a CUDA GPU (measured faster than the compiled PyTorch expert, same accuracy: docs/performance.md),
-# bf16 elsewhere and under real-time chunking (which steers the PyTorch loop).
+# expert with bf16 or FP8 (e4m3, per-output-channel) weights; auto picks (pi_policy.runtime.choice.plan_denoise).
 DENOISE_BACKENDS = ("auto", "bf16", "triton", "fp8")
-DEFAULT_DENOISE = "auto"
-
-
-def resolve_denoise(name: str | None, on_gpu: bool, rtc_mode: str = "off") -> str:
-    """The denoise backend `auto` (or None) stands for here; any other name as given."""
-    name = name or DEFAULT_DENOISE
-    if name not in DENOISE_BACKENDS:
-        raise ValueError(f"unknown denoise backend {name!r}; choose one of {', '.join(DENOISE_BACKENDS)}")
-    if name == "auto":
-        return "triton" if on_gpu and rtc_mode == "off" else "bf16"
-    return name
 # Measured on an H100 (docs/performance.md): compiling prefill and denoise halves them; vision is faster uncompiled.
 DEFAULT_COMPILE = ("prefill", "denoise")
 

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pi_policy.cameras import CameraSet
 from pi_policy.model.normalize import Normalizer
 from pi_policy.model.pi0 import PiModel
 from pi_policy.model.preprocess import pixels_to_model, resize_with_pad_tensor, to_rgb_uint8
 from pi_policy.model.rtc import RTCInputs, prefix_weights
-from pi_policy.observation import DEFAULT_CAMERAS, STAGES, LatencyRecord, Observation, PolicyOutput
-from pi_policy.runtime.expert import DenoiseChoice
+from pi_policy.observation import STAGES, LatencyRecord, Observation, PolicyOutput
+from pi_policy.runtime.choice import StageChoice, fall_back, notes, uncompiled
 from pi_policy.runtime.options import RTCSettings
 from pi_policy.runtime.timer import StageTimer
 
@@ -74,21 +75,27 @@ class StaticBuffers:
 
 
 class PolicyRunner:
-    """Runs pi0 / pi0.5 on one robot's observations. Implements pi_policy.observation.Policy."""
+    """Runs pi0 / pi0.5 on one robot's observations. Implements pi_policy.observation.Policy.
 
-    def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, camera_names: list[str] | None = None, *,
-                 cuda_graphs: bool = True, prefill: PrefillFn | None = None, prefill_backend: str = "bf16",
-                 seed: int = 0, compile_stages: tuple[str, ...] = (),
-                 denoise: DenoiseChoice | None = None, rtc: RTCSettings | None = None):
+    cameras: the camera set; the runner serves cameras.served, in that order.
+    choices: what runs each stage (pi_policy.runtime.choice, planned and settled by build_runner); prefill and
+    denoise: the callables of a non-PyTorch prefill or denoise implementation (None: the model's own code).
+    """
+
+    def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, cameras: CameraSet,
+                 choices: dict[str, StageChoice], *, prefill: PrefillFn | None = None,
+                 denoise: Callable | None = None, seed: int = 0, rtc: RTCSettings | None = None):
         cfg = model.cfg
         self.model, self.cfg = model.eval(), cfg
         self.device = next(model.parameters()).device
         self.tokenizer, self.normalizer = tokenizer, normalizer
-        self.camera_names = list(camera_names or DEFAULT_CAMERAS[: cfg.num_cameras])
+        self.cameras = cameras
+        self.camera_names = list(cameras.served)
         if len(self.camera_names) != cfg.num_cameras:
-            raise ValueError(f"preset {cfg.name!r} takes {cfg.num_cameras} cameras, got {self.camera_names}")
+            raise ValueError(f"the model is built for {cfg.num_cameras} cameras, got {self.camera_names}")
         self.horizon, self.action_dim = cfg.horizon, normalizer.action_dim
         self.rtc = rtc if rtc is not None and rtc.on else None
+        self.choices = dict(choices)
         model.requires_grad_(False)  # inference only: guided RTC differentiates with respect to the actions alone
         self.buf = StaticBuffers(model, self.device, rtc=self.rtc is not None)
         self.rtc_inputs = None
@@ -102,38 +109,36 @@ class PolicyRunner:
         self.guided_velocity_fn = model.velocity
         self.vision_fn = model.embed_images
         self._plain = (self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn)
-        self.compile_note = ""
-        self.compiled = tuple(compile_stages) if self.device.type == "cuda" else ()
         mode = os.environ.get("PI_POLICY_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
-        if "vision" in self.compiled:
+        if self.choices["vision"].compiled:
             self.vision_fn = torch.compile(model.embed_images, dynamic=False, mode=mode)
-        if "prefill" in self.compiled:
+        if self.choices["prefill"].compiled:
             self.prefill_fn = torch.compile(self.prefill_fn, dynamic=False, mode=mode)
-        if "denoise" in self.compiled:  # one step compiled; the 10-step loop is captured in one CUDA graph
+        if self.choices["denoise"].compiled:  # one step compiled; the 10-step loop is captured in one CUDA graph
             self.velocity_fn = torch.compile(model.velocity, dynamic=False, mode=mode)
             self.guided_velocity_fn = self.velocity_fn
-        base = "bf16" if model.dtype == torch.bfloat16 else str(model.dtype).removeprefix("torch.")
-        mode = "graph" if cuda_graphs and self.device.type == "cuda" else "eager"
-        self.backends = {s: f"{base}-{mode}" for s in STAGES}
-        self.backends["prefill"] = f"{prefill_backend}-{mode}" if prefill else self.backends["prefill"]
-        for s in compile_stages if self.device.type == "cuda" else ():
-            self.backends[s] += "-compiled"
-        self.denoise_fn = denoise.fn if denoise is not None else None  # None: the model's loop over velocity_fn
-        self._torch_denoise = self.backends["denoise"]
-        if self.denoise_fn is not None:
-            self.backends["denoise"] = f"{denoise.name}-{mode}"
-        if self.rtc is not None:
-            self.backends["denoise"] += f"+rtc-{self.rtc.mode}"
+        self.denoise_fn = denoise  # None: the model's loop over velocity_fn
         self.stages: dict[str, Callable[[], None]] = {
             "vision": self._vision, "embed_prefix": self._embed_prefix, "prefill": self._prefill,
             "denoise": self._denoise}
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self.use_graphs = mode == "graph"
+        self.use_graphs = any(c.graph for c in self.choices.values())
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.startup_ms: dict[str, float] = {}
         self._token_cache: tuple[str, np.ndarray, np.ndarray] | None = None
         self._to_resize: list[tuple[int, torch.Tensor]] = []
         self.timer = StageTimer(self.device)
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """Each stage's implementation as a label (bf16-graph-compiled, triton-graph, ...): what the latency
+        records, the node's diagnostics and the tables show."""
+        return {s: c.label for s, c in self.choices.items()}
+
+    @property
+    def backend_note(self) -> str:
+        """Why a stage runs other than asked (a fallback), or what the user should know about it; empty if none."""
+        return notes(self.choices)
 
     # -- the four stages: static buffers in, static buffers out ---------------------------------
     @torch.no_grad()
@@ -155,7 +160,7 @@ class PolicyRunner:
     @torch.no_grad()
     def _denoise(self) -> None:
         b = self.buf
-        if self.denoise_fn is not None:  # the fused expert: its own loop (no real-time chunking, see factory)
+        if self.denoise_fn is not None:  # the fused expert: its own loop (no real-time chunking: runtime.choice)
             b.actions.copy_(self.denoise_fn(b.kv, b.prefix_pad, b.state, b.noise))
             return
         guided = self.rtc is not None and self.rtc.mode == "guided"
@@ -203,36 +208,29 @@ class PolicyRunner:
     def _fall_back(self, stage: str, reason: str) -> bool:
         """A stage failed on its first run: drop the fused denoise or torch.compile, whichever is in play and can
         be the cause. False when neither is left to drop."""
+        reason = reason.splitlines()[0][:300]
         if stage == "denoise" and self.denoise_fn is not None:
             self.denoise_fn = None
-            note = f"fused denoise failed, the PyTorch path runs: {reason.splitlines()[0][:300]}"
-            self.compile_note = "; ".join(n for n in (self.compile_note, note) if n)
-            log.warning(note)
-            self.backends["denoise"] = self._torch_denoise
+            self.choices["denoise"] = fall_back(self.choices["denoise"], f"failed on its first run: {reason}")
+            log.warning(self.choices["denoise"].note)
             return True
-        if self.compiled:
-            self._uncompile(reason)
-            return True
-        return False
-
-    def _uncompile(self, reason: str) -> None:
-        """torch.compile failed (no Triton on this platform, say): run the same stages uncompiled, visibly."""
-        note = f"torch.compile failed, stages run uncompiled: {reason.splitlines()[0][:300]}"
-        self.compile_note = "; ".join(n for n in (self.compile_note, note) if n)
-        log.warning(note)
+        compiled = [s for s, c in self.choices.items() if c.compiled]
+        if not compiled:
+            return False
+        # torch.compile failed (no Triton on this platform, say): run the same stages uncompiled, visibly
         self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn = self._plain
-        for s in self.compiled:
-            self.backends[s] = self.backends[s].replace("-compiled", "")  # denoise may end in +rtc-MODE
-        self._torch_denoise = self._torch_denoise.replace("-compiled", "")
-        self.compiled = ()
+        for s in compiled:
+            self.choices[s] = uncompiled(self.choices[s], reason)
+        log.warning(self.choices[compiled[0]].note.split("; ")[-1])
+        return True
 
     # -- per call --------------------------------------------------------------------------------
     def load_inputs(self, obs: Observation, noise: np.ndarray | None = None) -> None:
         """Validate the observation and stage it in the device buffers (what infer does before the stages)."""
         cfg, h = self.cfg, self.buf.host_np
-        unknown = set(obs.images) - set(self.camera_names)
+        unknown = self.cameras.unknown(obs.images)
         if unknown:
-            raise ValueError(f"unknown camera(s) {sorted(unknown)}; this policy takes {self.camera_names}")
+            raise ValueError(f"unknown camera(s) {unknown}; this policy takes {self.camera_names}")
         size = cfg.vision.image_size
         self._to_resize = []
         for i, name in enumerate(self.camera_names):

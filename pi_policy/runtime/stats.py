@@ -68,7 +68,7 @@ def stage_table(summary: dict, title: str = "") -> str:
 
 
 def comparison_table(base: dict, cand: dict, base_name: str, cand_name: str) -> str:
-    """The BENCHMARKING.md table: per-stage p50 of two backends and the speed-up."""
+    """The comparison table of docs/performance.md: per-stage p50 of two backends and the speed-up."""
     rows = [f"| {'Component':<14} | {base_name + ' (ms)':>12} | {cand_name + ' (ms)':>12} | speed-up |",
             f"|{'-' * 16}|{'-' * 14}|{'-' * 14}|----------|"]
     for key, label in [*LABELS.items(), ("total", "Total")]:

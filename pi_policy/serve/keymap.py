@@ -51,12 +51,12 @@ def to_observation(request: Any, cfg: ServeConfig) -> tuple[Observation, np.ndar
     """The observation and the optional noise in a request; RequestError with a one-line reason otherwise."""
     if not isinstance(request, dict):
         raise RequestError(f"a request must be a dict of observation keys, got {type(request).__name__}")
-    required = set(cfg.params.required_cameras or cfg.images.values())
+    cameras = cfg.params.camera_set()
     images = {}
     for key, camera in cfg.images.items():
         img = lookup(request, key)
         if img is _MISSING:
-            if camera in required:
+            if cameras.is_required(camera):
                 raise RequestError(f"missing image '{key}' (camera {camera}); the request has {_keys(request)}")
             continue
         try:

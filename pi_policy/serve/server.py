@@ -58,10 +58,10 @@ class PolicyServer:
 
     def _metadata(self) -> dict:
         r, p = self.runner, self.cfg.params
-        meta = {"server": "pi_policy", "preset": getattr(getattr(r, "cfg", None), "name", p.preset),
+        meta = {"server": "pi_policy", "preset": p.preset,
                 "horizon": r.horizon, "action_dim": r.action_dim, "camera_names": list(r.camera_names),
                 "images": dict(self.cfg.images), "state": list(self.cfg.state), "prompt_key": self.cfg.prompt,
-                "joint_names": list(p.joint_names), "backends": dict(getattr(r, "backends", {}))}
+                "joint_names": list(p.joint_names), "backends": dict(r.backends)}
         return meta | self.cfg.metadata
 
     # -- the handshake hook: health check and API key -------------------------------------------

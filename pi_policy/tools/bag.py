@@ -9,8 +9,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import yaml
-
 from pi_policy.bag.batch import BagJob, BagResult, check_bags, find_bags, report_names
 from pi_policy.bag.demo_bag import STORAGES, DemoSpec, write_demo_bag
 from pi_policy.bag.eval_config import read_eval_config
@@ -21,6 +19,7 @@ from pi_policy.bag.replay import ACTION_SOURCES, ReplaySetup
 from pi_policy.node import params as node_params
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict
 from pi_policy.runtime.options import RTC_MODES
+from pi_policy.tools.flags import CONFIG_FLAGS, add_config_overrides, param_overrides
 
 
 def add_parser(subparsers) -> None:
@@ -56,20 +55,12 @@ def add_config_arguments(e: argparse.ArgumentParser) -> None:
     """The node's parameter file and the command line's overrides of it."""
     e.add_argument("--config", required=True,
                    help="the node's ROS 2 parameter file, e.g. config/thor.yaml (config/demo_bag.yaml for the demo)")
-    e.add_argument("--backend", action="append", default=None,
-                   help="backend to evaluate; repeat to compare (the first is the baseline). Default: the config's")
-    e.add_argument("--preset", help="override the config's model preset (e.g. tiny)")
-    e.add_argument("--device", help="override the config's device (e.g. cpu)")
-    e.add_argument("--checkpoint", help="override the config's checkpoint (a safetensors file or a folder)")
-    e.add_argument("--prompt-format", choices=node_params.PROMPT_FORMATS,
-                   help="override the config's prompt_format (how the checkpoint's trainer wrote prompts)")
+    add_config_overrides(e, CONFIG_FLAGS, repeat=("--backend",))
     e.add_argument("--rate", type=float, help="inference ticks per second (default: the config's)")
     e.add_argument("--camera-topic", action="append", default=[], metavar="CAMERA=TOPIC",
                    help="override one camera's topic")
     e.add_argument("--joint-state-topic", help="override the joint state topic")
     e.add_argument("--prompt-topic", help="override the prompt topic")
-    e.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="overrides",
-                   help="override any node parameter (value in YAML syntax, e.g. max_observation_age_s=0.3)")
     e.add_argument("--namespace", default="/", help="the node's namespace, for its relative topic names "
                                                      "(default: %(default)s)")
 
@@ -133,12 +124,7 @@ def run_make_demo_bag(args: argparse.Namespace) -> int:
 
 def load_params(args: argparse.Namespace) -> NodeParams:
     """The config file with the command line's overrides applied, type-checked and validated as the node does."""
-    values = node_params.read_param_values(args.config)
-    for item in args.overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ParamError(f"--set {item!r}: expected PARAM=VALUE")
-        values[key.strip()] = yaml.safe_load(raw)
+    values = node_params.read_param_values(args.config) | param_overrides(args, repeat=("--backend",))
     if args.camera_topic:
         names = values.get("camera_names", NodeParams().camera_names)
         topics = dict(zip(names, values.get("camera_topics", NodeParams().camera_topics), strict=False))
@@ -148,9 +134,7 @@ def load_params(args: argparse.Namespace) -> NodeParams:
                 raise ParamError(f"--camera-topic {item!r}: expected CAMERA=TOPIC, CAMERA one of {list(topics)}")
             topics[cam] = topic
         values["camera_topics"] = list(topics.values())
-    for flag, name in (("preset", "preset"), ("device", "device"), ("checkpoint", "checkpoint"),
-                       ("prompt_format", "prompt_format"),
-                       ("rate", "inference_rate_hz"), ("joint_state_topic", "joint_state_topic"),
+    for flag, name in (("rate", "inference_rate_hz"), ("joint_state_topic", "joint_state_topic"),
                        ("prompt_topic", "prompt_topic"), ("delay", "inference_delay_steps")):
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
@@ -180,7 +164,7 @@ def make_jobs(args: argparse.Namespace, setup: ReplaySetup, backends: list[str])
     bags = find_bags(args.bags)
     single = len(bags) == 1
     meta = {"command": " ".join(sys.argv), "config": args.config, "backends": backends} | {
-        k: v for k, v in setup.params.runner_kwargs().items() if k in ("preset", "checkpoint", "device", "seed")}
+        k: getattr(setup.params, k) or None for k in ("preset", "checkpoint", "device", "seed")}
     jobs = []
     for bag, name in zip(bags, report_names(bags), strict=True):
         out = Path(args.out) if single else Path(args.out) / name

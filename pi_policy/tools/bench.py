@@ -1,8 +1,9 @@
-"""`pi-policy bench`: the fixed workload of BENCHMARKING.md, timed per stage, as a table and a JSON file."""
+"""`pi-policy bench`: the fixed benchmark workload (docs/performance.md), timed per stage, as a table and JSON."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import platform
@@ -12,13 +13,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pi_policy.model.tokenizer import PROMPT_FORMATS
-from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_model, build_runner
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTC_MODES, RTCSettings, parse_stages
+from pi_policy.runtime.options import RTC_MODES, RTCSettings
 from pi_policy.runtime.roofline import format_roofline, measure_peaks, roofline
+from pi_policy.runtime.spec import RunnerSpec
 from pi_policy.runtime.stats import action_accuracy, action_stats, comparison_table, stage_table, summarize
-from pi_policy.tools.flags import add_fp8_arguments, fp8_options
+from pi_policy.tools.flags import (
+    add_compile_argument,
+    add_fp8_arguments,
+    add_model_arguments,
+    default_device,
+    spec_from_args,
+)
 from pi_policy.tools.synthetic import synthetic_observation
 
 
@@ -35,54 +41,48 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), cameras: int = 3, iters: int = 200,
-              device: str = "cuda", checkpoint: str | None = None, seed: int = 0, progress: bool = True,
-              engine: str | None = None, compile_stages: tuple[str, ...] | None = None,
-              fp8_options: dict | None = None, roofline_peaks: dict | None = None,
-              prompt_format: str = "auto", denoise: tuple[str, ...] = (),
-              rtc_modes: tuple[str, ...] = ()) -> dict:
-    """The BENCHMARKING.md workload: each backend (x each denoise, when several are given) on the same
-    observation and noise; the first configuration is the baseline of the comparison and accuracy blocks. With
-    roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or {"measure": True} on a GPU) each configuration also gets
-    the roofline of its stages.
+def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: tuple[str, ...] = (),
+              rtc_modes: tuple[str, ...] = (), iters: int = 200, roofline_peaks: dict | None = None) -> dict:
+    """The benchmark workload (docs/performance.md) on `spec`'s model: each backend (x each denoise, when several
+    are given) on the same observation and noise; the first configuration is the baseline of the comparison and
+    accuracy blocks. With roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or {"measure": True} on a GPU) each
+    configuration also gets the roofline of its stages.
 
     With rtc_modes, each real-time chunking mode is timed continuing a previous chunk: the runner's own first
     chunk with RTC_EXECUTED steps executed, and a delay of RTC_DELAY steps, so that every RTC operation runs.
     """
     if rtc_modes and len(denoise) > 1:
         raise ValueError("compare real-time chunking modes with one --denoise")
-    if not 1 <= cameras <= len(DEFAULT_CAMERAS):
-        raise ValueError(f"--cameras must be 1..{len(DEFAULT_CAMERAS)}")
-    model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)  # buffers and graphs for N views
+    spec = spec.replace(require_assets=False)  # timing only: no robot
+    model = build_model(spec)  # one set of weights for every configuration; buffers and graphs for its views
     cfg = model.cfg
-    names = list(DEFAULT_CAMERAS[:cameras])
-    obs = synthetic_observation(names, cfg.vision.image_size, seed=seed)
-    noise = np.random.default_rng(seed + 1).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
-    result = {"workload": {"preset": preset, "cameras": cameras, "prompt_tokens": cfg.max_token_len,
+    obs = synthetic_observation(list(spec.cameras.served), cfg.vision.image_size, seed=spec.seed)
+    noise = np.random.default_rng(spec.seed + 1).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
+    result = {"workload": {"preset": spec.preset, "cameras": spec.num_cameras, "prompt_tokens": cfg.max_token_len,
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
-                           "batch": 1, "iters": iters, "weights": checkpoint or f"random seed {seed}"},
+                           "batch": 1, "iters": iters, "weights": spec.checkpoint or f"random seed {spec.seed}"},
               "machine": machine_info(next(model.parameters()).device), "backends": {}}
     if rtc_modes:
         defaults = {k: v for k, v in vars(RTCSettings()).items() if k != "mode"}
         result["workload"]["rtc"] = {"executed_steps": RTC_EXECUTED, "delay": RTC_DELAY} | defaults
-    configs = [(b, d, m) for b in backends for d in (denoise or (None,)) for m in (rtc_modes or (None,))]
+    configs = [(b, d, m) for b in backends for d in (denoise or (spec.denoise,)) for m in (rtc_modes or (None,))]
+    choices = []
     for backend, den, mode in configs:
         name = (f"{backend}/{den}" if len(denoise) > 1 else backend) + ("" if mode is None else f"+rtc-{mode}")
-        runner = build_runner(model=model, backend=backend, camera_names=names, seed=seed, progress=progress,
-                              engine_path=engine, checkpoint=checkpoint, compile_stages=compile_stages,
-                              fp8_options=fp8_options, prompt_format=prompt_format, denoise=den,
-                              rtc=RTCSettings(mode) if mode else None,
-                              require_assets=False)  # timing only: no robot
+        runner = build_runner(spec, model=model, backend=backend, denoise=den,
+                              rtc=RTCSettings(mode) if mode else spec.rtc)
         actions = runner.infer(obs, noise=noise).actions
         cont = {}
         if mode not in (None, "off"):
             cont = {"prev_chunk": actions[RTC_EXECUTED:], "delay": RTC_DELAY}
             actions = runner.infer(obs, noise=noise, **cont).actions
         records = [runner.infer(obs, **cont).latency
-                   for _ in tqdm(range(iters), desc=f"bench {name}", disable=not progress, leave=False)]
+                   for _ in tqdm(range(iters), desc=f"bench {name}", disable=not spec.progress, leave=False)]
         entry = summarize(records) | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
+                                      "stages": {s: dataclasses.asdict(c) for s, c in runner.choices.items()},
                                       "actions": actions.tolist()}
         result["backends"][name] = entry
+        choices.append(runner.choices)
         del runner
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -91,10 +91,10 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
         peaks = measure_peaks(device) if roofline_peaks.get("measure") else dict(roofline_peaks)
         peaks.setdefault("fp8_tflops", 2 * peaks["bf16_tflops"])  # FP8 tensor cores: twice bf16 on Hopper and Thor
         result["roofline_peaks"] = peaks
-        for (backend, den, _), entry in zip(configs, result["backends"].values(), strict=True):
+        for ran, entry in zip(choices, result["backends"].values(), strict=True):
             measured = {s: entry[s]["p50"] for s in ("vision", "embed_prefix", "prefill", "denoise")}
-            entry["roofline"] = roofline(cfg, measured, peaks, prefill_fp8=backend in ("fp8", "tensorrt"),
-                                         denoise_fp8=den == "fp8")
+            entry["roofline"] = roofline(cfg, measured, peaks, prefill_fp8=ran["prefill"].impl in ("fp8", "tensorrt"),
+                                         denoise_fp8=ran["denoise"].impl == "fp8w")
     first, *rest = result["backends"]
     for name in rest:
         result["backends"][name]["accuracy_vs_" + first] = action_accuracy(
@@ -104,13 +104,13 @@ def run_bench(preset: str = "pi0", backends: tuple[str, ...] = ("bf16",), camera
     return result
 
 
-def ran_as(name: str, stage_backends: dict[str, str]) -> str:
+def ran_as(name: str, stages: dict[str, dict]) -> str:
     """A backend named by what its stages ran: its own name where the model is bf16 (a GPU); where it is not (a CPU
     runs float32), that dtype: 'float32' for bf16 and eager, 'fp8/float32' for fp8."""
-    dtype = stage_backends.get("vision", "bf16").split("-")[0]
+    dtype = stages["vision"]["dtype"]
     if dtype == "bf16":
         return name
-    return dtype if name in ("bf16", "eager") else f"{name}/{dtype}"
+    return dtype if name.split("/")[0].split("+")[0] in ("bf16", "eager") else f"{name}/{dtype}"
 
 
 RTC_EXECUTED, RTC_DELAY = 5, 4  # the previous chunk bench continues: 5 steps executed, the next 4 frozen
@@ -131,7 +131,7 @@ def format_result(result: dict) -> str:
     lines = [f"pi-policy bench: {w['preset']}, {w['cameras']} cameras, {w['denoise_steps']} steps, "
              f"{w['iters']} iters on {m.get('gpu', m['device'])} (torch {m['torch']})"]
     names = list(result["backends"])
-    label = {name: ran_as(name, result["backends"][name]["backends"]) for name in names}
+    label = {name: ran_as(name, result["backends"][name]["stages"]) for name in names}
     for name in names:
         e = result["backends"][name]
         title = f"backend {name}" if label[name] == name else \
@@ -160,28 +160,16 @@ def format_result(result: dict) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time each stage on the fixed benchmark workload")
-    p.add_argument("--preset", default="pi0", help="model preset: pi0, pi05, tiny, tiny05 (default: %(default)s)")
-    p.add_argument("--backend", action="append", choices=BACKEND_CHOICES,
-                   help="repeat to compare (the first is the baseline); default bf16 (float32 on a CPU)")
-    p.add_argument("--denoise", action="append", choices=DENOISE_BACKENDS,
-                   help="denoise: auto (the default: triton on a GPU, else bf16), bf16 (PyTorch), triton or fp8 (fused "
-                        "Triton expert); repeat to "
-                        "compare (the first is the baseline)")
-    p.add_argument("--cameras", type=int, default=3, help="camera views the runner is built for, 1-3 (default 3)")
-    p.add_argument("--iters", type=int, default=200, help="timed inferences per backend (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--checkpoint", help="safetensors checkpoint (file or folder); default: random weights")
-    p.add_argument("--prompt-format", default="auto", choices=("auto", *PROMPT_FORMATS),
-                   help="how the checkpoint's trainer wrote prompts (default: detected beside it)")
+    p = sub.add_parser("bench", help="time each stage on the fixed benchmark workload",
+                       description="Time each stage (p50/p99 over --iters inferences) of one or more configurations "
+                                   "on the same observation and noise; the first configuration is the baseline of "
+                                   "the comparison and accuracy blocks.")
+    add_model_arguments(p, {"preset": "pi0", "device": default_device()}, repeat=("--backend", "--denoise"))
     p.add_argument("--rtc", action="append", choices=RTC_MODES,
                    help="real-time chunking mode; repeat to compare (e.g. --rtc off --rtc inpaint --rtc guided)")
-    p.add_argument("--engine", help="TensorRT engine for --backend tensorrt")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=200, help="timed inferences per backend (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--compile", default=None,
-                   help="comma-separated stages to torch.compile; default prefill,denoise on CUDA; 'none' for none")
+    add_compile_argument(p)
     p.add_argument("--roofline", action="store_true",
                    help="per stage: FLOPs and bytes, the floor on this GPU (peaks measured here, or --peak-*), the "
                         "achieved fraction, and a projection for Jetson Thor")
@@ -192,10 +180,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_bench(args.preset, tuple(args.backend or ["bf16"]), args.cameras, args.iters, args.device,
-                       args.checkpoint, args.seed, True, args.engine, parse_stages(args.compile),
-                       fp8_options(args), roofline_peaks(args), args.prompt_format, tuple(args.denoise or ()),
-                       tuple(dict.fromkeys(args.rtc or ())))
+    spec = spec_from_args(args)
+    result = run_bench(spec, tuple(args.backend or [spec.backend]), tuple(args.denoise or ()),
+                       tuple(dict.fromkeys(args.rtc or ())), args.iters, roofline_peaks(args))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

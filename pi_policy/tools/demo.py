@@ -12,19 +12,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pi_policy.observation import DEFAULT_CAMERAS
 from pi_policy.runtime import build_runner
-from pi_policy.runtime.options import DENOISE_BACKENDS
+from pi_policy.runtime.spec import RunnerSpec
 from pi_policy.runtime.stats import action_stats, stage_table, summarize
+from pi_policy.tools.flags import add_model_arguments, spec_from_args
 from pi_policy.tools.synthetic import synthetic_observation
 
 
-def run_demo(preset: str = "tiny", device: str = "cpu", iters: int = 20, seed: int = 0, progress: bool = True,
-             out: str | Path | None = "reports/demo", denoise: str | None = None) -> dict:
+def run_demo(spec: RunnerSpec | None = None, iters: int = 20, out: str | Path | None = "reports/demo") -> dict:
     """Synthetic observations through every stage (latency table, action statistics); then, with `out`,
     a generated rosbag replayed through the node's own logic into an evaluation report."""
     t0 = time.perf_counter()
-    runner = build_runner(preset, device=device, seed=seed, progress=progress, denoise=denoise)
+    spec = spec or RunnerSpec()
+    preset, device, seed, progress = spec.preset, spec.device, spec.seed, spec.progress
+    runner = build_runner(spec)
     if runner.backend_note:
         print(f"note: {runner.backend_note}")
     cfg = runner.cfg
@@ -32,7 +33,7 @@ def run_demo(preset: str = "tiny", device: str = "cpu", iters: int = 20, seed: i
           f"{cfg.num_cameras} cameras x {cfg.vision.num_tokens} tokens + {cfg.max_token_len} prompt tokens, "
           f"{cfg.num_steps} denoise steps, horizon {cfg.horizon} on {device}; "
           f"start-up {time.perf_counter() - t0:.1f} s")
-    names = DEFAULT_CAMERAS[: cfg.num_cameras]
+    names = runner.camera_names
     records, actions = [], None
     rng = np.random.default_rng(seed)
     for i in tqdm(range(iters), desc="demo", disable=not progress, leave=False):
@@ -74,24 +75,22 @@ def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, prog
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on a tiny built-in model (CPU, seconds)")
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, tiny05, pi0, pi05 (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    p = sub.add_parser("demo", help="run the whole pipeline on a tiny built-in model (CPU, seconds)",
+                       description="The whole pipeline on a model preset (tiny on a CPU by default): synthetic "
+                                   "cameras and joint states through every stage, then a generated rosbag replayed "
+                                   "through the node's logic into an evaluation report.")
+    add_model_arguments(p, {"preset": "tiny", "device": "cpu"}, skip=("--backend", "--engine"), cameras=False)
     p.add_argument("--iters", type=int, default=20, help="inferences on synthetic inputs (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default: %(default)s)")
     p.add_argument("--out", default="reports/demo", help="where the generated bag and its report go")
     p.add_argument("--no-bag", action="store_true", help="skip the rosbag replay")
-    p.add_argument("--denoise", choices=DENOISE_BACKENDS, default="auto",
-                   help="auto (the default: triton on a GPU, else bf16), bf16 (PyTorch), triton or fp8 (fused "
-                        "Triton expert)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"pi-policy demo: error: --device {args.device} but torch sees no CUDA GPU (use --device cpu)",
+    spec = spec_from_args(args)
+    if spec.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"pi-policy demo: error: --device {spec.device} but torch sees no CUDA GPU (use --device cpu)",
               file=sys.stderr)
         return 2
-    run_demo(args.preset, args.device, args.iters, args.seed, out=None if args.no_bag else args.out,
-             denoise=args.denoise)
+    run_demo(spec, args.iters, out=None if args.no_bag else args.out)
     return 0

@@ -12,21 +12,27 @@ from pathlib import Path
 
 import numpy as np
 
-from pi_policy.tools.flags import add_model_arguments
+from pi_policy.tools.flags import add_model_arguments, default_device, spec_from_args
 
 log = logging.getLogger(__name__)
+_NOT_A_PREFILL = ("--backend", "--denoise", "--engine")  # these commands make the FP8 prefill themselves
 
 
 def add_parser(subparsers) -> None:
     """Register calibrate and build-engine on an argparse subparsers object."""
-    c = subparsers.add_parser("calibrate", help="FP8 static activation scales from sample observations")
-    add_model_arguments(c)
+    c = subparsers.add_parser("calibrate", help="FP8 static activation scales from sample observations",
+                              description="Static FP8 activation scales for the prefill's linears, from the prefixes "
+                                          "a bf16 runner computes for sample observations; written as JSON for "
+                                          "--fp8-calibration and build-engine --calibration.")
+    add_model_arguments(c, {"device": default_device()}, skip=_NOT_A_PREFILL)
     c.add_argument("--samples", type=int, default=8, help="number of sample observations (default 8)")
     c.add_argument("--out", required=True, help="calibration JSON to write")
     c.set_defaults(func=run_calibrate)
 
-    b = subparsers.add_parser("build-engine", help="export the FP8 prefill to ONNX and build a TensorRT engine")
-    add_model_arguments(b)
+    b = subparsers.add_parser("build-engine", help="export the FP8 prefill to ONNX and build a TensorRT engine",
+                              description="Export the FP8 prefill (Q/DQ) to ONNX, check it, and where TensorRT is "
+                                          "installed build a strongly typed engine with its metadata.")
+    add_model_arguments(b, {"device": default_device()}, skip=_NOT_A_PREFILL)
     b.add_argument("--out", required=True, help="output folder: prefill.onnx, prefill.engine, prefill.engine.json")
     b.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate on --samples now)")
     b.add_argument("--samples", type=int, default=4, help="sample observations to calibrate on (default 4)")
@@ -38,7 +44,7 @@ def add_parser(subparsers) -> None:
 
 
 
-def _samples(model, args, n: int):
+def _samples(model, spec, n: int):
     """Calibration inputs: the prefix a BF16 runner over `model` computes for n synthetic observations."""
     from pi_policy.runtime import build_runner
     from pi_policy.tools.synthetic import sample_observations
@@ -46,12 +52,10 @@ def _samples(model, args, n: int):
 
     if n < 1:
         raise ValueError("need at least one calibration sample")
-    runner = build_runner(args.preset, args.checkpoint, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                          device=args.device, backend="bf16", seed=args.seed, model=model, warmup=False,
-                          progress=not args.no_progress, prompt_format=args.prompt_format)
+    runner = build_runner(spec, model=model, backend="bf16", warmup=False)
     cfg = model.cfg
     obs = sample_observations(runner.camera_names, cfg.vision.image_size, runner.normalizer.action_dim, n,
-                              args.seed + 100)
+                              spec.seed + 100)
     noise = np.zeros((cfg.horizon, cfg.action_dim), np.float32)
     return calibration_samples(runner, obs, noise)
 
@@ -62,8 +66,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
     from pi_policy.runtime.prefill.tensorrt import weights_tag
 
-    model = build_model(args.preset, args.checkpoint, args.device, args.seed, num_cameras=args.cameras)
-    choice = build_fp8_prefill(model, calibration=_samples(model, args, args.samples), progress=not args.no_progress)
+    spec = spec_from_args(args)
+    model = build_model(spec)
+    choice = build_fp8_prefill(model, calibration=_samples(model, spec, args.samples), progress=spec.progress)
     amax = {name: float(lin.act_scale) * 448.0 for name, lin in choice.fn.linears().items()
             if lin.act_scale is not None}
     path = save_calibration(args.out, amax, {"preset": args.preset, "samples": args.samples,
@@ -83,10 +88,10 @@ def run_build_engine(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.preset, args.checkpoint, args.device, args.seed, num_cameras=args.cameras)
-    calibration = args.calibration or _samples(model, args, args.samples)
-    choice = build_fp8_prefill(model, calibration=calibration, per_channel=args.per_channel,
-                               progress=not args.no_progress)
+    spec = spec_from_args(args)
+    model = build_model(spec)
+    calibration = args.calibration or _samples(model, spec, args.samples)
+    choice = build_fp8_prefill(model, calibration=calibration, per_channel=args.per_channel, progress=spec.progress)
     t0 = time.perf_counter()
     info = export_prefill_onnx(choice.fn, out / "prefill.onnx", opset=args.opset)
     layers = layers_in_graph(out / "prefill.onnx")

@@ -1,47 +1,172 @@
-"""Command-line flags that several subcommands share, and their translation into library arguments."""
+"""The command line's model flags, declared once, and their translation into a RunnerSpec or node parameters.
+
+Commands that build a runner from flags (demo, bench, verify, calibrate, build-engine) take them with defaults and
+get a RunnerSpec from `spec_from_args`. Commands that read the node's parameter file (eval-bag, serve) take the same
+flags as overrides of the file, plus `--set PARAM=VALUE` for any parameter, parsed once by `param_overrides`.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import torch
+import yaml
 
-from pi_policy.model.tokenizer import PROMPT_FORMATS
-from pi_policy.runtime.options import BACKEND_CHOICES
+from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
+from pi_policy.model.config import PRESETS
+from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, parse_stages
+from pi_policy.runtime.spec import FP8_LINEARS, PROMPT_FORMATS, FP8Options, RunnerSpec
 
 
-def add_model_arguments(p: argparse.ArgumentParser, preset: str = "tiny") -> None:
-    """Which model: preset, weights, statistics, tokenizer, seed, device; and --no-progress."""
-    p.add_argument("--preset", default=preset, help=f"model preset: pi0, pi05, tiny, tiny05 (default {preset})")
-    p.add_argument("--checkpoint", default=None, help="safetensors checkpoint (file or folder); default: random")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda when available)")
-    p.add_argument("--prompt-format", default="auto", choices=("auto", *PROMPT_FORMATS),
-                   help="how the checkpoint's trainer wrote prompts (default: detected beside it)")
-    p.add_argument("--norm-stats", default=None,
-                   help="openpi norm_stats.json or LeRobot checkpoint folder (default: found beside the checkpoint)")
-    p.add_argument("--tokenizer", default=None, help="PaliGemma SentencePiece model")
-    p.add_argument("--cameras", type=int, default=None,
-                   help="camera views the runner (or engine) is built for, 1-3 (default: the preset's 3)")
+@dataclass(frozen=True)
+class Flag:
+    """One model flag: its RunnerSpec field and the node parameter it overrides."""
+
+    name: str
+    field: str
+    param: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+
+MODEL_FLAGS = (
+    Flag("--preset", "preset", "preset", f"model preset: {', '.join(PRESETS)}"),
+    Flag("--checkpoint", "checkpoint", "checkpoint",
+         "safetensors checkpoint (file or folder, openpi's or LeRobot's); none or '' = random weights"),
+    Flag("--norm-stats", "norm_stats", "norm_stats",
+         "openpi norm_stats.json or LeRobot checkpoint folder (default: found beside the checkpoint)"),
+    Flag("--tokenizer", "tokenizer", "tokenizer",
+         "PaliGemma SentencePiece model (default: found beside the checkpoint)"),
+    Flag("--prompt-format", "prompt_format", "prompt_format",
+         "how the checkpoint's trainer wrote prompts (auto: detected beside it)", choices=PROMPT_FORMATS),
+    Flag("--seed", "seed", "seed", "seed for random weights, inputs and the denoising noise", type=int),
+    Flag("--device", "device", "device", "torch device: cpu, cuda or cuda:N"),
+    Flag("--backend", "backend", "backend", "prefill backend; eager = bf16 without CUDA graphs or torch.compile",
+         choices=BACKEND_CHOICES),
+    Flag("--denoise", "denoise", "denoise_backend",
+         "denoise backend: auto (the fused Triton expert on a GPU, PyTorch elsewhere or with real-time chunking), "
+         "bf16 (the PyTorch expert), triton or fp8 (the fused expert, bf16 or FP8 weights)", choices=DENOISE_BACKENDS),
+    Flag("--engine", "engine_path", "engine_path", "TensorRT engine for --backend tensorrt"),
+)
+_BY_NAME = {f.name: f for f in MODEL_FLAGS}
+# what eval-bag and serve let the command line override in the node parameter file (besides --set)
+CONFIG_FLAGS = ("--preset", "--checkpoint", "--prompt-format", "--device", "--backend", "--denoise")
+
+
+def default_device() -> str:
+    import torch  # the commands that build a model import torch anyway
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
+                        repeat: tuple[str, ...] = (), skip: tuple[str, ...] = (), cameras: bool = True) -> None:
+    """The model flags with defaults (`defaults`: spec field -> value, over RunnerSpec's own); flags in `repeat`
+    may be given several times (bench compares them; the first is the baseline); --cameras N and --no-progress."""
+    base = RunnerSpec()
+    for flag in MODEL_FLAGS:
+        if flag.name in skip:
+            continue
+        default = (defaults or {}).get(flag.field, getattr(base, flag.field))
+        if flag.name in repeat:
+            p.add_argument(flag.name, action="append", type=flag.type, choices=flag.choices, dest=flag.field,
+                           help=f"{flag.help}; repeat to compare (the first is the baseline; default {default})")
+        else:
+            shown = "" if default in (None, "") else f" (default: {default})"
+            p.add_argument(flag.name, type=flag.type, choices=flag.choices, default=default, dest=flag.field,
+                           help=flag.help + shown)
+    if cameras:
+        p.add_argument("--cameras", type=int, default=None, metavar="N",
+                       help=f"camera views the runner (or engine) is built for, 1-{len(DEFAULT_CAMERAS)} (default: "
+                            "the preset's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_backend_argument(p: argparse.ArgumentParser, repeat: bool = False, **kwargs) -> None:
-    help_text = kwargs.pop("help", "prefill backend; eager = bf16 without CUDA graphs or torch.compile")
-    p.add_argument("--backend", action="append" if repeat else "store", choices=BACKEND_CHOICES, help=help_text,
-                   **kwargs)
+def add_fp8_arguments(p: argparse.ArgumentParser) -> None:
+    """The fp8 prefill's options."""
+    p.add_argument("--fp8-keep-bf16", default="", metavar="LINEARS",
+                   help=f"fp8: comma-separated linears left in bf16 ({','.join(FP8_LINEARS)})")
+    p.add_argument("--fp8-exact-accum", action="store_true",
+                   help="fp8: exact accumulation in the FP8 GEMMs (use_fast_accum=False; slower)")
+    p.add_argument("--fp8-per-channel", action="store_true", help="fp8: per-output-channel weight scales")
+    p.add_argument("--fp8-calibration", default=None, metavar="JSON",
+                   help="fp8: static activation scales from pi-policy calibrate (default: dynamic scales)")
 
 
-def add_fp8_arguments(parser: argparse.ArgumentParser) -> None:
-    """The fp8 backend's options, shared by `bench` and `verify`."""
-    parser.add_argument("--fp8-keep-bf16", default="",
-                        help="fp8: comma-separated linears left in bf16 (wqkv,wo,mlp.gate_up,mlp.down)")
-    parser.add_argument("--fp8-exact-accum", action="store_true",
-                        help="fp8: exact accumulation in the FP8 GEMMs (use_fast_accum=False; slower)")
-    parser.add_argument("--fp8-per-channel", action="store_true", help="fp8: per-output-channel weight scales")
+def add_compile_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", default=None, metavar="STAGES",
+                   help="comma-separated stages to torch.compile; default prefill,denoise on CUDA; 'none' for none")
 
 
-def fp8_options(args: argparse.Namespace) -> dict:
-    return {"keep_bf16": tuple(x for x in args.fp8_keep_bf16.split(",") if x),
-            "fast_accum": not args.fp8_exact_accum, "per_channel": args.fp8_per_channel}
+def camera_set(n: int | None) -> CameraSet:
+    """The first n of the model's cameras (all of them when n is None)."""
+    if n is None:
+        return CameraSet()
+    if not 1 <= n <= len(DEFAULT_CAMERAS):
+        raise ValueError(f"--cameras must be 1..{len(DEFAULT_CAMERAS)}, got {n}")
+    return CameraSet.of(DEFAULT_CAMERAS[:n])
+
+
+def spec_from_args(args: argparse.Namespace, **fixed) -> RunnerSpec:
+    """The RunnerSpec the flags describe; `fixed`: fields the command sets itself (a repeated flag's value, say)."""
+    values: dict[str, Any] = {}
+    for flag in MODEL_FLAGS:
+        if flag.field in vars(args):
+            value = getattr(args, flag.field)
+            values[flag.field] = value[0] if isinstance(value, list) else value
+    for name in ("checkpoint", "norm_stats", "tokenizer", "engine_path"):
+        values[name] = values.get(name) or None
+    if "cameras" in vars(args):
+        values["cameras"] = camera_set(args.cameras)
+    if "compile" in vars(args):
+        values["compile_stages"] = parse_stages(args.compile)
+    if "fp8_keep_bf16" in vars(args):
+        values["fp8"] = FP8Options(tuple(x for x in args.fp8_keep_bf16.split(",") if x), not args.fp8_exact_accum,
+                                   args.fp8_per_channel, args.fp8_calibration)
+    values["progress"] = not getattr(args, "no_progress", False)
+    values = {k: v for k, v in values.items() if v is not None or k in ("checkpoint", "norm_stats", "tokenizer",
+                                                                          "engine_path")}
+    return RunnerSpec(**(values | fixed)).validate()
+
+
+def add_config_overrides(p: argparse.ArgumentParser, flags: tuple[str, ...], repeat: tuple[str, ...] = ()) -> None:
+    """Model flags that override the node parameter file's values, and --set for any parameter."""
+    for name in flags:
+        flag = _BY_NAME[name]
+        if name in repeat:
+            p.add_argument(name, action="append", type=flag.type, choices=flag.choices, dest=flag.field,
+                           help=f"{flag.help}; repeat to compare (the first is the baseline). Default: the config's")
+        else:
+            p.add_argument(name, type=flag.type, choices=flag.choices, dest=flag.field,
+                           help=f"override the config's {flag.param}: {flag.help}")
+    p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="overrides",
+                   help="override any node parameter; VALUE in YAML syntax (e.g. max_observation_age_s=0.3, "
+                        "required_cameras=[base_0_rgb]); PARAM= (nothing after =) is the empty string")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """--set PARAM=VALUE items -> parameter values; VALUE is YAML, and an empty VALUE the empty string."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected PARAM=VALUE")
+        try:
+            values[key.strip()] = "" if raw.strip() == "" else yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: VALUE is not YAML ({' '.join(str(e).split())})") from None
+    return values
+
+
+def param_overrides(args: argparse.Namespace, repeat: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The node parameters the command line sets: --set items, then the model flags given (which win); a repeated
+    flag sets its first value."""
+    values = parse_set(args.overrides)
+    for flag in MODEL_FLAGS:
+        value = getattr(args, flag.field, None)
+        if value is not None:
+            values[flag.param] = value[0] if flag.name in repeat and isinstance(value, list) else value
+    return values

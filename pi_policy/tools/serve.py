@@ -8,9 +8,7 @@ import os
 import signal
 import socket
 
-import yaml
-
-from pi_policy.node.params import ParamError
+from pi_policy.tools.flags import CONFIG_FLAGS, add_config_overrides, param_overrides
 
 API_KEY_ENV = "PI_POLICY_API_KEY"
 
@@ -23,29 +21,11 @@ def add_parser(subparsers) -> None:
                    help="node parameter file with a 'serve:' section, e.g. config/serve_libero.yaml")
     p.add_argument("--host", help="interface to listen on (default: the config's, else 0.0.0.0)")
     p.add_argument("--port", type=int, help="TCP port, 0 = any free one (default: the config's, else 8000)")
-    p.add_argument("--preset", help="override the config's model preset (e.g. tiny)")
-    p.add_argument("--device", help="override the config's device (e.g. cpu)")
-    p.add_argument("--backend", help="override the config's prefill backend")
-    p.add_argument("--checkpoint", help="override the config's checkpoint ('' = random weights, tiny only)")
-    p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE", dest="overrides",
-                   help="override any node parameter (value in YAML syntax, e.g. norm_stats='')")
+    add_config_overrides(p, CONFIG_FLAGS)
     p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",
                    help="environment variable holding the API key; when it is set, clients must send "
                         "'Authorization: Api-Key <key>' (default: %(default)s)")
     p.set_defaults(func=run)
-
-
-def _overrides(args: argparse.Namespace) -> dict:
-    values = {}
-    for item in args.overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ParamError(f"--set {item!r}: expected PARAM=VALUE")
-        values[key.strip()] = "" if raw == "" else yaml.safe_load(raw)
-    for name in ("preset", "device", "backend", "checkpoint"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    return values
 
 
 def _interrupt(signum, frame) -> None:
@@ -57,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from pi_policy.serve.config import load_serve_config
     from pi_policy.serve.server import PolicyServer
 
-    cfg = load_serve_config(args.config, _overrides(args))
+    cfg = load_serve_config(args.config, param_overrides(args))
     cfg.host = args.host if args.host is not None else cfg.host
     cfg.port = args.port if args.port is not None else cfg.port
     try:  # before the model loads, which can take minutes
@@ -66,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from None
     api_key = os.environ.get(args.api_key_env) or None
-    server = PolicyServer(lambda: build_runner(**cfg.params.runner_kwargs()), cfg, api_key)
+    server = PolicyServer(lambda: build_runner(cfg.params.runner_spec()), cfg, api_key)
     r = server.runner
 
     def ready(port: int) -> None:

@@ -20,13 +20,15 @@ import torch
 from pi_policy.model.checkpoint import weights_fingerprint
 from pi_policy.observation import Observation
 from pi_policy.runtime import build_model, build_runner
-from pi_policy.runtime.expert import NAMES
+from pi_policy.runtime.choice import FUSED_DENOISE
 from pi_policy.runtime.options import PREFILL_BACKENDS
+from pi_policy.runtime.spec import RunnerSpec
 from pi_policy.runtime.stats import relative_error
-from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, fp8_options
+from pi_policy.tools.flags import add_fp8_arguments, add_model_arguments, spec_from_args
 from pi_policy.tools.synthetic import sample_observations
 
 CANDIDATES = PREFILL_BACKENDS  # bf16: the prefill unchanged, a fused denoise (--denoise) is the candidate
+CANDIDATE_DENOISE = ("bf16", *FUSED_DENOISE)  # bf16: the PyTorch expert, as the baseline
 
 
 class VerifyError(RuntimeError):
@@ -80,15 +82,15 @@ def compare(base: Captured, cand: Captured) -> dict:
             "kv_layers": layers}
 
 
-def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = None, device: str = "cpu",
-           seed: int = 0, engine_path: str | None = None, max_rel_error: float = 0.03, scales: str = "dynamic",
-           calibration_samples_n: int = 4, check_baseline: bool = False, progress: bool = True,
-           norm_stats: str | None = None, tokenizer: str | None = None, fp8_options: dict | None = None,
-           cameras: int | None = None, prompt_format: str = "auto", denoise: str = "bf16") -> dict:
-    """Run the comparison; returns the report (report["passed"] says whether rel_error <= max_rel_error).
-    The baseline always runs the PyTorch denoise; `denoise` is the candidate's."""
-    if denoise not in NAMES and denoise != "bf16":
-        raise VerifyError(f"unknown denoise {denoise!r}; choose one of bf16, {', '.join(NAMES)}")
+def verify(backend: str = "fp8", spec: RunnerSpec | None = None, max_rel_error: float = 0.03,
+           scales: str = "dynamic", calibration_samples_n: int = 4, check_baseline: bool = False,
+           denoise: str = "bf16") -> dict:
+    """Run the comparison of the candidate (prefill `backend`, denoise `denoise`) with the baseline on `spec`'s
+    model; returns the report (report["passed"] says whether rel_error <= max_rel_error). The baseline always runs
+    the bf16 prefill and the PyTorch denoise."""
+    spec = spec or RunnerSpec()
+    if denoise not in CANDIDATE_DENOISE:
+        raise VerifyError(f"unknown denoise {denoise!r}; choose one of {', '.join(CANDIDATE_DENOISE)}")
     if backend == "bf16" and denoise == "bf16":
         raise VerifyError("nothing to compare: the candidate is the baseline (give --backend fp8|tensorrt or "
                           "--denoise triton|fp8)")
@@ -99,38 +101,35 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     if not (max_rel_error > 0):
         raise VerifyError(f"--max-rel-error must be > 0, got {max_rel_error}")
     t0 = time.perf_counter()
-    common = dict(norm_stats=norm_stats, tokenizer=tokenizer, seed=seed, progress=progress,
-                  prompt_format=prompt_format)
 
     # 1. The baseline: its own model instance, fingerprinted, run first.
-    base_model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)
+    base_model = build_model(spec)
     fp_before = weights_fingerprint(base_model)
-    base_runner = build_runner(preset, checkpoint, device=device, backend="bf16", model=base_model, denoise="bf16",
-                               **common)
+    base_runner = build_runner(spec, model=base_model, backend="bf16", denoise="bf16")
     cfg = base_model.cfg
     state_dim = base_runner.normalizer.action_dim
     obs, *calib_obs = sample_observations(base_runner.camera_names, cfg.vision.image_size, state_dim,
-                                          1 + calibration_samples_n, seed + 1)
-    noise = np.random.default_rng(seed + 2).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
+                                          1 + calibration_samples_n, spec.seed + 1)
+    noise = np.random.default_rng(spec.seed + 2).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
     base = capture(base_runner, obs, noise)
 
     # 2. The candidate: a second instance with the same weights.
-    cand_model = build_model(preset, checkpoint, device, seed, num_cameras=cameras)
+    cand_model = build_model(spec)
     if weights_fingerprint(cand_model) != fp_before:
         raise VerifyError("the candidate's model instance does not hold the baseline's weights (non-deterministic "
                           "load?); the comparison would be meaningless")
-    extra = {"fp8_options": dict(fp8_options or {})} if backend == "fp8" else {}
+    calibration = None
     if backend == "fp8" and scales == "static":
-        extra["calibration"] = calibration_samples(base_runner, calib_obs, noise)
-    cand_runner = build_runner(preset, checkpoint, device=device, backend=backend, model=cand_model,
-                               engine_path=engine_path, denoise=denoise, **extra, **common)
-    note = getattr(cand_runner, "backend_note", "")
+        calibration = calibration_samples(base_runner, calib_obs, noise)
+    cand_runner = build_runner(spec, model=cand_model, backend=backend, denoise=denoise, calibration=calibration)
+    note = cand_runner.backend_note
     cand = capture(cand_runner, obs, noise)
-    if backend != "bf16" and not cand.prefill_backend.startswith(backend):
-        raise VerifyError(f"candidate backend {backend!r} did not run (prefill ran as {cand.prefill_backend!r}): "
+    ran = cand_runner.choices
+    if backend != "bf16" and ran["prefill"].impl != backend:
+        raise VerifyError(f"candidate backend {backend!r} did not run (prefill ran as {ran['prefill'].label!r}): "
                           f"{note or 'no reason given'}")
-    if denoise != "bf16" and not cand.denoise_backend.startswith(NAMES[denoise]):
-        raise VerifyError(f"candidate denoise {denoise!r} did not run (denoise ran as {cand.denoise_backend!r}): "
+    if denoise != "bf16" and ran["denoise"].impl != FUSED_DENOISE[denoise]:
+        raise VerifyError(f"candidate denoise {denoise!r} did not run (denoise ran as {ran['denoise'].label!r}): "
                           f"{note or 'no reason given'}")
 
     # 3. The baseline's weights must be exactly what they were.
@@ -141,10 +140,12 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
 
     report = {"backend": backend, "baseline_backend": base.prefill_backend, "candidate_backend": cand.prefill_backend,
               "baseline_denoise": base.denoise_backend, "candidate_denoise": cand.denoise_backend,
-              "candidate_note": note, "preset": preset, "checkpoint": checkpoint or f"random-seed-{seed}",
+              "candidate_note": note, "preset": spec.preset,
+              "checkpoint": spec.checkpoint or f"random-seed-{spec.seed}",
               "device": str(next(base_model.parameters()).device),
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else None,
-              "torch": torch.__version__, "seed": seed, "scales": scales if backend == "fp8" else None,
+              "baseline_dtype": base_runner.choices["prefill"].dtype,
+              "gpu": torch.cuda.get_device_name() if spec.device != "cpu" and torch.cuda.is_available() else None,
+              "torch": torch.__version__, "seed": spec.seed, "scales": scales if backend == "fp8" else None,
               "weights_fingerprint_before": fp_before, "weights_fingerprint_after": fp_after,
               "baseline_prefill_ms": base.prefill_ms, "candidate_prefill_ms": cand.prefill_ms,
               **compare(base, cand), "max_rel_error": max_rel_error}
@@ -161,15 +162,9 @@ def verify(backend: str = "fp8", preset: str = "tiny", checkpoint: str | None = 
     return report
 
 
-def baseline_label(baseline_backend: str) -> str:
-    """The baseline by its real dtype: BF16 on a GPU, float32 on a CPU (where the model runs in float32)."""
-    dtype = baseline_backend.split("-")[0]
-    return "BF16" if dtype == "bf16" else dtype
-
-
 def format_report(r: dict) -> str:
     b, c = r["baseline"], r["candidate"]
-    base = baseline_label(r["baseline_backend"])
+    base = "BF16" if r["baseline_dtype"] == "bf16" else r["baseline_dtype"]
     lines = [
         f"verify {r['candidate_backend']} + denoise {r['candidate_denoise']} vs {r['baseline_backend']} + denoise "
         f"{r['baseline_denoise']} ({r['preset']}, {r['checkpoint']}, "
@@ -205,14 +200,17 @@ def write_report(report: dict, path: str | Path) -> Path:
 
 def add_parser(subparsers) -> None:
     v = subparsers.add_parser("verify", help="compare a prefill backend (fp8, tensorrt) with the untouched baseline "
-                                                     "(bf16 on a GPU, float32 on a CPU)")
-    add_model_arguments(v)
+                                                     "(bf16 on a GPU, float32 on a CPU)",
+                              description="Run a candidate prefill (or fused denoise) and the untouched baseline on "
+                                          "the same observation and noise: action and per-layer K/V errors, weight "
+                                          "fingerprints; exit 1 above --max-rel-error.")
+    add_model_arguments(v, skip=("--backend", "--denoise"))
     v.add_argument("--backend", required=True, choices=CANDIDATES,
                    help="the candidate's prefill (bf16: unchanged, to verify a --denoise alone)")
-    v.add_argument("--denoise", default="bf16", choices=["bf16", *NAMES],
+    v.add_argument("--denoise", default="bf16", choices=CANDIDATE_DENOISE,
                    help="the candidate's denoise: bf16 (PyTorch, as the baseline), triton or fp8 (fused expert)")
-    v.add_argument("--engine", default=None, help="TensorRT engine (for --backend tensorrt)")
-    v.add_argument("--max-rel-error", type=float, default=0.03, help="fail above this action relative error")
+    v.add_argument("--max-rel-error", type=float, default=0.03,
+                   help="fail when the actions' relative error is above this fraction (default: %(default)s = 3%%)")
     v.add_argument("--scales", default="dynamic", choices=("dynamic", "static"), help="FP8 activation scales")
     v.add_argument("--calibration-samples", type=int, default=4, help="observations for static scales")
     v.add_argument("--check-baseline", action="store_true",
@@ -224,11 +222,8 @@ def add_parser(subparsers) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     try:
-        report = verify(args.backend, args.preset, args.checkpoint, args.device, args.seed, args.engine,
-                        args.max_rel_error, args.scales, args.calibration_samples, args.check_baseline,
-                        progress=not args.no_progress, norm_stats=args.norm_stats, tokenizer=args.tokenizer,
-                        fp8_options=fp8_options(args), cameras=args.cameras,
-                        prompt_format=args.prompt_format, denoise=args.denoise)
+        report = verify(args.backend, spec_from_args(args, backend="bf16", denoise="bf16"), args.max_rel_error,
+                        args.scales, args.calibration_samples, args.check_baseline, denoise=args.denoise)
     except VerifyError as e:
         print(f"verify: ERROR: {e}", file=sys.stderr)
         return 2

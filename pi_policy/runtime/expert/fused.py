@@ -142,7 +142,7 @@ class FusedExpert:
         attn = torch.empty((b * s, e.num_heads * e.head_dim), dtype=torch.bfloat16, device=x.device)
         h = torch.empty((b * s, e.mlp_dim), dtype=torch.bfloat16, device=x.device)
         ad = cfg.pi05
-        tiles = {name: kernels.tiles_for(name, self.fp8[name]) for name in MATRICES}
+        tiles = {name: kernels.TILES[name] for name in MATRICES}
         for i, lw in enumerate(self.layers):
             kernels.linear_splitk(x, lw["qkv"][0], qkv, wscale=lw["qkv"][1], ss=ss,
                                   mod=tab["mod_attn"][k, i] if ad else None, tiles=tiles["qkv"])

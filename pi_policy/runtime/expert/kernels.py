@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Tile sizes per kernel role (bn/bk: output columns and K per tile; split: K splits; warps, stages); a role with
-# a "_fp8" entry uses it for FP8 weights.
+# Tile sizes per kernel role (bn/bk: output columns and K per tile; split: K splits; warps, stages).
 TILES = {  # the best of sweeps on an H200 (scripts/gpu_expert_check.py --sweep), for bf16 and FP8 weights alike
     "qkv": dict(bn=128, bk=64, split=8, warps=4, stages=3),
     "wo": dict(bn=64, bk=128, split=8, warps=4, stages=3),
@@ -51,10 +50,6 @@ def _geglu(g, u):
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
-
-
-def tiles_for(role: str, fp8: bool = False) -> dict:
-    return TILES.get(f"{role}_fp8", TILES[role]) if fp8 else TILES[role]
 
 
 def _launch(t: dict) -> dict:
@@ -231,16 +226,17 @@ def _online_softmax(q, k, v, valid, m_i, l_i, acc, qk_scale):
 @triton.jit
 def _normed_rope(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, tok, ok, col, d, dr, sign, stride_qkv, K, eps,
                  HAS_BIAS: tl.constexpr, ROPE: tl.constexpr, D: tl.constexpr):
-    """Rows `tok` of the qkv accumulators at columns col + d: scaled by 1/rms, biased, rotated (RoPE), as bf16."""
+    """Rows `tok` of the qkv accumulators at columns col + d: scaled by 1/rms, biased, rotated (RoPE), as bf16.
+    col: one column offset, or one per row (a (rows, 1) block: the query rows of several heads)."""
     rs = 1.0 / tl.sqrt(tl.load(ss_ptr + tok, mask=ok, other=1.0) / K + eps)
     base = qkv_ptr + tok[:, None] * stride_qkv + col
     x = tl.load(base + d[None, :], mask=ok[:, None], other=0.0) * rs[:, None]
     if HAS_BIAS:
-        x = x + tl.load(bias_ptr + col + d)[None, :]
+        x = x + tl.load(bias_ptr + col + d[None, :])
     if ROPE:  # Gemma's half-split rotation: x * cos + [-x2, x1] * sin
         xr = tl.load(base + dr[None, :], mask=ok[:, None], other=0.0) * rs[:, None]
         if HAS_BIAS:
-            xr = xr + tl.load(bias_ptr + col + dr)[None, :]
+            xr = xr + tl.load(bias_ptr + col + dr[None, :])
         cos = tl.load(cos_ptr + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         sin = tl.load(sin_ptr + tok[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         x = x * cos + sign[None, :] * xr * sin
@@ -274,18 +270,9 @@ def _attn_split_tile(pid_r, split, bh, qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_p
     d = tl.arange(0, D)
     dr = (d + D // 2) % D
     sign = tl.where(d < D // 2, -1.0, 1.0)
-    tok = b * S + m
-    cos = tl.load(cos_ptr + tok[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    sin = tl.load(sin_ptr + tok[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-    # q: per-row columns h * D + d; gather with the row's head offset
-    rs = 1.0 / tl.sqrt(tl.load(ss_ptr + tok, mask=row_ok, other=1.0) / K + eps)
-    qbase = qkv_ptr + tok[:, None] * stride_qkv + h[:, None] * D
-    q = tl.load(qbase + d[None, :], mask=row_ok[:, None], other=0.0) * rs[:, None]
-    qr = tl.load(qbase + dr[None, :], mask=row_ok[:, None], other=0.0) * rs[:, None]
-    if HAS_BIAS:
-        q += tl.load(bias_ptr + h[:, None] * D + d[None, :])
-        qr += tl.load(bias_ptr + h[:, None] * D + dr[None, :])
-    q = (q * cos + sign[None, :] * qr * sin).to(tl.bfloat16)
+    # q: each row's own head columns h * D + d
+    q = _normed_rope(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, b * S + m, row_ok, h[:, None] * D, d, dr, sign,
+                     stride_qkv, K, eps, HAS_BIAS, True, D)
 
     m_i = tl.full((BM,), -1e30, dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from pi_policy.model.gemma import GemmaBlock
 from pi_policy.model.pi0 import PiModel
+from pi_policy.runtime.choice import Implementation
 from pi_policy.runtime.prefill.calibration import load_calibration
-from pi_policy.runtime.prefill.choice import PrefillChoice
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -273,7 +273,7 @@ class FP8Prefill:
 def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, bool] | None = None,
                       per_channel: bool = False, fast_accum: bool = True, kernel: str | None = None,
                       fuse_quant: bool = True, compile_blocks: bool | None = None, progress: bool = False,
-                      keep_bf16: tuple[str, ...] = ()) -> PrefillChoice:
+                      keep_bf16: tuple[str, ...] = ()) -> Implementation:
     """An FP8 prefill over quantized copies of the LLM blocks (the model itself is only read).
 
     calibration: None (dynamic per-call activation scales), a path to a calibration JSON, a dict of
@@ -317,4 +317,4 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
             prefill.set_amax({str(k): float(v) for k, v in calibration.items()})
         else:
             prefill.calibrate(calibration, progress=progress)
-    return PrefillChoice(prefill, "fp8", "; ".join(notes + [prefill.summary()]) if notes else "")
+    return Implementation(prefill, "fp8", "; ".join(notes + [prefill.summary()]) if notes else "")

@@ -16,7 +16,7 @@ import torch
 
 from pi_policy.model.checkpoint import file_fingerprint, weights_fingerprint
 from pi_policy.model.pi0 import PiModel
-from pi_policy.runtime.prefill.choice import PrefillChoice
+from pi_policy.runtime.choice import TORCH, Implementation
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +205,13 @@ def running_identity(model: PiModel, checkpoint: str | None, tensorrt_version: s
 
 
 def load_tensorrt_prefill(model: PiModel, engine_path: str | None, checkpoint: str | None,
-                          strict: bool = False) -> PrefillChoice:
-    """The TensorRT prefill, or a bf16 fallback with the reason (strict: raise EngineMismatch instead)."""
+                          strict: bool = False) -> Implementation:
+    """The TensorRT prefill, or the PyTorch one with the reason (strict: raise EngineMismatch instead)."""
 
-    def fallback(reason: str) -> PrefillChoice:
+    def fallback(reason: str) -> Implementation:
         if strict:
             raise EngineMismatch(reason)
-        return PrefillChoice(None, "bf16", f"{reason}: falling back to bf16")
+        return Implementation(None, TORCH, reason)
 
     device = next(model.parameters()).device
     if device.type != "cuda":
@@ -237,4 +237,4 @@ def load_tensorrt_prefill(model: PiModel, engine_path: str | None, checkpoint: s
         return fallback(str(e))
     log.info("tensorrt prefill: %s (%s layers, built with TensorRT %s)", engine_path, meta["layers_compiled"],
              meta["tensorrt_version"])
-    return PrefillChoice(fn, "tensorrt")
+    return Implementation(fn, "tensorrt")

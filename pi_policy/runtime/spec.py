@@ -1,0 +1,115 @@
+"""RunnerSpec: one frozen, torch-free description of a runner, built once and passed down.
+
+The node's parameters (`NodeParams.runner_spec()`), the command line (`tools.flags.spec_from_args`) and the
+server's config each produce one; `build_runner(spec)` is the one constructor. `validate()` gives the one-line
+errors a user sees before any model is built. Adding a runner setting means one field here (with its check in
+`validate`), one flag in `tools/flags.py`, one parameter row in `node/params.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from pi_policy.cameras import CameraSet
+from pi_policy.model.config import PRESETS
+from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTCSettings, parse_stages
+
+PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
+FP8_LINEARS = ("wqkv", "wo", "mlp.gate_up", "mlp.down")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class SpecError(ValueError):
+    """A runner description that cannot be built; the message lists every problem, one per line."""
+
+
+@dataclass(frozen=True)
+class FP8Options:
+    """The fp8 prefill's options (pi_policy.runtime.prefill.fp8.build_fp8_prefill)."""
+
+    keep_bf16: tuple[str, ...] = ()  # linears left in bf16 in every block
+    fast_accum: bool = True  # use_fast_accum of the FP8 GEMMs
+    per_channel: bool = False  # per-output-channel weight scales
+    calibration: str | None = None  # static activation scales (pi-policy calibrate's JSON); None: dynamic
+
+    def kwargs(self) -> dict:
+        return {"keep_bf16": self.keep_bf16, "fast_accum": self.fast_accum, "per_channel": self.per_channel}
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    # the model and what turns robot data into its inputs
+    preset: str = "tiny"
+    checkpoint: str | None = None  # safetensors file or checkpoint folder; None: random weights (seed)
+    norm_stats: str | None = None  # None: found beside the checkpoint
+    tokenizer: str | None = None  # None: found beside the checkpoint, else the byte tokenizer (tiny only)
+    prompt_format: str = "auto"
+    require_assets: bool = True  # False (latency benchmarks): a checkpoint without statistics or tokenizer runs
+    seed: int = 0  # random weights and the denoising noise
+    cameras: CameraSet = field(default_factory=CameraSet)  # the runner is built for cameras.served
+    action_dim: int | None = None  # the robot's (unpadded) action dims; None: the model's
+    # where and how each stage runs
+    device: str = "cpu"
+    backend: str = "bf16"  # the prefill: bf16, fp8, tensorrt, or eager (bf16 without graphs or compilation)
+    engine_path: str | None = None  # TensorRT engine (backend tensorrt)
+    denoise: str = "auto"  # auto, bf16 (PyTorch), triton or fp8 (the fused Triton expert)
+    cuda_graphs: bool = True
+    compile_stages: tuple[str, ...] | None = None  # None: the default (prefill and denoise on CUDA)
+    rtc: RTCSettings = field(default_factory=RTCSettings)
+    fp8: FP8Options = field(default_factory=FP8Options)
+    # start-up
+    warmup: bool = True
+    progress: bool = True
+
+    def replace(self, **changes) -> RunnerSpec:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_cameras(self) -> int:
+        return len(self.cameras.served)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.preset not in PRESETS:
+            out.append(f"unknown preset '{self.preset}'; choose one of {', '.join(sorted(PRESETS))}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            out.append(f"prompt_format '{self.prompt_format}' is not one of {', '.join(PROMPT_FORMATS)}")
+        if not _DEVICE.match(self.device):
+            out.append(f"device '{self.device}' is not cpu, cuda or cuda:N")
+        if self.backend not in BACKEND_CHOICES:
+            out.append(f"backend '{self.backend}' is not one of {', '.join(BACKEND_CHOICES)}")
+        if self.denoise not in DENOISE_BACKENDS:
+            out.append(f"denoise_backend '{self.denoise}' is not one of {', '.join(DENOISE_BACKENDS)}")
+        if self.backend == "tensorrt" and not self.engine_path:
+            out.append("backend tensorrt needs engine_path")
+        if self.compile_stages is not None:
+            try:
+                parse_stages(",".join(self.compile_stages) or "none")
+            except ValueError as e:
+                out.append(str(e))
+        out += self.cameras.problems()
+        if PRESETS.get(self.preset) is not None and self.num_cameras > PRESETS[self.preset].num_cameras:
+            out.append(f"preset {self.preset} takes at most {PRESETS[self.preset].num_cameras} cameras, "
+                       f"got {list(self.cameras.served)}")
+        for name in ("seed",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                out.append(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.action_dim is not None and (isinstance(self.action_dim, bool) or not isinstance(self.action_dim, int)
+                                            or self.action_dim < 1):
+            out.append(f"action_dim must be a whole number >= 1, got {self.action_dim!r}")
+        bad = [x for x in self.fp8.keep_bf16 if x not in FP8_LINEARS]
+        if bad:
+            out.append(f"fp8 keep_bf16 {bad}: choose from {', '.join(FP8_LINEARS)}")
+        if not isinstance(self.rtc, RTCSettings):
+            out.append(f"rtc must be RTCSettings, got {type(self.rtc).__name__}")
+        return out
+
+    def validate(self) -> RunnerSpec:
+        """self, or a SpecError listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise SpecError("invalid runner settings:\n  " + "\n  ".join(problems))
+        return self
