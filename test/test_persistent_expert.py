@@ -3,15 +3,20 @@ its task kinds against the PyTorch layers, and the whole denoise against the mod
 
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from interpreted_kernels import few_programs  # noqa: F401 - first: sets up Triton's interpreter
 from test_expert_kernels import cosine, expert_model, prefix, rel
 
-from pi_policy.model import get_config
+from pi_policy.cameras import DEFAULT_CAMERAS
+from pi_policy.model import PiModel, get_config, init_random
 from pi_policy.model.layers import attention
 from pi_policy.model.pi0 import euler_times, time_embedding
+from pi_policy.runtime import build_runner
+from pi_policy.runtime.expert import megakernel
+from pi_policy.runtime.expert import tasks as tasks_module
 from pi_policy.runtime.expert.fused import FusedExpert, dequantize
 from pi_policy.runtime.expert.persistent import PersistentExpert, task_tensors
 from pi_policy.runtime.expert.tasks import (
@@ -26,6 +31,8 @@ from pi_policy.runtime.expert.tasks import (
     stages,
     task_list,
 )
+from pi_policy.tools.cli import main
+from pi_policy.tools.synthetic import synthetic_observation
 
 # Large tiles: the interpreter's cost is per task. SPLIT: small K chunks and enough programs that every GEMM is
 # split over K into several ranges of several chunks each.
@@ -233,3 +240,51 @@ def test_fp8_weights_run_the_same_math_as_the_fused_fp8_expert():
     assert rel(got, fused) < 1e-3 and 0 < rel(got, exact) < 0.05
     w8, scale = pe.fused.stacked["wo"]
     assert torch.equal(dequantize(w8[1], scale[1]), dequantize(*pe.fused.layers[1]["wo"]))
+
+
+# -- as a denoise backend ---------------------------------------------------------------------------------------------
+def two_step_model() -> PiModel:
+    return init_random(PiModel(get_config("tiny", num_steps=2)), 0).eval()
+
+
+def infer(runner):
+    obs = synthetic_observation(DEFAULT_CAMERAS[:2], 56, seed=1)  # one camera missing: a hole in the prefix keys
+    return runner.infer(obs, noise=np.random.default_rng(0).standard_normal((50, 32)).astype(np.float32))
+
+
+@pytest.fixture
+def big_tiles(monkeypatch):
+    monkeypatch.setattr(tasks_module, "TILES", tasks_module.TILES | BIG)
+
+
+def test_the_runner_runs_the_persistent_expert_and_says_so(big_tiles):
+    model = two_step_model()
+    runner = build_runner(model=model, denoise="persistent", progress=False, warmup=False)
+    runner.warmup(iters=1, progress=False)
+    out = infer(runner)
+    assert out.latency.backends["denoise"] == "persistent-eager" and runner.backend_note == ""
+    ref = infer(build_runner(model=model, denoise="bf16", progress=False))
+    assert float(np.linalg.norm(out.actions - ref.actions) / np.linalg.norm(ref.actions)) < 5e-3
+
+
+def test_a_persistent_expert_that_fails_falls_back_visibly(monkeypatch, big_tiles):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(megakernel, "launch", broken)
+    runner = build_runner(model=two_step_model(), denoise="persistent-fp8", progress=False, warmup=False)
+    assert runner.backends["denoise"] == "persistent-fp8w-eager"
+    runner.warmup(iters=1, progress=False)
+    assert runner.backends["denoise"] == "float32-eager"
+    assert "denoise persistent-fp8 unavailable (failed on its first run" in runner.backend_note
+    assert "out of resources" in runner.backend_note
+    assert np.isfinite(infer(runner).actions).all()
+
+
+def test_without_a_gpu_the_persistent_expert_is_refused_with_a_note(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    runner = build_runner(preset="tiny", denoise="persistent", progress=False, warmup=False)
+    assert runner.backends["denoise"] == "float32-eager"
+    assert "denoise persistent unavailable (needs a CUDA GPU" in runner.backend_note
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--denoise", "persistent-fp8", "--iters", "1"]) == 0
+    assert "denoise persistent-fp8 unavailable (needs a CUDA GPU" in capsys.readouterr().out

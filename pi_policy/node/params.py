@@ -52,7 +52,8 @@ class NodeParams:
     engine_path: str = _p("", "TensorRT engine for the prefill when backend is tensorrt.")
     denoise_backend: str = _p("auto", "Denoise backend: auto (triton on a CUDA GPU, bf16 elsewhere or with RTC on), "
                                       "bf16 (the PyTorch action expert, compiled on CUDA), triton (fused Triton "
-                                      "expert) or fp8 (fused, FP8 expert weights); a fused one that cannot run falls "
+                                      "expert), fp8 (fused, FP8 expert weights), persistent or persistent-fp8 (the "
+                                      "fused expert as one persistent kernel); a fused one that cannot run falls "
                                       "back to bf16 with a warning.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "

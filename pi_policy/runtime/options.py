@@ -16,8 +16,9 @@ from pi_policy.observation import STAGES
 PREFILL_BACKENDS = ("bf16", "fp8", "tensorrt")
 BACKEND_CHOICES = (*PREFILL_BACKENDS, "eager")  # what --backend and the `backend` parameter accept
 # The denoise loop: bf16 is the PyTorch action expert (torch.compile'd on CUDA); triton and fp8 are the fused Triton
-# expert with bf16 or FP8 (e4m3, per-output-channel) weights; auto picks (pi_policy.runtime.choice.plan_denoise).
-DENOISE_BACKENDS = ("auto", "bf16", "triton", "fp8")
+# expert with bf16 or FP8 (e4m3, per-output-channel) weights, persistent and persistent-fp8 the same expert as one
+# persistent kernel; auto picks (pi_policy.runtime.choice.plan_denoise).
+DENOISE_BACKENDS = ("auto", "bf16", "triton", "fp8", "persistent", "persistent-fp8")
 # Measured on an H100 (docs/performance.md): compiling prefill and denoise halves them; vision is faster uncompiled.
 DEFAULT_COMPILE = ("prefill", "denoise")
 

@@ -48,7 +48,8 @@ MODEL_FLAGS = (
          choices=BACKEND_CHOICES),
     Flag("--denoise", "denoise", "denoise_backend",
          "denoise backend: auto (the fused Triton expert on a GPU, PyTorch elsewhere or with real-time chunking), "
-         "bf16 (the PyTorch expert), triton or fp8 (the fused expert, bf16 or FP8 weights)", choices=DENOISE_BACKENDS),
+         "bf16 (the PyTorch expert), triton or fp8 (the fused expert, bf16 or FP8 weights), persistent or "
+         "persistent-fp8 (the fused expert as one persistent kernel)", choices=DENOISE_BACKENDS),
     Flag("--engine", "engine_path", "engine_path", "TensorRT engine for --backend tensorrt"),
 )
 _BY_NAME = {f.name: f for f in MODEL_FLAGS}
