@@ -39,7 +39,7 @@ MODULES = {"qkv": "wqkv", "wo": "wo", "gate_up": "mlp.gate_up", "down": "mlp.dow
 
 def prefix_cache(preset: str, seed: int) -> tuple:
     """The LLM's KV cache over random images and a 20-token prompt (the full model in bf16, then freed)."""
-    model = build_model(preset, device="cpu", seed=seed, dtype=torch.bfloat16)
+    model = build_model(preset=preset, device="cpu", seed=seed, dtype=torch.bfloat16)
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed)
     s = cfg.vision.image_size

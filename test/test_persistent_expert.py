@@ -17,8 +17,8 @@ from pi_policy.model.pi0 import euler_times, time_embedding
 from pi_policy.runtime import build_runner
 from pi_policy.runtime.expert import megakernel
 from pi_policy.runtime.expert import tasks as tasks_module
-from pi_policy.runtime.expert.fused import FusedExpert, dequantize
-from pi_policy.runtime.expert.persistent import PersistentExpert, task_tensors
+from pi_policy.runtime.expert.fused import FusedExpert, dequantize, kept_cells
+from pi_policy.runtime.expert.persistent import PersistentExpert, Tasks
 from pi_policy.runtime.expert.tasks import (
     KINDS,
     LAYER_KINDS,
@@ -128,7 +128,7 @@ def run_stages(pe: PersistentExpert, cache, pad, state, xt, kinds, layer: int = 
     g, plan, work = pe.work(pad.shape[0], pad.shape[1], steps)
     chosen = [s for s in stages(g, plan) if s.kind in kinds and s.step == step
               and (s.kind not in LAYER_KINDS or s.layer == layer)]
-    pe.run(work, g, plan, pe.inputs(cache, pad, state, xt, steps), task_tensors(task_list(chosen), pe.device))
+    pe.run(work, g, plan, pe.inputs(cache, pad, state, xt, steps), Tasks.of(task_list(chosen), pe.device))
     return work.buffers
 
 
@@ -222,8 +222,8 @@ def test_the_persistent_denoise_matches_the_model(preset, batch, programs):
     g, plan, work = pe.work(batch, pad.shape[1], model.cfg.num_steps)
     assert programs < len(work.tasks)  # fewer programs than tasks
     # every stage counted all its tasks; every program took one ticket past the end and stopped
-    assert work.control[:-1].tolist() == work.sizes.tolist()
-    assert int(work.control[-1]) == len(work.tasks) + programs
+    assert work.tasks.control[:-1].tolist() == work.tasks.sizes.tolist()
+    assert int(work.tasks.control[-1]) == len(work.tasks) + programs
     if programs == 2:  # the buffers are left ready for the next call
         assert torch.equal(pe.denoise(cache, pad, state, noise), got)
 
@@ -232,14 +232,14 @@ def test_fp8_weights_run_the_same_math_as_the_fused_fp8_expert():
     model = expert_model("tiny05")
     cache, pad, state, noise = prefix(model)
     pe = PersistentExpert(model, "fp8", programs=2, tiles=BIG)
-    assert pe.fused.stacked["down"][0].dtype == torch.float8_e4m3fn
+    assert pe.fused.stacked["down"].w.dtype == torch.float8_e4m3fn
     got = pe.denoise(cache, pad, state, noise)
     fused = FusedExpert(model, "fp8").denoise(cache, pad, state, noise)
     with torch.no_grad():
         exact = model.denoise(cache, pad, state, noise)
     assert rel(got, fused) < 1e-3 and 0 < rel(got, exact) < 0.05
-    w8, scale = pe.fused.stacked["wo"]
-    assert torch.equal(dequantize(w8[1], scale[1]), dequantize(*pe.fused.layers[1]["wo"]))
+    st = pe.fused.stacked["wo"]
+    assert torch.equal(dequantize(st.w[1], st.scale[1]), dequantize(*pe.fused.layers[1]["wo"]))
 
 
 # -- as a denoise backend ---------------------------------------------------------------------------------------------
@@ -288,3 +288,30 @@ def test_without_a_gpu_the_persistent_expert_is_refused_with_a_note(monkeypatch,
     assert "denoise persistent unavailable (needs a CUDA GPU" in runner.backend_note
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--denoise", "persistent-fp8", "--iters", "1"]) == 0
     assert "denoise persistent-fp8 unavailable (needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_fp8_with_some_layers_kept_bf16_runs_both_formats_in_one_kernel():
+    model = expert_model("tiny05")
+    cache, pad, state, noise = prefix(model)
+    keep = ("gate_up:0", "wo")
+    pe = PersistentExpert(model, "fp8", keep_bf16=keep, programs=2, tiles=BIG)
+    st = pe.fused.stacked
+    assert {k: s.mode for k, s in st.items()} == {"qkv": 1, "wo": 0, "gate_up": 2, "down": 1}
+    assert st["gate_up"].slot.tolist() == [-1, 0] and st["gate_up"].kept.dtype == torch.bfloat16
+    assert pe.fused.layers[0]["gate_up"][1] is None and pe.fused.layers[1]["gate_up"][1] is not None
+    got = pe.denoise(cache, pad, state, noise)
+    fused = FusedExpert(model, "fp8", keep).denoise(cache, pad, state, noise)
+    assert rel(got, fused) < 1e-3
+    with torch.no_grad():
+        exact = model.denoise(cache, pad, state, noise)
+    assert 0 < rel(got, exact) < 0.05
+
+
+def test_keep_bf16_names_matrices_and_layers_or_says_what_is_wrong():
+    cells = kept_cells(("down", "gate_up:0", "all:1", "wo:0,1"), 3)
+    assert cells == {(i, "down") for i in range(3)} | {(0, "gate_up"), (0, "wo"), (1, "wo")} | \
+        {(1, m) for m in ("qkv", "wo", "gate_up", "down")}
+    for bad, why in (("ffn", "matrix is one of"), ("down:3", "below 3"), ("down:2-1", "layers are"),
+                     ("wo:x", "layers are")):
+        with pytest.raises(ValueError, match=why):
+            kept_cells((bad,), 3)

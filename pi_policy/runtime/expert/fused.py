@@ -11,6 +11,9 @@ The residual stream stays float32. The model itself is never modified.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,15 +45,71 @@ def pack_layer(blk, name: str, adaptive: bool, fp8: bool) -> tuple[Tensor, Tenso
     return pack(w, None if adaptive or norm is None else norm.weight, fp8)
 
 
-def stack(packed: list[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
-    """Per-layer packed matrices -> one (layers, out, in) tensor and (layers, out) scales, filled in place."""
-    w = packed[0][0].new_empty((len(packed), *packed[0][0].shape))
-    s = None if packed[0][1] is None else packed[0][1].new_empty((len(packed), *packed[0][1].shape))
-    for i, (wi, si) in enumerate(packed):
-        w[i].copy_(wi)
-        if s is not None:
-            s[i].copy_(si)
-    return w, s
+def kept_cells(keep_bf16: Iterable[str], depth: int) -> frozenset[tuple[int, str]]:
+    """The (layer, matrix) cells that stay bf16 under FP8 weights. Each entry names a matrix kind (of MATRICES, or
+    `all`) in every layer, or in some: `down`, `gate_up:0-5`, `all:0`, `wo:3,7`."""
+    cells = set()
+    for entry in keep_bf16:
+        name, _, layers = str(entry).partition(":")
+        if name not in (*MATRICES, "all"):
+            raise ValueError(f"keep_bf16 entry {entry!r}: the matrix is one of {', '.join(MATRICES)} or all")
+        chosen = range(depth) if not layers else _layers(layers, depth, entry)
+        cells |= {(i, m) for i in chosen for m in (MATRICES if name == "all" else (name,))}
+    return frozenset(cells)
+
+
+def _layers(text: str, depth: int, entry: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) >= depth or int(hi or lo) < int(lo):
+            raise ValueError(f"keep_bf16 entry {entry!r}: layers are N, N-M or a comma list of them, below {depth}")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+@dataclass
+class Stack:
+    """One matrix kind over all layers, as the kernels read it. One format: `w` (layers, out, in), FP8 `scale`
+    (layers, out). Mixed (FP8 with some layers kept bf16): `w` and `scale` hold the FP8 layers, `kept` the bf16
+    ones, and `slot` (layers,) int32 says where layer i is: slot >= 0 in w, slot < 0 in kept[-1 - slot]."""
+
+    w: Tensor
+    scale: Tensor | None = None
+    kept: Tensor | None = None
+    slot: Tensor | None = None
+
+    @property
+    def mode(self) -> int:
+        """0: bf16, 1: FP8, 2: mixed."""
+        return 2 if self.kept is not None else int(self.scale is not None)
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor | None]:
+        if self.slot is None:
+            return self.w[i], None if self.scale is None else self.scale[i]
+        s = int(self.slot[i])
+        return (self.w[s], self.scale[s]) if s >= 0 else (self.kept[-1 - s], None)
+
+
+def stack(packed: list[tuple[Tensor, Tensor | None]]) -> Stack:
+    """Per-layer packed matrices (bf16, FP8 with scales, or both) -> one Stack, filled in place."""
+    fp8 = [i for i, (_, s) in enumerate(packed) if s is not None]
+    kept = [i for i, (_, s) in enumerate(packed) if s is None]
+
+    def fill(idx: list[int], j: int) -> Tensor | None:
+        if not idx:
+            return None
+        first = packed[idx[0]][j]
+        out = first.new_empty((len(idx), *first.shape))
+        for k, i in enumerate(idx):
+            out[k].copy_(packed[i][j])
+        return out
+
+    if not fp8 or not kept:
+        return Stack(fill(list(range(len(packed))), 0), fill(fp8, 1))
+    slot = torch.tensor([fp8.index(i) if i in fp8 else -1 - kept.index(i) for i in range(len(packed))],
+                        dtype=torch.int32, device=packed[0][0].device)
+    return Stack(fill(fp8, 0), fill(fp8, 1), fill(kept, 0), slot)
 
 
 def dequantize(w: Tensor, scale: Tensor | None) -> Tensor:
@@ -60,28 +119,25 @@ def dequantize(w: Tensor, scale: Tensor | None) -> Tensor:
 
 class FusedExpert:
     """The expert's denoise loop on the fused kernels; `weights` is "bf16" or "fp8" (weight-only, W8A16), with
-    the matrices named in `keep_bf16` (of MATRICES) left in bf16."""
+    the matrices named in `keep_bf16` (kept_cells: a kind in every layer or in some) left in bf16."""
 
-    def __init__(self, model: PiModel, weights: str = "bf16", keep_bf16: tuple[str, ...] = ()):
+    def __init__(self, model: PiModel, weights: str = "bf16", keep_bf16: Iterable[str] = ()):
         if weights not in WEIGHTS:
             raise ValueError(f"unknown expert weight format {weights!r}; choose one of {WEIGHTS}")
-        if set(keep_bf16) - set(MATRICES):
-            raise ValueError(f"keep_bf16 takes names from {MATRICES}, got {keep_bf16}")
         cfg = model.cfg
         self.model, self.cfg, self.weights = model, cfg, weights
         adaptive = cfg.pi05
-        fp8 = {name: weights == "fp8" and name not in keep_bf16 for name in MATRICES}
+        kept = kept_cells(keep_bf16, cfg.expert.depth)
         with torch.no_grad():
-            # each matrix kind as one (layers, out, in) tensor, which the persistent kernel indexes; per-layer views
-            self.stacked = {name: stack([pack_layer(blk, name, adaptive, fp8[name]) for blk in model.expert.layers])
-                            for name in MATRICES}
-            self.layers = [{name: (w[i], None if s is None else s[i]) for name, (w, s) in self.stacked.items()}
+            # each matrix kind stacked over layers, which the persistent kernel indexes; per-layer views
+            self.stacked = {name: stack([pack_layer(blk, name, adaptive, weights == "fp8" and (i, name) not in kept)
+                                         for i, blk in enumerate(model.expert.layers)]) for name in MATRICES}
+            self.layers = [{name: st.layer(i) for name, st in self.stacked.items()}
                            for i in range(len(model.expert.layers))]
             self.out_w = pack(model.action_out.weight, None if adaptive else model.expert.norm.weight, False)[0]
             self.out_b = model.action_out.bias.detach().float()
             if not adaptive:  # action_time_in(cat(tokens, t_emb)): the token half here, the time half per step
                 self.w_action_time = model.action_time_in.weight[:, : cfg.expert.width].contiguous()
-        self.fp8 = fp8  # per matrix; its kernels' tiles are looked up per call (kernels.TILES may be retuned)
         self._schedules: dict[int, dict[str, Tensor]] = {}
         self.schedule(cfg.num_steps)  # before any CUDA graph capture
 

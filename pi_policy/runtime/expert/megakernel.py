@@ -115,21 +115,61 @@ def _scale_cols(acc, ptr, rn, N, ON: tl.constexpr):
 
 
 @triton.jit
+def _slot(slot_ptr, layer, MODE: tl.constexpr):
+    """Where a layer's matrix is (mode 2, mixed): >= 0 in the FP8 stack, < 0 at -1 - slot among the bf16 ones kept;
+    otherwise the layer itself."""
+    if MODE == 2:
+        return tl.load(slot_ptr + layer)
+    return layer
+
+
+@triton.jit
+def _gemm_task(a_ptr, stride_a, rows, row_ok, w_ptr, scale_ptr, stride_w, rn, N, k_lo, k_hi, mod_ptr,
+               counters, sizes, wait, ticket, A_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
+               HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """A GEMM task: its first weight chunk loaded, then the wait for the stage before and the next ticket, then
+    the product, scaled per output column for FP8 weights. Returns (product, rows' sum of squares, next ticket)."""
+    w0 = _w_chunk(w_ptr, rn, N, k_lo, k_hi, stride_w, BK)
+    nxt = _wait_then_claim(counters, sizes, wait, ticket)
+    acc, ss = _gemm(a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, rn, N, k_lo, k_hi, w0, mod_ptr, A_NORM, HAS_MOD,
+                    BM, BN, BK)
+    return _scale_cols(acc, scale_ptr, rn, N, HAS_SCALE), ss, nxt
+
+
+@triton.jit
+def _pair_task(a_ptr, stride_a, rows, row_ok, w_ptr, scale_ptr, stride_w, rn, N, K, mod_ptr, eps,
+               counters, sizes, wait, ticket, HAS_MOD: tl.constexpr, HAS_SCALE: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr):
+    """A gate/up task: both first weight chunks loaded, the wait, the next ticket, then the two products of the
+    normed rows (1/rms applied, FP8 scales applied). Returns (gate, up, next ticket)."""
+    w0 = _w_chunk(w_ptr, rn, N, 0, K, stride_w, BK)
+    v0 = _w_chunk(w_ptr + N * stride_w, rn, N, 0, K, stride_w, BK)
+    nxt = _wait_then_claim(counters, sizes, wait, ticket)
+    g, u, ss = _gemm_pair(a_ptr, stride_a, rows, row_ok, w_ptr, stride_w, rn, N, N, K, w0, v0, mod_ptr, HAS_MOD,
+                          BM, BN, BK)
+    rs = 1.0 / tl.sqrt(ss / K + eps)
+    g = _scale_cols(g * rs[:, None], scale_ptr, rn, N, HAS_SCALE)
+    u = _scale_cols(u * rs[:, None], scale_ptr + N, rn, N, HAS_SCALE)
+    return g, u, nxt
+
+
+@triton.jit
 def _persistent_expert(
         tasks, counters, sizes, ticket, n_tasks,
         xt_ptr, state_ptr, kc_ptr, vc_ptr, pad_ptr, cos_ptr, sin_ptr,
-        wqkv, sqkv, wo, so, wgu, sgu, wdn, sdn, w_in, in_bias, w_to, b_to, w_out, out_bias, out_bias_step,
+        w_qkv, s_qkv, k_qkv, slot_qkv, w_wo, s_wo, k_wo, slot_wo, w_gu, s_gu, k_gu, slot_gu,
+        w_dn, s_dn, k_dn, slot_dn, w_in, in_bias, w_to, b_to, w_out, out_bias, out_bias_step,
         mod_attn, bias_qkv, gate_attn, mod_mlp, bias_gu, gate_mlp, mod_out,
         x_ptr, u_ptr, qkv_ptr, ss_ptr, o_ptr, lse_ptr, attn_ptr, h_ptr,
         B, S, HZ, A, W, NQKV, F, P, H, KVH, L, n_state, n_prefix_splits, chunk,
         stride_kl, stride_kb, stride_kh, stride_kp, stride_pad, eps, qk_scale, dt, kps_qkv, kps_wo, kps_down,
-        ADAPTIVE: tl.constexpr, FP8_QKV: tl.constexpr, FP8_WO: tl.constexpr, FP8_GU: tl.constexpr,
-        FP8_DOWN: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BM: tl.constexpr,
+        ADAPTIVE: tl.constexpr, MODE_QKV: tl.constexpr, MODE_WO: tl.constexpr, MODE_GU: tl.constexpr,
+        MODE_DOWN: tl.constexpr, D: tl.constexpr, BA: tl.constexpr, BM: tl.constexpr,
         QKV_BN: tl.constexpr, QKV_BK: tl.constexpr, WO_BN: tl.constexpr, WO_BK: tl.constexpr,
         GU_BN: tl.constexpr, GU_BK: tl.constexpr, DN_BN: tl.constexpr, DN_BK: tl.constexpr,
         IN_BN: tl.constexpr, TO_BN: tl.constexpr, TO_BK: tl.constexpr, OUT_BM: tl.constexpr, OUT_BK: tl.constexpr,
         AT_BM: tl.constexpr, AT_BN: tl.constexpr, AT_BS: tl.constexpr, NS: tl.constexpr, CB_T: tl.constexpr,
-        CB_H: tl.constexpr, CB_Z: tl.constexpr):
+        CB_H: tl.constexpr, CB_Z: tl.constexpr, KINDS_ON: tl.constexpr):
     M = B * S
     R = B * HZ
     NQ = H * D
@@ -145,79 +185,87 @@ def _persistent_expert(
         wait = tl.load(row + 6)
         done = tl.load(row + 7)
         sl = step * L + layer  # this layer-step's row of pi0.5's tables
-        nxt = t
-        if kind == K_QKV:
+        nxt = t  # every kind in the list has its branch (KINDS_ON is the list's kinds), so each sets nxt
+        if KINDS_ON // 2**K_QKV % 2 and kind == K_QKV:
             rm = ta * BM + tl.arange(0, BM)
             rn = tb * QKV_BN + tl.arange(0, QKV_BN)
             k_lo = tc * kps_qkv
             k_hi = tl.minimum(k_lo + kps_qkv, W)
-            wl = wqkv + layer.to(tl.int64) * NQKV * W
-            w0 = _w_chunk(wl, rn, NQKV, k_lo, k_hi, W, QKV_BK)
-            nxt = _wait_then_claim(counters, sizes, wait, ticket)
-            acc, ss = _gemm(x_ptr, W, rm, rm < M, wl, W, rn, NQKV, k_lo, k_hi, w0, mod_attn + sl * W,
-                            True, ADAPTIVE, BM, QKV_BN, QKV_BK)
-            acc = _scale_cols(acc, sqkv + layer * NQKV, rn, NQKV, FP8_QKV)
+            i = _slot(slot_qkv, layer, MODE_QKV).to(tl.int64)
+            if MODE_QKV == 2 and i < 0:
+                acc, ss, nxt = _gemm_task(x_ptr, W, rm, rm < M, k_qkv + (-1 - i) * NQKV * W, s_qkv, W, rn, NQKV, k_lo,
+                                          k_hi, mod_attn + sl * W, counters, sizes, wait, ticket, True, ADAPTIVE,
+                                          False, BM, QKV_BN, QKV_BK)
+            else:
+                acc, ss, nxt = _gemm_task(x_ptr, W, rm, rm < M, w_qkv + i * NQKV * W, s_qkv + i * NQKV, W, rn, NQKV,
+                                          k_lo, k_hi, mod_attn + sl * W, counters, sizes, wait, ticket, True,
+                                          ADAPTIVE, MODE_QKV > 0, BM, QKV_BN, QKV_BK)
             tl.atomic_add(qkv_ptr + rm[:, None] * NQKV + rn[None, :], acc,
                           mask=(rm[:, None] < M) & (rn[None, :] < NQKV), sem="relaxed", scope="gpu")
             if tb == 0:
                 tl.atomic_add(ss_ptr + rm, ss, mask=rm < M, sem="relaxed", scope="gpu")
-        elif kind == K_ATTN:
+        elif KINDS_ON // 2**K_ATTN % 2 and kind == K_ATTN:
             nxt = _wait_then_claim(counters, sizes, wait, ticket)
             _attn_split_tile(ta, tb, tc, qkv_ptr, ss_ptr, bias_qkv + sl * NQKV, cos_ptr, sin_ptr,
                              kc_ptr + layer.to(tl.int64) * stride_kl, vc_ptr + layer.to(tl.int64) * stride_kl,
                              pad_ptr, o_ptr, lse_ptr, B, S, P, H, KVH, n_state, chunk, n_prefix_splits, NQKV,
                              stride_kb, stride_kh, stride_kp, stride_pad, W, eps, qk_scale, ADAPTIVE, D, AT_BM,
                              AT_BN, AT_BS)
-        elif kind == K_COMBINE:
+        elif KINDS_ON // 2**K_COMBINE % 2 and kind == K_COMBINE:
             nxt = _wait_then_claim(counters, sizes, wait, ticket)
             _combine_tile(ta, o_ptr, lse_ptr, attn_ptr, qkv_ptr, ss_ptr, M * H, M, H, NQKV, NQ, NQKV,
                           NS, D, CB_T, CB_H, CB_Z)
-        elif kind == K_WO:
+        elif KINDS_ON // 2**K_WO % 2 and kind == K_WO:
             rm = ta * BM + tl.arange(0, BM)
             rn = tb * WO_BN + tl.arange(0, WO_BN)
             k_lo = tc * kps_wo
             k_hi = tl.minimum(k_lo + kps_wo, NQ)
-            wl = wo + layer.to(tl.int64) * W * NQ
-            w0 = _w_chunk(wl, rn, W, k_lo, k_hi, NQ, WO_BK)
-            nxt = _wait_then_claim(counters, sizes, wait, ticket)
-            acc, _ = _gemm(attn_ptr, NQ, rm, rm < M, wl, NQ, rn, W, k_lo, k_hi, w0, mod_attn,
-                           False, False, BM, WO_BN, WO_BK)
-            acc = _scale_cols(acc, so + layer * W, rn, W, FP8_WO)
+            i = _slot(slot_wo, layer, MODE_WO).to(tl.int64)
+            if MODE_WO == 2 and i < 0:
+                acc, _, nxt = _gemm_task(attn_ptr, NQ, rm, rm < M, k_wo + (-1 - i) * W * NQ, s_wo, NQ, rn, W, k_lo,
+                                         k_hi, mod_attn, counters, sizes, wait, ticket, False, False, False, BM,
+                                         WO_BN, WO_BK)
+            else:
+                acc, _, nxt = _gemm_task(attn_ptr, NQ, rm, rm < M, w_wo + i * W * NQ, s_wo + i * W, NQ, rn, W, k_lo,
+                                         k_hi, mod_attn, counters, sizes, wait, ticket, False, False, MODE_WO > 0,
+                                         BM, WO_BN, WO_BK)
             acc = _scale_cols(acc, gate_attn + sl * W, rn, W, ADAPTIVE)
             tl.atomic_add(x_ptr + rm[:, None] * W + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < W),
                           sem="relaxed", scope="gpu")
-        elif kind == K_GATE_UP:
+        elif KINDS_ON // 2**K_GATE_UP % 2 and kind == K_GATE_UP:
             rm = ta * BM + tl.arange(0, BM)
             rn = tb * GU_BN + tl.arange(0, GU_BN)
-            wl = wgu + layer.to(tl.int64) * 2 * F * W
-            w0 = _w_chunk(wl, rn, F, 0, W, W, GU_BK)
-            v0 = _w_chunk(wl + F * W, rn, F, 0, W, W, GU_BK)
-            nxt = _wait_then_claim(counters, sizes, wait, ticket)
-            g, u, ss = _gemm_pair(x_ptr, W, rm, rm < M, wl, W, rn, F, F, W, w0, v0, mod_mlp + sl * W,
-                                  ADAPTIVE, BM, GU_BN, GU_BK)
-            rs = 1.0 / tl.sqrt(ss / W + eps)
-            g = _scale_cols(g * rs[:, None], sgu + layer * 2 * F, rn, F, FP8_GU)
-            u = _scale_cols(u * rs[:, None], sgu + layer * 2 * F + F, rn, F, FP8_GU)
+            i = _slot(slot_gu, layer, MODE_GU).to(tl.int64)
+            if MODE_GU == 2 and i < 0:
+                g, u, nxt = _pair_task(x_ptr, W, rm, rm < M, k_gu + (-1 - i) * 2 * F * W, s_gu, W, rn, F, W,
+                                       mod_mlp + sl * W, eps, counters, sizes, wait, ticket, ADAPTIVE, False, BM,
+                                       GU_BN, GU_BK)
+            else:
+                g, u, nxt = _pair_task(x_ptr, W, rm, rm < M, w_gu + i * 2 * F * W, s_gu + i * 2 * F, W, rn, F, W,
+                                       mod_mlp + sl * W, eps, counters, sizes, wait, ticket, ADAPTIVE, MODE_GU > 0,
+                                       BM, GU_BN, GU_BK)
             if ADAPTIVE:
                 g = g + tl.load(bias_gu + sl * 2 * F + rn, mask=rn < F, other=0.0)[None, :]
                 u = u + tl.load(bias_gu + sl * 2 * F + F + rn, mask=rn < F, other=0.0)[None, :]
             tl.store(h_ptr + rm[:, None] * F + rn[None, :], _geglu(g, u).to(h_ptr.dtype.element_ty),
                      mask=(rm[:, None] < M) & (rn[None, :] < F))
-        elif kind == K_DOWN:
+        elif KINDS_ON // 2**K_DOWN % 2 and kind == K_DOWN:
             rm = ta * BM + tl.arange(0, BM)
             rn = tb * DN_BN + tl.arange(0, DN_BN)
             k_lo = tc * kps_down
             k_hi = tl.minimum(k_lo + kps_down, F)
-            wl = wdn + layer.to(tl.int64) * W * F
-            w0 = _w_chunk(wl, rn, W, k_lo, k_hi, F, DN_BK)
-            nxt = _wait_then_claim(counters, sizes, wait, ticket)
-            acc, _ = _gemm(h_ptr, F, rm, rm < M, wl, F, rn, W, k_lo, k_hi, w0, mod_mlp,
-                           False, False, BM, DN_BN, DN_BK)
-            acc = _scale_cols(acc, sdn + layer * W, rn, W, FP8_DOWN)
+            i = _slot(slot_dn, layer, MODE_DOWN).to(tl.int64)
+            if MODE_DOWN == 2 and i < 0:
+                acc, _, nxt = _gemm_task(h_ptr, F, rm, rm < M, k_dn + (-1 - i) * W * F, s_dn, F, rn, W, k_lo, k_hi,
+                                         mod_mlp, counters, sizes, wait, ticket, False, False, False, BM, DN_BN, DN_BK)
+            else:
+                acc, _, nxt = _gemm_task(h_ptr, F, rm, rm < M, w_dn + i * W * F, s_dn + i * W, F, rn, W, k_lo, k_hi,
+                                         mod_mlp, counters, sizes, wait, ticket, False, False, MODE_DOWN > 0, BM,
+                                         DN_BN, DN_BK)
             acc = _scale_cols(acc, gate_mlp + sl * W, rn, W, ADAPTIVE)
             tl.atomic_add(x_ptr + rm[:, None] * W + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < W),
                           sem="relaxed", scope="gpu")
-        elif kind == K_ACTION_IN:
+        elif KINDS_ON // 2**K_ACTION_IN % 2 and kind == K_ACTION_IN:
             rr = ta * BM + tl.arange(0, BM)  # action rows (b, i)
             rn = tb * IN_BN + tl.arange(0, IN_BN)
             w0 = _w_chunk(w_in, rn, W, 0, A, A, BA)
@@ -232,7 +280,7 @@ def _persistent_expert(
             else:  # the hidden layer of pi0's action-time MLP
                 tl.store(u_ptr + rr[:, None] * W + rn[None, :], (acc * tl.sigmoid(acc)).to(u_ptr.dtype.element_ty),
                          mask=mask)
-        elif kind == K_TIME_OUT:
+        elif KINDS_ON // 2**K_TIME_OUT % 2 and kind == K_TIME_OUT:
             rr = ta * BM + tl.arange(0, BM)
             rn = tb * TO_BN + tl.arange(0, TO_BN)
             w0 = _w_chunk(w_to, rn, W, 0, W, W, TO_BK)
@@ -246,7 +294,7 @@ def _persistent_expert(
                     xs = (bs // n_state) * S + bs % n_state
                     tl.store(x_ptr + xs * W + rn, tl.load(state_ptr + bs * W + rn, mask=rn < W, other=0.0),
                              mask=rn < W)
-        else:  # K_OUT
+        elif KINDS_ON // 2**K_OUT % 2 and kind == K_OUT:
             nxt = _wait_then_claim(counters, sizes, wait, ticket)
             _action_out_tile(ta, x_ptr, w_out, out_bias + step * out_bias_step, mod_out + step * W, xt_ptr, R, HZ,
                              S, A, W, W, W, eps, dt, ADAPTIVE, OUT_BM, BA, OUT_BK)
@@ -254,19 +302,27 @@ def _persistent_expert(
         t = nxt
 
 
-def launch(args: dict, g: Geometry, p: Plan, n_tasks: int, fp8: dict[str, bool]) -> None:
-    """One launch of the persistent kernel over `n_tasks` tasks; `args` holds every tensor and stride by name."""
-    _persistent_expert[(min(p.programs, n_tasks),)](
+def arguments(args: dict, g: Geometry, p: Plan, n_tasks: int, kinds: int, modes: dict[str, int]) -> dict:
+    """Every argument of the kernel, by name, with its launch options: `args` (tensors and strides), the geometry,
+    the tiles of plan `p`, each matrix kind's weight mode (0 bf16, 1 FP8, 2 FP8 with some layers bf16), and
+    `kinds`: bit k set when the list has tasks of kind KINDS[k] (only their branches are compiled)."""
+    return dict(
         **args, n_tasks=n_tasks,
         B=g.batch, S=g.suffix, HZ=g.horizon, A=g.action_dim, W=g.width, NQKV=g.qkv_cols, F=g.mlp, P=g.prefix,
         H=g.heads, KVH=g.kv_heads, L=g.layers, n_state=g.suffix - g.horizon,
         n_prefix_splits=p.attn.prefix_splits(g.prefix), chunk=p.attn.chunk,
         qk_scale=g.head_dim**-0.5 * math.log2(math.e),
         kps_qkv=p.qkv.k_per_split(g.width), kps_wo=p.wo.k_per_split(g.q_cols), kps_down=p.down.k_per_split(g.mlp),
-        ADAPTIVE=g.pi05, FP8_QKV=fp8["qkv"], FP8_WO=fp8["wo"], FP8_GU=fp8["gate_up"], FP8_DOWN=fp8["down"],
+        ADAPTIVE=g.pi05, MODE_QKV=modes["qkv"], MODE_WO=modes["wo"], MODE_GU=modes["gate_up"],
+        MODE_DOWN=modes["down"],
         D=g.head_dim, BA=pow2(g.action_dim), BM=p.bm, QKV_BN=p.qkv.bn, QKV_BK=p.qkv.bk, WO_BN=p.wo.bn,
         WO_BK=p.wo.bk, GU_BN=p.gate_up.bn, GU_BK=p.gate_up.bk, DN_BN=p.down.bn, DN_BK=p.down.bk,
         IN_BN=p.action_in.bn, TO_BN=p.time_out.bn, TO_BK=p.time_out.bk, OUT_BM=p.out_bm, OUT_BK=p.out_bk,
         AT_BM=p.attn.bm, AT_BN=p.attn.bn, AT_BS=p.attn.bs, NS=p.attn.splits(g), CB_T=p.attn.tokens,
-        CB_H=triton.next_power_of_2(g.heads), CB_Z=max(16, 1024 // p.attn.tokens),
+        CB_H=triton.next_power_of_2(g.heads), CB_Z=max(16, 1024 // p.attn.tokens), KINDS_ON=kinds,
         num_warps=p.warps, num_stages=p.stages)
+
+
+def launch(kwargs: dict, programs: int) -> None:
+    """One launch of `programs` programs (at most one per task) with arguments(...)."""
+    _persistent_expert[(min(programs, kwargs["n_tasks"]),)](**kwargs)

@@ -17,24 +17,36 @@ from torch import Tensor
 
 from pi_policy.model.pi0 import KVCache, PiModel, euler_times
 from pi_policy.runtime.expert import megakernel
-from pi_policy.runtime.expert.fused import FusedExpert
-from pi_policy.runtime.expert.tasks import Geometry, Plan, TaskList, build_tasks, plan_for
+from pi_policy.runtime.expert.fused import FusedExpert, Stack
+from pi_policy.runtime.expert.tasks import KINDS, Geometry, Plan, TaskList, build_tasks, plan_for
+
+
+@dataclass
+class Tasks:
+    """A task list as the kernel reads it."""
+
+    rows: Tensor  # (tasks, 8) int32, tasks.FIELDS
+    sizes: Tensor  # (stages,) int32: each counter's target
+    control: Tensor  # (stages + 1,) int32: the stage counters, then the ticket; zeroed per launch
+    kinds: int  # bit k set: a task of kind KINDS[k] occurs (the kernel is compiled with those branches only)
+
+    @classmethod
+    def of(cls, tasks: TaskList, device: torch.device) -> Tasks:
+        return cls(torch.tensor(tasks.rows, dtype=torch.int32, device=device),
+                   torch.tensor(tasks.sizes, dtype=torch.int32, device=device),
+                   torch.zeros(len(tasks.sizes) + 1, dtype=torch.int32, device=device),
+                   sum(1 << KINDS.index(k) for k in {s.kind for s in tasks.stages}))
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
 
 
 @dataclass
 class Work:
     """Everything one launch reads and writes besides weights and inputs, for one batch size."""
 
-    tasks: Tensor  # (T, 8) int32
-    sizes: Tensor  # (stages,) int32: each counter's target
-    control: Tensor  # (stages + 1,) int32: the stage counters, then the ticket; zeroed per launch
+    tasks: Tasks
     buffers: dict[str, Tensor]
-
-
-def task_tensors(tasks: TaskList, device: torch.device) -> tuple[Tensor, Tensor]:
-    """A task list as the kernel reads it: (tasks, 8) rows and each counter's target, int32."""
-    return (torch.tensor(tasks.rows, dtype=torch.int32, device=device),
-            torch.tensor(tasks.sizes, dtype=torch.int32, device=device))
 
 
 def default_programs(device: torch.device) -> int:
@@ -106,8 +118,7 @@ class PersistentExpert:
                    "lse": torch.empty(ns, m * g.heads, device=dev, dtype=f32),
                    "attn": torch.empty(m, g.q_cols, device=dev, dtype=bf16),
                    "h": torch.empty(m, g.mlp, device=dev, dtype=bf16)}
-        control = torch.zeros(len(tasks.sizes) + 1, dtype=torch.int32, device=dev)
-        return Work(*task_tensors(tasks, dev), control, buffers)
+        return Work(Tasks.of(tasks, dev), buffers)
 
     @torch.no_grad()
     def denoise(self, cache: KVCache, prefix_pad: Tensor, state: Tensor, noise: Tensor,
@@ -138,30 +149,36 @@ class PersistentExpert:
                 **{k: tab[k] if ad else dummy for k in ("mod_attn", "bias_qkv", "gate_attn", "mod_mlp", "bias_gu",
                                                         "gate_mlp", "mod_out")}}
 
-    def run(self, work: Work, g: Geometry, plan: Plan, inputs: dict[str, Tensor],
-            tasks: tuple[Tensor, Tensor] | None = None) -> None:
-        """One launch over the work's task list (or `tasks`: another (rows, sizes) pair for the same geometry)."""
-        rows, sizes = tasks or (work.tasks, work.sizes)
-        control = work.control if tasks is None else torch.zeros(len(sizes) + 1, dtype=torch.int32,
-                                                                 device=self.device)
-        control.zero_()
+    def run(self, work: Work, g: Geometry, plan: Plan, inputs: dict[str, Tensor], tasks: Tasks | None = None) -> None:
+        """One launch over the work's task list (or `tasks`, another list for the same geometry)."""
+        tasks = tasks or work.tasks
+        tasks.control.zero_()
+        try:
+            megakernel.launch(self.arguments(work, g, plan, inputs, tasks), plan.programs)
+        except BaseException:
+            work.buffers["qkv"].zero_()  # a launch that stopped part-way may leave partial sums behind
+            work.buffers["ss"].zero_()
+            raise
+
+    def arguments(self, work: Work, g: Geometry, plan: Plan, inputs: dict[str, Tensor], tasks: Tasks) -> dict:
+        """The kernel's arguments (megakernel.arguments) for one launch."""
+        n = tasks.sizes.shape[0]
         f, st = self.fused, self.fused.stacked
         buf = work.buffers
-        args = {"tasks": rows, "counters": control, "sizes": sizes, "ticket": control[len(sizes):],
+        args = {"tasks": tasks.rows, "counters": tasks.control, "sizes": tasks.sizes, "ticket": tasks.control[n:],
                 **inputs,
-                "wqkv": st["qkv"][0], "sqkv": _scales(st["qkv"]), "wo": st["wo"][0], "so": _scales(st["wo"]),
-                "wgu": st["gate_up"][0], "sgu": _scales(st["gate_up"]), "wdn": st["down"][0],
-                "sdn": _scales(st["down"]), "w_in": self.w_in, "w_out": f.out_w, "eps": self.cfg.expert.eps,
+                **{arg: t for name, short in (("qkv", "qkv"), ("wo", "wo"), ("gate_up", "gu"), ("down", "dn"))
+                   for arg, t in _stack_args(short, st[name], tasks.rows).items()},
+                "w_in": self.w_in, "w_out": f.out_w, "eps": self.cfg.expert.eps,
                 "w_to": self.w_in if self.w_to is None else self.w_to,
                 "b_to": self.b_in if self.b_to is None else self.b_to,
                 **{f"{k}_ptr": v for k, v in buf.items()}}
-        try:
-            megakernel.launch(args, g, plan, rows.shape[0], f.fp8)
-        except BaseException:
-            buf["qkv"].zero_()  # a launch that stopped part-way may leave partial sums behind
-            buf["ss"].zero_()
-            raise
+        return megakernel.arguments(args, g, plan, len(tasks), tasks.kinds, {k: s.mode for k, s in st.items()})
 
 
-def _scales(packed: tuple[Tensor, Tensor | None]) -> Tensor:
-    return packed[1] if packed[1] is not None else packed[0]  # a pointer the kernel never reads without FP8
+def _stack_args(short: str, s: Stack, dummy: Tensor) -> dict[str, Tensor]:
+    """A matrix kind's kernel arguments: weights, scales, kept bf16 layers, slots (pointers never read in modes
+    that do not use them point at something harmless of the right kind)."""
+    return {f"w_{short}": s.w, f"s_{short}": s.scale if s.scale is not None else s.w,
+            f"k_{short}": s.kept if s.kept is not None else s.w,
+            f"slot_{short}": s.slot if s.slot is not None else dummy}

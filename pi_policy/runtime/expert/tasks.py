@@ -110,7 +110,7 @@ class Plan:
     attn: Attn
     out_bm: int  # action rows per output task
     out_bk: int
-    warps: int = 4
+    warps: int = 8  # per program: the attention's head_dim 256 tiles need the registers (scripts/persistent_compile.py)
     stages: int = 2
 
 
@@ -125,16 +125,19 @@ def pow2(n: int, lo: int = 16) -> int:
     return p
 
 
-# Starting points for the tiles (bn, bk per GEMM stage; the attention's as the fused kernels' measured ones), not
-# yet tuned on a GPU: scripts/persistent_bench.py --sweep times alternatives.
-TILES = {"qkv": (64, 128), "wo": (64, 128), "gate_up": (32, 128), "down": (64, 128), "time_out": (64, 128),
-         "action_in": 64, "out": (16, 128), "attn": dict(bm=32, bn=64, chunk=128, bs=32, tokens=1)}
+# Starting points for the tiles (bn, bk per GEMM stage; attention's query rows, keys per step and per split), not
+# yet timed on a GPU: the largest that compile for sm_90 at 8 warps without spilling registers to local memory
+# (scripts/persistent_compile.py; 128-wide K chunks of the float32 residual spill). scripts/persistent_bench.py
+# --sweep times alternatives.
+TILES = {"qkv": (64, 64), "wo": (64, 64), "gate_up": (32, 64), "down": (64, 64), "time_out": (64, 64),
+         "action_in": 64, "out": (16, 128), "attn": dict(bm=32, bn=16, chunk=128, bs=16, tokens=1), "warps": 8}
 
 
 def plan_for(g: Geometry, programs: int, tiles: dict | None = None) -> Plan:
     """Tiles for this row count M = batch x suffix: tiles of bm rows (16 to 128 as M grows, so added robots ride
-    on the same weight tiles), and each GEMM split over K until its stage has about one task per program (fewer
-    splits as M grows: the row tiles then fill the programs). `tiles` overrides entries of TILES."""
+    on the same weight tiles), each GEMM split over K until its stage has about one task per program (fewer
+    splits as M grows: the row tiles then fill the programs), and enough tokens per combine task for one wave.
+    `tiles` overrides entries of TILES."""
     t = TILES | (tiles or {})
     if programs < 1:
         raise ValueError(f"the persistent expert needs at least one program, got {programs}")
@@ -162,9 +165,9 @@ def plan_for(g: Geometry, programs: int, tiles: dict | None = None) -> Plan:
         time_out=gemm(g.width, g.width, *t["time_out"], split=False),
         attn=Attn(bm=min(a["bm"], pow2(s * g.heads // g.kv_heads)), bn=bn_attn,
                   chunk=max(bn_attn, a["chunk"] // bn_attn * bn_attn), bs=min(a["bs"], pow2(s)),
-                  tokens=min(a["tokens"], pow2(g.rows, 1))),
+                  tokens=min(pow2(g.rows, 1), max(a["tokens"], pow2(cdiv(g.rows, programs), 1)))),
         out_bm=min(t["out"][0], pow2(g.action_rows)), out_bk=min(t["out"][1], pow2(g.width)),
-        warps=4 if bm <= 64 else 8)
+        warps=t["warps"])
 
 
 @dataclass(frozen=True)
@@ -268,24 +271,44 @@ def check_order(tasks: TaskList) -> None:
                              "before it: the list could deadlock")
 
 
-def weight_bytes(kind: str, g: Geometry, p: Plan, fp8: bool = False) -> int:
-    """Weight bytes one task of this kind reads (bf16, or 1 byte per weight with FP8), the basis of the
-    roofline's per-task prediction."""
+# What the roofline predictions divide by: the H200's copy bandwidth as measured (4.15-4.18 TB/s,
+# docs/performance.md) and its SMs; Jetson Thor's published LPDDR5X bandwidth and its GPU's 20 SMs.
+CARDS = {"H200": {"bandwidth_gbs": 4150.0, "sms": 132}, "Thor": {"bandwidth_gbs": 273.0, "sms": 20}}
+
+
+def stage_bytes(kind: str, g: Geometry, fp8: bool = False) -> int:
+    """The bytes one stage must read from memory at least: its weights once (FP8: one byte each, plus four per
+    output channel for the scales) and, for attention, the cached keys and values once. Activations (at most a
+    few MB, L2-resident) are not counted."""
     wb = 1 if fp8 else 2
-    if kind == "qkv":
-        return p.qkv.bn * p.qkv.k_per_split(g.width) * wb
-    if kind == "wo":
-        return p.wo.bn * p.wo.k_per_split(g.q_cols) * wb
-    if kind == "gate_up":
-        return 2 * p.gate_up.bn * g.width * wb
-    if kind == "down":
-        return p.down.bn * p.down.k_per_split(g.mlp) * wb
-    if kind == "time_out":
-        return p.time_out.bn * g.width * 2
-    if kind == "action_in":
-        return p.action_in.bn * g.action_dim * 4
-    if kind == "out":
-        return g.action_dim * g.width * 2
-    if kind == "attn":  # the cached keys and values of one split
-        return 2 * p.attn.chunk * g.head_dim * 2
-    return 0
+
+    def matrix(n: int, k: int, may_fp8: bool = True) -> int:
+        return n * k * (wb if may_fp8 else 2) + (4 * n if fp8 and may_fp8 else 0)
+
+    sizes = {"qkv": matrix(g.qkv_cols, g.width), "wo": matrix(g.width, g.q_cols),
+             "gate_up": matrix(2 * g.mlp, g.width), "down": matrix(g.width, g.mlp),
+             "time_out": matrix(g.width, g.width, False), "action_in": g.width * g.action_dim * 4,
+             "out": matrix(g.action_dim, g.width, False),
+             "attn": 2 * g.batch * g.kv_heads * g.prefix * g.head_dim * 2, "combine": 0}
+    return sizes[kind]
+
+
+def predict(g: Geometry, p: Plan, fp8: bool, card: str) -> list[dict]:
+    """A PREDICTION per task kind from the roofline, not a measurement: tasks per stage, bytes per task and per
+    stage, the stage's floor at the card's bandwidth (us), the per-task floor when every SM streams its own task
+    at once (bytes per task / (bandwidth / SMs)), and how many waves of the plan's programs a stage takes."""
+    c = CARDS[card]
+    bw = c["bandwidth_gbs"] * 1e3  # bytes per us
+    all_stages = stages(g, p)
+    first = {}
+    for s in all_stages:
+        first.setdefault(s.kind, s)
+    rows = []
+    for kind, s in first.items():
+        total = stage_bytes(kind, g, fp8)
+        per_task = total / s.size
+        rows.append({"kind": kind, "tasks": s.size, "bytes_per_task": round(per_task), "bytes_per_stage": total,
+                     "stage_floor_us": round(total / bw, 3), "task_floor_us": round(per_task / (bw / c["sms"]), 3),
+                     "waves": cdiv(s.size, p.programs),
+                     "stages_per_denoise": sum(1 for t in all_stages if t.kind == kind)})
+    return rows
