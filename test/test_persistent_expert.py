@@ -1,6 +1,7 @@
 """The persistent action expert: its task list (order, counters, no deadlock with any number of programs), each of
 its task kinds against the PyTorch layers, and the whole denoise against the model's, under Triton's interpreter."""
 
+import argparse
 import random
 
 import numpy as np
@@ -14,10 +15,11 @@ from pi_policy.cameras import DEFAULT_CAMERAS
 from pi_policy.model import PiModel, get_config, init_random
 from pi_policy.model.layers import attention
 from pi_policy.model.pi0 import euler_times, time_embedding
+from pi_policy.node.params import params_from_dict
 from pi_policy.runtime import build_runner
 from pi_policy.runtime.expert import megakernel
 from pi_policy.runtime.expert import tasks as tasks_module
-from pi_policy.runtime.expert.fused import FusedExpert, dequantize, kept_cells
+from pi_policy.runtime.expert.fused import FusedExpert, dequantize
 from pi_policy.runtime.expert.persistent import PersistentExpert, Tasks
 from pi_policy.runtime.expert.tasks import (
     KINDS,
@@ -31,7 +33,10 @@ from pi_policy.runtime.expert.tasks import (
     stages,
     task_list,
 )
+from pi_policy.runtime.options import kept_cells
+from pi_policy.runtime.spec import RunnerSpec, SpecError
 from pi_policy.tools.cli import main
+from pi_policy.tools.flags import add_model_arguments, spec_from_args
 from pi_policy.tools.synthetic import synthetic_observation
 
 # Large tiles: the interpreter's cost is per task. SPLIT: small K chunks and enough programs that every GEMM is
@@ -315,3 +320,24 @@ def test_keep_bf16_names_matrices_and_layers_or_says_what_is_wrong():
                      ("wo:x", "layers are")):
         with pytest.raises(ValueError, match=why):
             kept_cells((bad,), 3)
+
+
+def test_kept_bf16_cells_are_one_runner_setting_from_flags_parameters_and_the_spec(big_tiles):
+    params = params_from_dict({"preset": "tiny", "device": "cpu", "joint_names": ["a"],
+                               "denoise_backend": "persistent-fp8", "denoise_keep_bf16": ["gate_up:0", "down"]})
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--device", "cpu", "--denoise", "persistent-fp8",
+                              "--denoise-keep-bf16", "gate_up:0,down"])
+    spec = spec_from_args(args)
+    assert spec.denoise_keep_bf16 == ("gate_up:0", "down") == params.runner_spec().denoise_keep_bf16
+    assert parser.parse_args(["--denoise-keep-bf16", "wo:0-2,5,qkv"]).denoise_keep_bf16 == ("wo:0-2,5", "qkv")
+    runner = build_runner(spec.replace(warmup=False, progress=False), model=two_step_model())
+    expert = runner.denoise_fn.__self__
+    assert runner.backends["denoise"] == "persistent-fp8w-eager"
+    assert {k: s.mode for k, s in expert.fused.stacked.items()} == {"qkv": 1, "wo": 1, "gate_up": 2, "down": 0}
+    with pytest.raises(SpecError) as e:
+        RunnerSpec(denoise="triton", denoise_keep_bf16=("ffn", "down:9")).validate()
+    lines = str(e.value).splitlines()
+    assert any("applies to the FP8 denoise backends (fp8, persistent-fp8), not triton" in x for x in lines)
+    assert any("denoise_keep_bf16 entry 'ffn'" in x for x in lines)

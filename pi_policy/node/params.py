@@ -55,6 +55,9 @@ class NodeParams:
                                       "expert), fp8 (fused, FP8 expert weights), persistent or persistent-fp8 (the "
                                       "fused expert as one persistent kernel); a fused one that cannot run falls "
                                       "back to bf16 with a warning.")
+    denoise_keep_bf16: list[str] = _p([], "With FP8 expert weights (fp8, persistent-fp8): matrices kept bf16, each "
+                                          "in every layer or in some: qkv, wo, gate_up, down or all, e.g. "
+                                          "[gate_up, 'down:0-5'].")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")
@@ -175,6 +178,7 @@ class NodeParams:
                           tokenizer=self.tokenizer or None, prompt_format=self.prompt_format, seed=self.seed,
                           cameras=self.camera_set(), action_dim=self.action_dim or None, device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
+                          denoise_keep_bf16=tuple(self.denoise_keep_bf16),
                           rtc=self.rtc_settings(), warmup=self.warmup)
 
 

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 from pi_policy.cameras import CameraSet
 from pi_policy.model.config import PRESETS
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, RTCSettings, parse_stages
+from pi_policy.runtime.options import (
+    BACKEND_CHOICES,
+    DENOISE_BACKENDS,
+    FP8_DENOISE,
+    RTCSettings,
+    kept_cells,
+    parse_stages,
+)
 
 PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
 FP8_LINEARS = ("wqkv", "wo", "mlp.gate_up", "mlp.down")
@@ -54,7 +61,8 @@ class RunnerSpec:
     device: str = "cpu"
     backend: str = "bf16"  # the prefill: bf16, fp8, tensorrt, or eager (bf16 without graphs or compilation)
     engine_path: str | None = None  # TensorRT engine (backend tensorrt)
-    denoise: str = "auto"  # auto, bf16 (PyTorch), triton or fp8 (the fused Triton expert)
+    denoise: str = "auto"  # auto, bf16 (PyTorch), triton or fp8 (the fused Triton expert), persistent(-fp8)
+    denoise_keep_bf16: tuple[str, ...] = ()  # FP8 expert weights: matrices (and layers) kept bf16 (kept_cells)
     cuda_graphs: bool = True
     compile_stages: tuple[str, ...] | None = None  # None: the default (prefill and denoise on CUDA)
     rtc: RTCSettings = field(default_factory=RTCSettings)
@@ -82,6 +90,14 @@ class RunnerSpec:
             out.append(f"backend '{self.backend}' is not one of {', '.join(BACKEND_CHOICES)}")
         if self.denoise not in DENOISE_BACKENDS:
             out.append(f"denoise_backend '{self.denoise}' is not one of {', '.join(DENOISE_BACKENDS)}")
+        if self.denoise_keep_bf16:
+            if self.denoise not in FP8_DENOISE:
+                out.append(f"denoise_keep_bf16 applies to the FP8 denoise backends ({', '.join(FP8_DENOISE)}), "
+                           f"not {self.denoise}")
+            try:
+                kept_cells(self.denoise_keep_bf16, PRESETS[self.preset].expert.depth if self.preset in PRESETS else 1)
+            except ValueError as e:
+                out.append(f"denoise_{e}")
         if self.backend == "tensorrt" and not self.engine_path:
             out.append("backend tensorrt needs engine_path")
         if self.compile_stages is not None:

@@ -32,6 +32,17 @@ class Flag:
     choices: tuple[str, ...] | None = None
 
 
+def _keep_entries(text: str) -> tuple[str, ...]:
+    """`gate_up,down:0-5,7,wo:1` -> ("gate_up", "down:0-5,7", "wo:1"): a part without a matrix continues the last."""
+    out: list[str] = []
+    for part in (x for x in text.replace(" ", "").split(",") if x):
+        if part[0].isdigit() and out and ":" in out[-1]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return tuple(out)
+
+
 MODEL_FLAGS = (
     Flag("--preset", "preset", "preset", f"model preset: {', '.join(PRESETS)}"),
     Flag("--checkpoint", "checkpoint", "checkpoint",
@@ -51,7 +62,11 @@ MODEL_FLAGS = (
          "bf16 (the PyTorch expert), triton or fp8 (the fused expert, bf16 or FP8 weights), persistent or "
          "persistent-fp8 (the fused expert as one persistent kernel)", choices=DENOISE_BACKENDS),
     Flag("--engine", "engine_path", "engine_path", "TensorRT engine for --backend tensorrt"),
+    Flag("--denoise-keep-bf16", "denoise_keep_bf16", "denoise_keep_bf16",
+         "with FP8 expert weights: comma-separated matrices kept bf16, each in every layer or in some "
+         "(qkv, wo, gate_up, down or all; e.g. gate_up,down:0-5)", type=_keep_entries),
 )
+
 _BY_NAME = {f.name: f for f in MODEL_FLAGS}
 # what eval-bag and serve let the command line override in the node parameter file (besides --set)
 CONFIG_FLAGS = ("--preset", "--checkpoint", "--prompt-format", "--device", "--backend", "--denoise")

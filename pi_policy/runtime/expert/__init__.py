@@ -17,9 +17,9 @@ FUSED = {"triton": ("fused", "bf16"), "fp8w": ("fused", "fp8"), "persistent": ("
          "persistent-fp8w": ("persistent", "fp8")}
 
 
-def make_denoise(impl: str, model) -> Implementation:
-    """The denoise implementation `impl` (torch, or one of FUSED); the PyTorch loop, with the reason, when a fused
-    one cannot run here (the note says why)."""
+def make_denoise(impl: str, model, keep_bf16: tuple[str, ...] = ()) -> Implementation:
+    """The denoise implementation `impl` (torch, or one of FUSED; with FP8 weights, the cells named in `keep_bf16`
+    stay bf16); the PyTorch loop, with the reason, when a fused one cannot run here (the note says why)."""
     if impl == TORCH:
         return Implementation(None)
     expert, weights = FUSED[impl]
@@ -35,11 +35,11 @@ def make_denoise(impl: str, model) -> Implementation:
         if expert == "persistent":
             from pi_policy.runtime.expert.persistent import PersistentExpert
 
-            fn = PersistentExpert(model, weights).denoise
+            fn = PersistentExpert(model, weights, keep_bf16).denoise
         else:
             from pi_policy.runtime.expert.fused import FusedExpert
 
-            fn = FusedExpert(model, weights).denoise
+            fn = FusedExpert(model, weights, keep_bf16).denoise
     except Exception as e:  # noqa: BLE001 - no Triton on this platform, say: serve on the PyTorch path
         return _fallback(impl, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     return Implementation(fn, impl)

@@ -21,10 +21,11 @@ from torch import Tensor
 from pi_policy.model.layers import rope_cos_sin
 from pi_policy.model.pi0 import KVCache, PiModel, euler_times, time_embedding
 from pi_policy.runtime.expert import kernels
+from pi_policy.runtime.options import EXPERT_MATRICES, kept_cells
 from pi_policy.runtime.prefill.fp8 import quantize_weight
 
 WEIGHTS = ("bf16", "fp8")
-MATRICES = ("qkv", "wo", "gate_up", "down")
+MATRICES = EXPERT_MATRICES
 
 
 def pack(w: Tensor, fold: Tensor | None, fp8: bool) -> tuple[Tensor, Tensor | None]:
@@ -43,29 +44,6 @@ def pack_layer(blk, name: str, adaptive: bool, fp8: bool) -> tuple[Tensor, Tenso
     w, norm = {"qkv": (blk.wqkv.weight, blk.attn_norm), "wo": (blk.wo.weight, None),
                "gate_up": (blk.mlp.gate_up.weight, blk.mlp_norm), "down": (blk.mlp.down.weight, None)}[name]
     return pack(w, None if adaptive or norm is None else norm.weight, fp8)
-
-
-def kept_cells(keep_bf16: Iterable[str], depth: int) -> frozenset[tuple[int, str]]:
-    """The (layer, matrix) cells that stay bf16 under FP8 weights. Each entry names a matrix kind (of MATRICES, or
-    `all`) in every layer, or in some: `down`, `gate_up:0-5`, `all:0`, `wo:3,7`."""
-    cells = set()
-    for entry in keep_bf16:
-        name, _, layers = str(entry).partition(":")
-        if name not in (*MATRICES, "all"):
-            raise ValueError(f"keep_bf16 entry {entry!r}: the matrix is one of {', '.join(MATRICES)} or all")
-        chosen = range(depth) if not layers else _layers(layers, depth, entry)
-        cells |= {(i, m) for i in chosen for m in (MATRICES if name == "all" else (name,))}
-    return frozenset(cells)
-
-
-def _layers(text: str, depth: int, entry: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) >= depth or int(hi or lo) < int(lo):
-            raise ValueError(f"keep_bf16 entry {entry!r}: layers are N, N-M or a comma list of them, below {depth}")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 @dataclass
