@@ -31,10 +31,13 @@ setup(
         "msgpack>=1.0",
     ],
     extras_require={
-        # triton: the fused-kernel tests run under its CPU interpreter; ray: eval-bag --ray is tested for real
-        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "openpi-client", "triton", "ray"],
+        # triton: the fused-kernel tests run under its CPU interpreter; ray[serve]: eval-bag --ray and serve --ray
+        # are tested for real
+        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "openpi-client", "triton",
+                 "ray[serve]"],
         "onnx": ["onnx", "onnxruntime"],
         "ray": ["ray"],
+        "serve-ray": ["ray[serve]"],  # pi-policy serve --ray: Ray Serve, FastAPI, uvicorn
     },
     zip_safe=True,
     maintainer="pi_policy developers",

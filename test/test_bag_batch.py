@@ -124,3 +124,14 @@ def test_workers_take_the_gpus_round_robin(monkeypatch):
     assert worker_devices("cuda:1", 3) == [] and worker_devices("cpu", 3) == [] and worker_devices("cuda", 1) == []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert worker_devices("cuda", 3) == []  # one GPU: every worker on it, as configured
+
+
+def test_many_bags_pool_each_rtc_mode(fleet, tmp_path, capsys):
+    out = tmp_path / "rtc"
+    bags = [str(b) for b in find_bags([fleet])[:2]]
+    assert main(["eval-bag", *bags, *ARGS, "--rtc", "off", "--rtc", "inpaint", "--delay", "2", "--out", str(out)]) == 0
+    agg = json.loads((out / "aggregate.json").read_text())
+    assert list(agg["pooled"]) == ["off", "inpaint"]  # the modes are the passes, pooled across bags
+    assert all(m["ticks"] > 0 for m in agg["pooled"].values())
+    printed = capsys.readouterr().out
+    assert "off MAE" in printed and "inpaint MAE" in printed

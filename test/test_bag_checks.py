@@ -13,8 +13,9 @@ import pi_policy.runtime
 from pi_policy.bag.demo_bag import ACTION_TOPIC, DemoSpec, demo_params, write_demo_bag
 from pi_policy.bag.eval_config import read_eval_config
 from pi_policy.bag.reader import TYPESTORE
-from pi_policy.bag.replay import ReplaySetup, evaluate, load_actions
+from pi_policy.bag.replay import evaluate
 from pi_policy.bag.report import plot_horizon_error, plot_joints, plot_latency, plot_tick_error, write_report
+from pi_policy.bag.setup import ReplaySetup, load_actions
 from pi_policy.node.params import ParamError, load_params_yaml, params_from_dict
 from pi_policy.observation import STAGES, LatencyRecord, PolicyOutput
 from pi_policy.tools.cli import main

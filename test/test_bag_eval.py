@@ -19,8 +19,10 @@ from pi_policy.bag.demo_bag import (
     write_demo_bag,
 )
 from pi_policy.bag.reader import TYPESTORE, BagError, inspect_bag, read_messages
-from pi_policy.bag.replay import NO_ACTIONS, ReplaySetup, evaluate, load_actions, skip_counts
+from pi_policy.bag.reasons import NO_ACTIONS, skip_counts
+from pi_policy.bag.replay import evaluate
 from pi_policy.bag.report import REPORT_FILES, build_metrics, write_html, write_report
+from pi_policy.bag.setup import ReplaySetup, load_actions
 from pi_policy.bag.writer import write_output_bag
 from pi_policy.cameras import CameraSet
 from pi_policy.node.params import params_from_dict
@@ -284,7 +286,7 @@ def test_rate_zero_ticks_on_every_accepted_frame(bags):
 
 
 def test_topics_resolve_like_the_node():
-    from pi_policy.bag.replay import resolve_topic
+    from pi_policy.bag.setup import resolve_topic
 
     assert resolve_topic("joint_states") == "/joint_states"
     assert resolve_topic("/abs/topic", "robot1") == "/abs/topic"

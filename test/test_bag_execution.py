@@ -11,8 +11,10 @@ from pi_policy.bag.actions import ActionSeries
 from pi_policy.bag.demo_bag import ACTION_TOPIC, DEMO_CAMERAS, DemoSpec, demo_params, write_demo_bag
 from pi_policy.bag.execution import execute, jerk, summarize_execution
 from pi_policy.bag.metrics import Trace
-from pi_policy.bag.replay import BUSY, ReplaySetup, evaluate, load_actions
+from pi_policy.bag.reasons import BUSY
+from pi_policy.bag.replay import evaluate
 from pi_policy.bag.report import write_report
+from pi_policy.bag.setup import ReplaySetup, load_actions
 from pi_policy.node.params import params_from_dict
 from pi_policy.observation import STAGES, LatencyRecord, PolicyOutput
 from pi_policy.tools.cli import main

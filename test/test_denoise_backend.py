@@ -38,6 +38,21 @@ def test_the_runner_runs_the_fused_expert_and_says_so():
     assert err < 5e-3
 
 
+def test_the_fused_expert_runs_three_robots_in_one_batch_as_it_runs_each_alone():
+    model = two_step_model()
+    fused = build_runner(model=model, denoise="triton", progress=False, warmup=False, batch_sizes=(4,))  # + padding
+    fused.warmup(iters=1, progress=False)
+    obs = [synthetic_observation(DEFAULT_CAMERAS[: 1 + i], 56, seed=10 + i) for i in range(3)]  # 1, 2, 3 cameras
+    noises = [np.random.default_rng(i).standard_normal((50, 32)).astype(np.float32) for i in range(3)]
+    batched = fused.infer_batch(obs, noises)
+    reference = build_runner(model=model, denoise="bf16", progress=False)
+    for o, n, out in zip(obs, noises, batched, strict=True):
+        assert out.latency.backends["denoise"] == "triton-eager"
+        np.testing.assert_allclose(out.actions, fused.infer(o, n).actions, rtol=0, atol=1e-5)
+        ref = reference.infer(o, n).actions
+        assert np.linalg.norm(out.actions - ref) / np.linalg.norm(ref) < 5e-3
+
+
 def test_a_fused_expert_that_fails_at_warm_up_falls_back_visibly(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this GPU")

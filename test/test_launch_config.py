@@ -18,7 +18,8 @@ from pi_policy.node.params import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["thor.yaml", "two_camera.yaml"]
-PY_TYPES = {"string": str, "integer": int, "double": float, "bool": bool, "string_array": list, "double_array": list}
+PY_TYPES = {"string": str, "integer": int, "double": float, "bool": bool, "string_array": list, "double_array": list,
+            "integer_array": list}
 
 
 def write(tmp_path, text, name="p.yaml"):
@@ -38,6 +39,8 @@ def test_config_loads_and_every_parameter_is_typed(name):
             assert all(isinstance(v, str) for v in value), p.name
         if p.type == "double_array":
             assert all(isinstance(v, float) for v in value), p.name
+        if p.type == "integer_array":
+            assert all(isinstance(v, int) and not isinstance(v, bool) for v in value), p.name
     assert params.joint_names, "a robot config must name its joints"
     assert params.checkpoint, "a robot config must name its weights"
 

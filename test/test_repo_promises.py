@@ -1,5 +1,6 @@
 """The README's two commands, .ci/run, the import boundaries and ruff: the promises the repo makes."""
 
+import ast
 import re
 import shutil
 import subprocess
@@ -69,3 +70,37 @@ def test_imports_run_down_the_layers():
                 if target in LAYERS and target != layer and target not in allowed:
                     offenders.append(f"{path.relative_to(ROOT)} imports pi_policy.{target}")
     assert not offenders
+
+
+def module_imports() -> dict[str, set[str]]:
+    """pi_policy module -> the pi_policy modules it imports anywhere in its text (type-checking and local imports
+    included): `from pi_policy.a import b` counts as importing pi_policy.a.b when that is a module."""
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "pi_policy").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pi_policy"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("pi_policy")}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_circle():
+    graph = module_imports()
+    circles = []
+    for start in graph:  # a path from a module back to itself
+        seen, todo = set(), [(start, (start,))]
+        while todo:
+            node, path = todo.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    circles.append(" -> ".join((*path, start)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    todo.append((nxt, (*path, nxt)))
+    assert not circles, circles[:5]

@@ -24,9 +24,10 @@ def _status(r: BagResult) -> str:
     return "failed" if r.error else "too few scored" if r.verdict else "ok"
 
 
-def aggregate(results: list[BagResult], backends: list[str], first_k: int, root: str | Path,
+def aggregate(results: list[BagResult], passes: list[str], first_k: int, root: str | Path,
               min_scored: float = 0.5) -> dict:
-    """The aggregate.json dict of the results (in name order); report links are relative to `root`."""
+    """The aggregate.json dict of the results (in name order), pooled per pass (backend or RTC mode); report links
+    are relative to `root`."""
     root = Path(root)
     results = sorted(results, key=lambda r: r.name)
     ok = [r for r in results if r.metrics is not None]
@@ -44,7 +45,7 @@ def aggregate(results: list[BagResult], backends: list[str], first_k: int, root:
                                  for b, v in m["backends"].items()}}
         rows.append(row)
     pooled = {}
-    for b in backends:
+    for b in passes:
         pools = [r.pools[b] for r in ok if b in r.pools]
         if pools:
             pooled[b] = summarize(Pool.merge(pools), first_k)
@@ -172,12 +173,12 @@ def _num(x) -> str:
     return "-" if x is None or x == "" else f"{x:.4g}"
 
 
-def write_aggregate(results: list[BagResult], backends: list[str], first_k: int, out: str | Path,
+def write_aggregate(results: list[BagResult], passes: list[str], first_k: int, out: str | Path,
                     min_scored: float = 0.5) -> dict:
     """Write every aggregate file into `out` (next to the per-bag report folders); returns the aggregate dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    agg = aggregate(results, backends, first_k, out, min_scored)
+    agg = aggregate(results, passes, first_k, out, min_scored)
     (out / "aggregate.json").write_text(json.dumps(agg, indent=2, allow_nan=False))
     write_bags_csv(agg, out / "bags.csv")
     plot_bags(agg, out / "bags.png")

@@ -2,7 +2,7 @@
 
 One bag is one job, evaluated by `evaluate_job` wherever it runs (here, in a worker process, in a Ray task: see
 bag.parallel), so a bag scores the same alone or among others. A worker keeps the policies it built for its next
-bag (one model per backend) and restarts their noise before each bag, so results do not depend on which worker
+bag (one model per pass) and restarts their noise before each bag, so results do not depend on which worker
 ran a bag or what it ran before.
 """
 
@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from pi_policy.bag.metrics import Pool, tick_errors
+from pi_policy.bag.passes import ReplayPass
 from pi_policy.bag.preflight import BagMismatch, preflight
 from pi_policy.bag.reader import BagError, inspect_bag
-from pi_policy.bag.replay import Evaluation, ReplaySetup, evaluate, resolve_topic
+from pi_policy.bag.replay import Evaluation, evaluate
+from pi_policy.bag.setup import ReplaySetup, resolve_topic
 from pi_policy.bag.summary import scored_verdict
 from pi_policy.observation import Policy
 from pi_policy.runtime.spec import RunnerSpec
@@ -73,14 +75,13 @@ class BagJob:
     bag: str
     name: str
     out: str
-    setup: ReplaySetup
-    backends: list[str]
+    setup: ReplaySetup  # the baseline's: topics, pre-flight check, --write-bag
+    passes: list[ReplayPass]
     first_k: int = 10
     min_scored: float = 0.5
     meta: dict = field(default_factory=dict)
     write_bag: str | None = None
     write_bag_storage: str = "mcap"
-    setups: dict[str, ReplaySetup] = field(default_factory=dict)  # a pass's own parameters (eval-bag --rtc)
 
 
 @dataclass
@@ -99,16 +100,16 @@ class BagResult:
 
 
 class PolicyCache:
-    """The policies one worker built, one per backend, kept for its next bag."""
+    """The policies one worker built, one per pass's runner settings, kept for its next bag."""
 
     def __init__(self, device: str | None = None, progress: bool = True):
         self.device, self.progress = device, progress
         self.policies: dict[RunnerSpec, Policy] = {}
 
-    def get(self, setup: ReplaySetup, backend: str) -> Policy:
+    def get(self, setup: ReplaySetup) -> Policy:
         from pi_policy import runtime
 
-        spec = setup.params.runner_spec().replace(backend=backend, progress=self.progress)
+        spec = setup.params.runner_spec().replace(progress=self.progress)
         if self.device:
             spec = spec.replace(device=self.device)
         if spec not in self.policies:
@@ -140,12 +141,9 @@ def evaluate_job(job: BagJob, policies: PolicyCache, progress: bool = False) -> 
 
     result = BagResult(job.name, job.bag, job.out)
     try:
-        def policy(name: str) -> Policy:  # a pass is a backend, or (with setups) its own parameters
-            setup = job.setups.get(name)
-            return policies.get(job.setup, name) if setup is None else policies.get(setup, setup.params.backend)
-
-        ev = evaluate(job.bag, job.setup, policy, job.backends, progress=progress,
-                      keep_outputs=bool(job.write_bag), setups=job.setups or None)
+        setups = {p.name: p.setup for p in job.passes}
+        ev = evaluate(job.bag, job.setup, lambda name: policies.get(setups[name]), job.passes, progress=progress,
+                      keep_outputs=bool(job.write_bag))
         result.metrics = write_report(ev, job.out, job.first_k, job.meta | {"bag_name": job.name})
         if job.write_bag:
             p, ns = job.setup.params, job.setup.namespace
@@ -155,7 +153,7 @@ def evaluate_job(job: BagJob, policies: PolicyCache, progress: bool = False) -> 
         text = str(exc) if isinstance(exc, (BagError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
         result.error = " ".join(text.split())
         return result
-    result.pools = {r.backend: Pool.from_trace(r.trace) for r in ev.replays}
+    result.pools = {r.name: Pool.from_trace(r.trace) for r in ev.replays}
     result.worst = worst_ticks(ev)
     result.verdict = scored_verdict(result.metrics, job.min_scored)
     return result

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from pi_policy.bag.replay import ACTION_SOURCES
+from pi_policy.bag.setup import ACTION_SOURCES
 from pi_policy.node.params import ParamError
 
 SECTION = "eval_bag"

@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 
 from pi_policy.bag.actions import ActionSeries
 from pi_policy.bag.metrics import Trace
-from pi_policy.bag.replay import Evaluation, Replay
+from pi_policy.bag.recorder import Replay
+from pi_policy.bag.replay import Evaluation
 from pi_policy.node.rtc_state import sample_chunk
 from pi_policy.runtime.options import parse_delay
 from pi_policy.runtime.stats import percentiles
@@ -100,7 +101,7 @@ def delay_of(ev: Evaluation) -> int | None:
 
 def executions(ev: Evaluation) -> list[Execution]:
     p, delay = ev.settings.params.control_period_s, delay_of(ev)
-    return [execute(r.trace, arrival_steps(r, p, delay), r.backend) for r in ev.replays]
+    return [execute(r.trace, arrival_steps(r, p, delay), r.name) for r in ev.replays]
 
 
 def execution_metrics(ev: Evaluation) -> dict:

@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import difflib
 from contextlib import closing
-from typing import TYPE_CHECKING
 
 from pi_policy.bag.actions import ACTION_TYPES
 from pi_policy.bag.reader import BagError, BagInfo, read_messages
-from pi_policy.node.params import is_compressed_topic
+from pi_policy.bag.setup import COMPRESSED, IMAGE, JOINT_STATE, STRING, ReplaySetup, image_type
 
-if TYPE_CHECKING:
-    from pi_policy.bag.replay import ReplaySetup
-
-IMAGE, COMPRESSED = "sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"
-JOINT_STATE, STRING = "sensor_msgs/msg/JointState", "std_msgs/msg/String"
 PEEK = 5  # decodable messages read per topic to learn its joint names
 LISTED = 25  # topics listed when saying what the bag has
 
@@ -38,13 +32,12 @@ def preflight(info: BagInfo, setup: ReplaySetup) -> list[str]:
     problems: list[str] = []
     notes: list[str] = []
     params = setup.params
-    cameras = params.camera_set()
+    required = setup.required_cameras
     images = _topics_of(info, IMAGE, COMPRESSED)
     for cam, topic in setup.cameras.items():
-        want = COMPRESSED if is_compressed_topic(topic) else IMAGE
-        problem = _topic_problem(info, topic, (want,), images, "image")
+        problem = _topic_problem(info, topic, (image_type(topic),), images, "image")
         if problem:
-            role = "required" if cameras.is_required(cam) else "optional"
+            role = "required" if cam in required else "optional"
             problems.append(f"camera {cam} ({role}): {problem}")
 
     js = setup.joint_states_topic

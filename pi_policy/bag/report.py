@@ -13,7 +13,8 @@ from matplotlib.figure import Figure  # Figure.savefig renders with Agg; no pypl
 
 from pi_policy.bag.execution import execution_metrics, format_execution, plot_executed
 from pi_policy.bag.metrics import compare, discontinuity, summarize, tick_errors
-from pi_policy.bag.replay import Evaluation, reason_details, reason_key, skip_counts
+from pi_policy.bag.reasons import reason_details, skip_counts
+from pi_policy.bag.replay import Evaluation
 from pi_policy.bag.summary import input_problem_lines, reason_lines
 from pi_policy.runtime.stats import percentiles
 
@@ -30,10 +31,6 @@ REPORT_FILES = ("metrics.json", "ticks.csv", *PLOTS, "index.html")
 def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dict:
     info, first = ev.info, ev.first
     t0 = info.start_ns / 1e9
-    warnings = {}
-    for reasons in first.warnings.values():
-        for r in reasons:
-            warnings[reason_key(r)] = warnings.get(reason_key(r), 0) + 1
 
     def topic_report(r) -> dict:
         return dataclasses.asdict(r) | {"first_s": [round(t - t0, 3) for t in r.first_s]}
@@ -50,7 +47,7 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
             "evaluated": len(first.evaluated),
             "skipped": len(first.skipped),
             "skipped_by_reason": skip_counts(first.skipped),
-            "warnings_by_reason": dict(sorted(warnings.items(), key=lambda kv: -kv[1])),
+            "warnings_by_reason": skip_counts(first.warnings),
             "skipped_details": reason_details(first.skipped, first.tick_times, t0),
             "warning_details": reason_details(first.warnings, first.tick_times, t0),
         },
@@ -64,7 +61,7 @@ def build_metrics(ev: Evaluation, first_k: int, meta: dict | None = None) -> dic
                      for t, g in ev.gaps.items()},
             "observation_age_ms": percentiles(first.obs_age_s * 1e3),
         },
-        "backends": {r.backend: summarize(r.trace, first_k) | {
+        "backends": {r.name: summarize(r.trace, first_k) | {
             "stage_backends": r.stage_backends, "skipped_details": reason_details(r.skipped, r.tick_times, t0)}
             for r in ev.replays},
         "comparison": [compare(r.trace, first.trace) for r in ev.replays[1:]],
@@ -86,7 +83,7 @@ def write_ticks_csv(ev: Evaluation, path: Path, first_k: int) -> None:
         per_backend.append((r, {"mae": mae, "mse": mse, "mae_first_k": mae_k, "jump": jumps}, rows))
     header = ["tick", "time_s", "status", "reasons", "obs_stamp_s", "obs_age_ms", "valid_steps"]
     for r, cols, _ in per_backend:
-        header += [f"{r.backend}_{c}" for c in cols] + [f"{r.backend}_{s}_ms" for s in r.trace.latency_ms]
+        header += [f"{r.name}_{c}" for c in cols] + [f"{r.name}_{s}_ms" for s in r.trace.latency_ms]
     row_of = {tick: n for n, tick in enumerate(first.evaluated)}
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -158,7 +155,7 @@ def plot_joints(ev: Evaluation, path: Path, max_chunks: int = 12) -> Figure:
             # The part of each chunk the robot would execute before the next tick replaces it.
             xs = (tr.times[:, None] + steps[None, :per_tick] - t0).reshape(-1)
             ys = tr.predicted[:, :per_tick, j].reshape(-1)
-            ax.plot(xs, ys, st["marker"], color=st["color"], ms=3, mfc="none", label=f"{r.backend} (executed part)")
+            ax.plot(xs, ys, st["marker"], color=st["color"], ms=3, mfc="none", label=f"{r.name} (executed part)")
         ax.set_ylabel(names[j], fontsize=8)
         ax.grid(alpha=0.3)
     _legend(axes[0], fontsize=7, loc="upper right")
@@ -190,7 +187,7 @@ def plot_horizon_error(ev: Evaluation, path: Path) -> Figure:
         mae = summarize(r.trace, 1)["mae_by_step"]
         if any(v is not None for v in mae):
             ax.plot(np.arange(len(mae)), [np.nan if v is None else v for v in mae], ms=4, mfc="none", **style(b),
-                    label=r.backend)
+                    label=r.name)
     return _finish_line_plot(fig, ax, path, "chunk step", "MAE (robot units)",
                              "Error over the horizon (mean over ticks and joints)")
 
@@ -204,7 +201,7 @@ def plot_tick_error(ev: Evaluation, path: Path) -> Figure:
             continue
         mae, _ = tick_errors(r.trace)
         x, y = with_breaks(r.trace.times - t0, mae, np.diff(r.trace.ticks) > 1)
-        ax.plot(x, y, ms=4, mfc="none", **style(b), label=r.backend)
+        ax.plot(x, y, ms=4, mfc="none", **style(b), label=r.name)
     skipped = [ev.first.tick_times[i] - t0 for i in ev.first.skipped]
     if skipped:
         ax.plot(skipped, np.zeros(len(skipped)), "|", color="gray", ms=10, label="skipped tick")
@@ -229,7 +226,7 @@ def plot_latency(ev: Evaluation, path: Path) -> Figure:
             if v.size:
                 st = style(b)
                 ax.hist(v, bins=30, histtype="step", lw=1.4, color=st["color"], ls=st["ls"],
-                        label=f"{r.backend} p50 {np.median(v):.2f}")
+                        label=f"{r.name} p50 {np.median(v):.2f}")
         ax.set_title(stage, fontsize=9)
         ax.set_xlabel("ms")
         _legend(ax, fontsize=7)

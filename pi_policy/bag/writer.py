@@ -14,16 +14,16 @@ TRAJECTORY_TYPE = "trajectory_msgs/msg/JointTrajectory"
 DIAGNOSTICS_TYPE = "diagnostic_msgs/msg/DiagnosticArray"
 
 
-def output_topics(backend: str, n_backends: int, action_topic: str, latency_topic: str) -> tuple[str, str]:
-    """The node's own topic names for a single backend; with several, each gets a /<backend> namespace."""
-    if n_backends == 1:
+def output_topics(name: str, n_passes: int, action_topic: str, latency_topic: str) -> tuple[str, str]:
+    """The node's own topic names for a single pass; with several, each gets a /<pass name> namespace."""
+    if n_passes == 1:
         return action_topic, latency_topic
-    return f"/{backend}{action_topic}", f"/{backend}{latency_topic}"
+    return f"/{name}{action_topic}", f"/{name}{latency_topic}"
 
 
 def write_output_bag(ev: Evaluation, out: str | Path, action_topic: str, latency_topic: str,
                      storage: str = "mcap") -> dict[str, int]:
-    """Write each backend's chunks and latency diagnostics at the times the node would have published them.
+    """Write each pass's chunks and latency diagnostics at the times the node would have published them.
 
     Returns topic -> message count. The replay must have been run with keep_outputs=True.
     """
@@ -34,9 +34,9 @@ def write_output_bag(ev: Evaluation, out: str | Path, action_topic: str, latency
         raise FileExistsError(f"{out} exists already; choose a new output bag directory")
     counts: dict[str, int] = {}
     with Writer(out, version=9, storage_plugin=STORAGES[storage]) as writer:
-        pending = []  # (log_ns, connection, bytes), written in time order across backends
+        pending = []  # (log_ns, connection, bytes), written in time order across passes
         for r in ev.replays:
-            traj_topic, diag_topic = output_topics(r.backend, len(ev.replays), action_topic, latency_topic)
+            traj_topic, diag_topic = output_topics(r.name, len(ev.replays), action_topic, latency_topic)
             traj = writer.add_connection(traj_topic, TRAJECTORY_TYPE, typestore=TYPESTORE)
             diag = writer.add_connection(diag_topic, DIAGNOSTICS_TYPE, typestore=TYPESTORE)
             counts[traj_topic] = counts[diag_topic] = 0

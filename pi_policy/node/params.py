@@ -1,7 +1,8 @@
 """Every parameter of the pi_policy node, declared once as data (default, ROS type, description), and the checker
 for ROS 2 parameter files that applies the node's own rules.
 
-Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array", "double_array". A double
+Types are the ROS 2 ones: "string", "integer", "double", "bool", "string_array", "double_array",
+"integer_array". A double
 (or a double array) written with integers (`10` for `10.0`) is that double, as ROS users write them (the node
 accepts it too, although rclpy alone would not); an unknown name (a typo) is an error, here and in the node.
 Empty lists cannot be written in a parameter file; leave the parameter out to keep its default.
@@ -23,7 +24,7 @@ from pi_policy.runtime.spec import RunnerSpec
 
 NODE_NAME = "pi_policy_node"
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
-              "list[str]": "string_array", "list[float]": "double_array"}
+              "list[str]": "string_array", "list[float]": "double_array", "list[int]": "integer_array"}
 STREAM_TYPES = ("float64_array", "joint_state")
 
 
@@ -64,6 +65,10 @@ class NodeParams:
     action_dim: int = _p(0, "Robot action dims (unpadded); 0 = the model's.")
     seed: int = _p(0, "Seed for random weights and the denoising noise.")
     warmup: bool = _p(True, "Warm up (and capture CUDA graphs) while configuring, before serving.")
+    batch_sizes: list[int] = _p([1], "Batch sizes the runner has buffers and CUDA graphs for (1 is always among "
+                                     "them): the node serves one robot; pi-policy serve runs several robots' "
+                                     "requests at once (left at [1], its serve section's max_batch sets 1, 2, 4, "
+                                     "... up to it).")
     # inputs
     camera_names: list[str] = _p(list(DEFAULT_CAMERAS),
                                  "Model camera name of each subscribed camera (parallel to camera_topics).")
@@ -179,7 +184,7 @@ class NodeParams:
                           cameras=self.camera_set(), action_dim=self.action_dim or None, device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
                           denoise_keep_bf16=tuple(self.denoise_keep_bf16),
-                          rtc=self.rtc_settings(), warmup=self.warmup)
+                          rtc=self.rtc_settings(), warmup=self.warmup, batch_sizes=tuple(self.batch_sizes))
 
 
 def is_compressed_topic(topic: str) -> bool:
@@ -225,9 +230,12 @@ def _check_type(p: Param, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise bad("a finite number")
-    elif p.type in ("string_array", "double_array"):
+    elif p.type in ("string_array", "double_array", "integer_array"):
         if p.type == "string_array" and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise bad("a list of strings")
+        if p.type == "integer_array" and (not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise bad("a list of integers")
         if p.type == "double_array":
             numbers = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                       for v in value)

@@ -24,6 +24,7 @@ _PARAM_TYPES = {
     "bool": Parameter.Type.BOOL,
     "string_array": Parameter.Type.STRING_ARRAY,
     "double_array": Parameter.Type.DOUBLE_ARRAY,
+    "integer_array": Parameter.Type.INTEGER_ARRAY,
 }
 
 

@@ -82,7 +82,7 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
         if c.note:
             log.warning(c.note)
     runner = PolicyRunner(model, tok, normalizer, spec.cameras, choices, prefill=prefill.fn,
-                          denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc)
+                          denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc, batch_sizes=spec.batch_sizes)
     runner.spec = spec
     if spec.warmup:
         runner.warmup(progress=spec.progress)

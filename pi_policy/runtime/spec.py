@@ -67,6 +67,8 @@ class RunnerSpec:
     compile_stages: tuple[str, ...] | None = None  # None: the default (prefill and denoise on CUDA)
     rtc: RTCSettings = field(default_factory=RTCSettings)
     fp8: FP8Options = field(default_factory=FP8Options)
+    # several robots: buffers and CUDA graphs per batch size (infer_batch runs the smallest that holds a batch)
+    batch_sizes: tuple[int, ...] = (1,)
     # start-up
     warmup: bool = True
     progress: bool = True
@@ -121,6 +123,16 @@ class RunnerSpec:
             out.append(f"fp8 keep_bf16 {bad}: choose from {', '.join(FP8_LINEARS)}")
         if not isinstance(self.rtc, RTCSettings):
             out.append(f"rtc must be RTCSettings, got {type(self.rtc).__name__}")
+        sizes = self.batch_sizes
+        if not isinstance(sizes, tuple) or not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                                             for n in sizes):
+            out.append(f"batch_sizes must be whole numbers >= 1, got {sizes!r}")
+        elif max(sizes) > 1:
+            if isinstance(self.rtc, RTCSettings) and self.rtc.on:
+                out.append(f"real-time chunking runs one robot at a time: batch_sizes {list(sizes)} need rtc off")
+            if self.backend == "tensorrt":
+                out.append(f"the TensorRT prefill engine runs batch 1: batch_sizes {list(sizes)} need the bf16 or fp8 "
+                           "prefill")
         return out
 
     def validate(self) -> RunnerSpec:

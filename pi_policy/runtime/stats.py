@@ -51,19 +51,27 @@ def summarize(records: list[LatencyRecord]) -> dict:
     return out
 
 
-def stage_table(summary: dict, title: str = "") -> str:
+def stage_table(summary: dict, title: str = "", batch: int = 1) -> str:
+    """Per-stage p50/p99 and share of the total; with batch > 1, each stage's p50 per robot beside it."""
     total = summary["total"]["p50"]
+    per = f" {'/robot':>8} |" if batch > 1 else ""
     rows = [f"{title}" if title else "",
-            f"| {'Component':<14} | {'p50 ms':>8} | {'p99 ms':>8} | {'% total':>7} | backend",
-            f"|{'-' * 16}|{'-' * 10}|{'-' * 10}|{'-' * 9}|--------"]
+            f"| {'Component':<14} | {'p50 ms':>8} | {'p99 ms':>8} |{per} {'% total':>7} | backend",
+            f"|{'-' * 16}|{'-' * 10}|{'-' * 10}|{'-' * 10 + '|' if batch > 1 else ''}{'-' * 9}|--------"]
+
+    def robot(p50: float) -> str:
+        return f" {p50 / batch:8.2f} |" if batch > 1 else ""
+
     for s in STAGES:
         p50 = summary[s]["p50"]
-        rows.append(f"| {LABELS[s]:<14} | {p50:8.2f} | {summary[s]['p99']:8.2f} | {100 * p50 / total:6.1f}% | "
-                    f"{summary['backends'].get(s, '')}")
-    rows.append(f"| {'Total':<14} | {total:8.2f} | {summary['total']['p99']:8.2f} | {100.0:6.1f}% |")
-    rows.append(f"| {'Hz':<14} | {summary['hz']:8.1f} |")
-    rows.append(f"| {'Host e2e':<14} | {summary['host_e2e']['p50']:8.2f} | {summary['host_e2e']['p99']:8.2f} | "
-                f"{'':>7} | numpy in -> numpy out (host prep p50 {summary['host_prep']['p50']:.2f} ms)")
+        rows.append(f"| {LABELS[s]:<14} | {p50:8.2f} | {summary[s]['p99']:8.2f} |{robot(p50)} "
+                    f"{100 * p50 / total:6.1f}% | {summary['backends'].get(s, '')}")
+    rows.append(f"| {'Total':<14} | {total:8.2f} | {summary['total']['p99']:8.2f} |{robot(total)} {100.0:6.1f}% |")
+    rows.append(f"| {'Hz':<14} | {summary['hz']:8.1f} |" + (f" {'':>8} | {summary['hz'] * batch:8.1f} | robot "
+                                                                "inferences per second" if batch > 1 else ""))
+    rows.append(f"| {'Host e2e':<14} | {summary['host_e2e']['p50']:8.2f} | {summary['host_e2e']['p99']:8.2f} |"
+                f"{robot(summary['host_e2e']['p50'])} {'':>7} | numpy in -> numpy out (host prep p50 "
+                f"{summary['host_prep']['p50']:.2f} ms)")
     return "\n".join(r for r in rows if r != "")
 
 

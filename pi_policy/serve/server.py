@@ -3,28 +3,35 @@
 Protocol, as openpi's WebsocketPolicyServer speaks it: on connect the server sends the metadata (msgpack);
 then each binary message is an observation and each reply holds `actions` (horizon x action_dim, robot units),
 `policy_timing` (this runner's per-stage milliseconds) and `server_timing`. A bad request or a failed inference
-is answered with the error text as a text frame and the connection closed with 1011; other clients go on.
-`GET /healthz` answers 200 (without the API key); with an API key set, every other request must carry
+is answered with the error text as a text frame and the connection closed with 1011; other clients go on. A
+request that waited max_queue_ms without starting is answered "server busy" as a text frame, and its connection
+stays open. `GET /healthz` answers 200 (without the API key); with an API key set, every other request must carry
 `Authorization: Api-Key <key>`, the header openpi_client sends.
 
 Scheduling: the runner is synchronous and not thread-safe, so every call to it happens on one worker thread
-(a one-thread executor), which also builds it. Its work queue is FIFO, and each connection has at most one
-request in it, because a connection's next message is read only after its reply is sent (openpi's client is
-strictly request-reply). FIFO over one slot per connection is round-robin: with N clients, a request waits
-for at most N - 1 others. A client that disconnects while its request waits has it cancelled, so it never
-reaches the GPU; one that disconnects during its inference costs that inference only.
+(a one-thread executor), which also builds it. Requests are decoded off the event loop, then wait in one FIFO
+queue. A scheduler on the event loop takes the oldest waiting request and, for up to max_wait_ms after it
+arrived, lets others join it, up to max_batch; the batch then runs as one runner call (`infer_batch`; a batch of
+one runs `infer`), and while it runs the next one gathers. Each connection has at most one request in the queue,
+because its next message is read only after its reply is sent (openpi's client is strictly request-reply), so a
+connection's answers keep its order and, with N clients, a request waits for at most N - 1 others. A client that
+disconnects while its request waits has it removed, so it never reaches the GPU; one that disconnects during its
+inference costs its row of that batch only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import http
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import websockets
@@ -40,29 +47,113 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20  # four full-HD cameras fit several times over
 
 
+def build_serve_runner(cfg: ServeConfig, device: str | None = None) -> Policy:
+    """The runner a server (or a Ray Serve replica, on its GPU) builds from its config: batch sizes up to max_batch."""
+    from pi_policy.runtime import build_runner
+
+    spec = cfg.runner_spec().replace(progress=sys.stderr.isatty())
+    return build_runner(spec.replace(device=device) if device else spec)
+
+
+def server_metadata(runner: Policy, cfg: ServeConfig) -> dict:
+    """What a client receives on connect."""
+    p = cfg.params
+    meta = {"server": "pi_policy", "preset": p.preset,
+            "horizon": runner.horizon, "action_dim": runner.action_dim, "camera_names": list(runner.camera_names),
+            "images": dict(cfg.images), "state": list(cfg.state), "prompt_key": cfg.prompt,
+            "joint_names": list(p.joint_names), "backends": dict(runner.backends)}
+    return meta | cfg.metadata
+
+
+def decode_request(message: bytes | str, cfg: ServeConfig) -> tuple[Observation, np.ndarray | None]:
+    """One websocket message -> the observation and optional noise; ValueError with a one-line reason."""
+    if isinstance(message, str):
+        raise ValueError("expected a binary msgpack observation, got a text frame")
+    return to_observation(unpack(message), cfg)
+
+
+def run_batch(runner: Policy, requests: list[tuple[Observation, np.ndarray | None]]) -> list[PolicyOutput | Exception]:
+    """One runner call for the requests (`infer` for one, `infer_batch` for more): an output per request, or the
+    ValueError of an invalid one, which is left out of the call (the runner finds it before any stage runs)."""
+    answers: list[PolicyOutput | Exception | None] = [None] * len(requests)
+    rows = list(range(len(requests)))
+    outs: list[PolicyOutput] = []
+    while rows:
+        try:
+            if len(rows) == 1:
+                outs = [runner.infer(*requests[rows[0]])]
+            else:
+                outs = runner.infer_batch([requests[i][0] for i in rows], [requests[i][1] for i in rows])
+            break
+        except ValueError as e:  # the runner's RowError names the invalid observation of a batch
+            if len(rows) > 1 and not hasattr(e, "row"):
+                raise
+            answers[rows.pop(getattr(e, "row", 0))] = e
+    for i, out in zip(rows, outs, strict=True):
+        answers[i] = out
+    return answers
+
+
+def reply_frame(out: PolicyOutput, server_timing: dict) -> bytes:
+    """The reply openpi's client reads: actions, the runner's policy_timing, the server's server_timing."""
+    lat = out.latency
+    policy_timing = {"infer_ms": lat.host_ms, "prep_ms": lat.prep_ms, "total_ms": lat.total_ms,
+                     **{f"{stage}_ms": ms for stage, ms in lat.stages_ms.items()}}
+    actions = np.ascontiguousarray(out.actions, dtype=np.float32)
+    return pack({"actions": actions, "policy_timing": policy_timing, "server_timing": server_timing})
+
+
+class ServerBusy(RuntimeError):
+    """A request that could not start within max_queue_ms; its connection stays open."""
+
+
+@dataclass(eq=False)
+class Pending:
+    """A decoded request waiting for, or riding in, a batch."""
+
+    obs: Observation
+    noise: np.ndarray | None
+    arrived: float  # perf_counter when queued
+    future: asyncio.Future = field(repr=False)
+    started: bool = False  # taken into a batch: no longer removable
+
+
+@dataclass
+class Answer:
+    out: PolicyOutput
+    queue_ms: float  # arrival -> its batch started on the worker
+    infer_ms: float  # the batch's runner call, wall time
+    batch_size: int  # requests in that runner call
+
+
 class PolicyServer:
-    """Serves one runner to any number of openpi clients. `make_runner` is called on the worker thread."""
+    """Serves one runner to any number of openpi clients. `make_runner` is called on the worker thread.
+
+    max_batch (at most the runner's largest batch size; 1 for a runner without infer_batch), max_wait_ms and
+    max_queue_ms come from the config's `serve:` section."""
 
     def __init__(self, make_runner: Callable[[], Policy], cfg: ServeConfig, api_key: str | None = None):
         self.cfg, self.api_key = cfg, api_key or None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pi-policy-infer")
+        self.decoders = ThreadPoolExecutor(4, thread_name_prefix="pi-policy-decode")
         self.runner: Policy = self.pool.submit(make_runner).result()
-        self.metadata = self._metadata()
+        sizes = getattr(self.runner, "batch_sizes", (1,)) if hasattr(self.runner, "infer_batch") else (1,)
+        self.max_batch = min(cfg.max_batch, max(sizes))
+        if self.max_batch < cfg.max_batch:
+            log.warning("max_batch %d: this runner runs at most %d observations at once", cfg.max_batch,
+                        self.max_batch)
+        self.metadata = server_metadata(self.runner, cfg) | {"max_batch": self.max_batch}
         self._metadata_frame = pack(self.metadata)
-        self.inferences = 0  # runner calls made, for tests and the load test
-        self.pending = 0  # requests handed to the worker and not answered yet
+        self.inferences = 0  # observations the runner answered, for tests and the load test
+        self.batches: collections.Counter[int] = collections.Counter()  # runner calls by batch size
+        self.pending = 0  # requests queued or running, not answered yet
+        self.busy = 0  # requests answered "server busy"
         self.port: int | None = None
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._arrival: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
-
-    def _metadata(self) -> dict:
-        r, p = self.runner, self.cfg.params
-        meta = {"server": "pi_policy", "preset": p.preset,
-                "horizon": r.horizon, "action_dim": r.action_dim, "camera_names": list(r.camera_names),
-                "images": dict(self.cfg.images), "state": list(self.cfg.state), "prompt_key": self.cfg.prompt,
-                "joint_names": list(p.joint_names), "backends": dict(r.backends)}
-        return meta | self.cfg.metadata
 
     # -- the handshake hook: health check and API key -------------------------------------------
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -85,6 +176,10 @@ class PolicyServer:
                 t0 = time.perf_counter()
                 try:
                     reply = await self._answer(message, closed, t0, prev_total_ms)
+                except ServerBusy as e:  # the request was fine: the client may send its next one
+                    log.warning("client %s: %s", ws.remote_address, e)
+                    await ws.send(f"server busy: {e}")
+                    continue
                 except Exception as e:  # noqa: BLE001 - a bad request or failed inference ends this client only
                     await self._fail(ws, e)
                     return
@@ -98,36 +193,89 @@ class PolicyServer:
             closed.cancel()
             log.info("client %s disconnected", ws.remote_address)
 
+    def _decode(self, message: bytes | str) -> tuple[Observation, np.ndarray | None]:
+        return decode_request(message, self.cfg)
+
     async def _answer(self, message: bytes | str, closed: asyncio.Future, t0: float,
                       prev_total_ms: float | None) -> bytes | None:
-        if isinstance(message, str):
-            raise ValueError("expected a binary msgpack observation, got a text frame")
-        obs, noise = to_observation(unpack(message), self.cfg)
+        loop = asyncio.get_running_loop()
+        # off the event loop: a large frame must not hold up the scheduler or the other clients' decoding
+        obs, noise = await loop.run_in_executor(self.decoders, self._decode, message)
         decode_ms = (time.perf_counter() - t0) * 1e3
+        request = Pending(obs, noise, time.perf_counter(), loop.create_future())
+        self._queue.append(request)
         self.pending += 1
-        job = asyncio.get_running_loop().run_in_executor(self.pool, self._infer, obs, noise, time.perf_counter())
+        self._arrival.set()
         try:
-            await asyncio.wait((job, closed), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((request.future, closed), timeout=self.cfg.max_queue_ms / 1e3,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not request.started:  # left, or not started in time: never reaches the runner
+                self._queue.remove(request)
+                if closed.done():
+                    return None
+                self.busy += 1
+                raise ServerBusy(f"not started within max_queue_ms {self.cfg.max_queue_ms:.0f} ms "
+                                 f"({len(self._queue)} requests waiting, batches of up to {self.max_batch}); "
+                                 "send the next observation when ready")
+            if not request.future.done():  # in a batch on the worker
+                await asyncio.wait((request.future, closed), return_when=asyncio.FIRST_COMPLETED)
+                if not request.future.done():
+                    return None  # left during its inference: the answer is dropped
         finally:
             self.pending -= 1
-        if not job.done():
-            job.cancel()  # still queued: skipped by the worker; already running: finishes, answer dropped
-            return None
-        out, queue_ms, infer_ms = job.result()
-        lat = out.latency
-        policy_timing = {"infer_ms": lat.host_ms, "prep_ms": lat.prep_ms, "total_ms": lat.total_ms,
-                         **{f"{stage}_ms": ms for stage, ms in lat.stages_ms.items()}}
-        server_timing = {"infer_ms": infer_ms, "queue_ms": queue_ms, "decode_ms": decode_ms}
+        answer: Answer = request.future.result()
+        server_timing = {"infer_ms": answer.infer_ms, "queue_ms": answer.queue_ms, "decode_ms": decode_ms,
+                         "batch_size": answer.batch_size}
         if prev_total_ms is not None:
             server_timing["prev_total_ms"] = prev_total_ms
-        actions = np.ascontiguousarray(out.actions, dtype=np.float32)
-        return pack({"actions": actions, "policy_timing": policy_timing, "server_timing": server_timing})
+        return reply_frame(answer.out, server_timing)
 
-    def _infer(self, obs: Observation, noise: np.ndarray | None, queued_at: float) -> tuple[PolicyOutput, float, float]:
+    # -- batching ------------------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        """Forever: gather a batch (the oldest waiting request, and those that arrive within max_wait_ms of it,
+        up to max_batch), run it on the worker, hand out the answers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                self._arrival.clear()
+                await self._arrival.wait()
+            while 0 < len(self._queue) < self.max_batch:
+                left = self._queue[0].arrived + self.cfg.max_wait_ms / 1e3 - time.perf_counter()
+                if left <= 0:
+                    break
+                self._arrival.clear()
+                try:
+                    await asyncio.wait_for(self._arrival.wait(), left)
+                except TimeoutError:
+                    break
+            if not self._queue:  # they all left while the batch gathered
+                continue
+            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            for request in batch:
+                request.started = True
+            try:
+                answers = await loop.run_in_executor(self.pool, self._run_batch, batch)
+            except Exception as e:  # noqa: BLE001 - the inference failed: every request of the batch hears why
+                answers = [e] * len(batch)
+            for request, answer in zip(batch, answers, strict=True):
+                if request.future.done():
+                    continue
+                if isinstance(answer, BaseException):
+                    request.future.set_exception(answer)
+                else:
+                    request.future.set_result(answer)
+
+    def _run_batch(self, batch: list[Pending]) -> list[Answer | Exception]:
+        """On the worker: one runner call for the batch; an invalid observation is answered with its error."""
         t0 = time.perf_counter()
-        self.inferences += 1
-        out = self.runner.infer(obs, noise)
-        return out, (t0 - queued_at) * 1e3, (time.perf_counter() - t0) * 1e3
+        outs = run_batch(self.runner, [(r.obs, r.noise) for r in batch])
+        infer_ms = (time.perf_counter() - t0) * 1e3
+        ran = sum(not isinstance(o, Exception) for o in outs)
+        if ran:
+            self.batches[ran] += 1
+            self.inferences += ran
+        return [o if isinstance(o, Exception) else Answer(o, (t0 - r.arrived) * 1e3, infer_ms, ran)
+                for r, o in zip(batch, outs, strict=True)]
 
     async def _fail(self, ws: ServerConnection, e: Exception) -> None:
         if isinstance(e, ValueError):
@@ -145,13 +293,17 @@ class PolicyServer:
     # -- running -------------------------------------------------------------------------------
     async def run(self, on_ready: Callable[[int], None] | None = None) -> None:
         """Serve until stop() (or cancellation); on_ready(port) once listening."""
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._loop, self._stop, self._arrival = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
+        scheduler = asyncio.create_task(self._schedule())
         async with serve(self._handle, self.cfg.host, self.cfg.port, process_request=self._process_request,
                          compression=None, max_size=MAX_MESSAGE_BYTES) as server:
             self.port = server.sockets[0].getsockname()[1]
             if on_ready is not None:
                 on_ready(self.port)
-            await self._stop.wait()
+            try:
+                await self._stop.wait()
+            finally:
+                scheduler.cancel()
 
     def start(self) -> int:
         """Serve from a background thread (tests, scripts); returns the port."""
@@ -178,3 +330,4 @@ class PolicyServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decoders.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,6 @@ and the exit status a CI job can trust."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -13,9 +12,10 @@ from pi_policy.bag.batch import BagJob, BagResult, check_bags, find_bags, report
 from pi_policy.bag.demo_bag import STORAGES, DemoSpec, write_demo_bag
 from pi_policy.bag.eval_config import read_eval_config
 from pi_policy.bag.parallel import run_local, run_ray
+from pi_policy.bag.passes import ReplayPass, plan_passes
 from pi_policy.bag.preflight import BagMismatch
 from pi_policy.bag.reader import BagError
-from pi_policy.bag.replay import ACTION_SOURCES, ReplaySetup
+from pi_policy.bag.setup import ACTION_SOURCES, ReplaySetup
 from pi_policy.node import params as node_params
 from pi_policy.node.params import NodeParams, ParamError, params_from_dict
 from pi_policy.runtime.options import RTC_MODES
@@ -153,7 +153,7 @@ def load_setup(args: argparse.Namespace, params: NodeParams) -> ReplaySetup:
                        realtime=args.realtime or bool(args.rtc))
 
 
-def make_jobs(args: argparse.Namespace, setup: ReplaySetup, backends: list[str]) -> list[BagJob]:
+def make_jobs(args: argparse.Namespace, setup: ReplaySetup, passes: list[ReplayPass]) -> list[BagJob]:
     """One job per bag: its report folder, and its output bag with --write-bag."""
     if not 0 <= args.min_scored <= 1:
         raise ValueError(f"--min-scored must be a fraction in [0, 1], got {args.min_scored}")
@@ -163,13 +163,15 @@ def make_jobs(args: argparse.Namespace, setup: ReplaySetup, backends: list[str])
         raise FileExistsError(f"--write-bag {args.write_bag} exists already")
     bags = find_bags(args.bags)
     single = len(bags) == 1
-    meta = {"command": " ".join(sys.argv), "config": args.config, "backends": backends} | {
+    meta = {"command": " ".join(sys.argv), "config": args.config, "backends": [p.name for p in passes]} | {
         k: getattr(setup.params, k) or None for k in ("preset", "checkpoint", "device", "seed")}
+    if args.rtc:
+        meta["rtc_modes"] = [p.name for p in passes]
     jobs = []
     for bag, name in zip(bags, report_names(bags), strict=True):
         out = Path(args.out) if single else Path(args.out) / name
         write = None if not args.write_bag else args.write_bag if single else str(Path(args.write_bag) / name)
-        jobs.append(BagJob(str(bag), name, str(out), setup, backends, args.first_k, args.min_scored, meta, write,
+        jobs.append(BagJob(str(bag), name, str(out), setup, passes, args.first_k, args.min_scored, meta, write,
                            args.write_bag_storage))
     return jobs
 
@@ -187,29 +189,15 @@ def run_eval_bag(args: argparse.Namespace) -> int:
     try:
         params = load_params(args)
         setup = load_setup(args, params)
-        backends = args.backend or [params.backend]
-        passes = rtc_passes(args, params, backends)
-        jobs = make_jobs(args, setup, list(passes) if passes else backends)
-        for job in jobs:
-            job.setups = {name: dataclasses.replace(setup, params=p) for name, p in passes.items()}
-            if passes:
-                job.meta["rtc_modes"] = list(passes)
+        passes = plan_passes(setup, args.backend or [params.backend], args.rtc)
+        jobs = make_jobs(args, setup, passes)
         if args.ray is not None and importlib.util.find_spec("ray") is None:
             raise ModuleNotFoundError("--ray needs Ray", name="ray")
         check_bags(jobs)  # every bag against the config, before any model is built
     except (BagError, ValueError, OSError, RuntimeError) as exc:  # ParamError is a ValueError
         return _fail(exc)
     results = run_jobs(args, jobs)
-    return report_one(results[0]) if len(jobs) == 1 else report_many(args, results, backends)
-
-
-def rtc_passes(args: argparse.Namespace, params: NodeParams, backends: list[str]) -> dict[str, NodeParams]:
-    """With --rtc: one pass per real-time chunking mode, on one backend; without: none (a pass per backend)."""
-    if not args.rtc:
-        return {}
-    if len(backends) > 1:
-        raise ValueError("--rtc compares real-time chunking modes on one backend; give one --backend")
-    return {m: dataclasses.replace(params, backend=backends[0], rtc_mode=m) for m in dict.fromkeys(args.rtc)}
+    return report_one(results[0]) if len(jobs) == 1 else report_many(args, results, [p.name for p in passes])
 
 
 def report_one(result: BagResult) -> int:
@@ -225,10 +213,10 @@ def report_one(result: BagResult) -> int:
     return 0
 
 
-def report_many(args: argparse.Namespace, results: list[BagResult], backends: list[str]) -> int:
+def report_many(args: argparse.Namespace, results: list[BagResult], passes: list[str]) -> int:
     from pi_policy.bag.aggregate import format_aggregate, write_aggregate
 
-    agg = write_aggregate(results, backends, args.first_k, args.out, args.min_scored)
+    agg = write_aggregate(results, passes, args.first_k, args.out, args.min_scored)
     print(format_aggregate(agg, args.out))
     written = [r for r in results if r.written]
     if written:

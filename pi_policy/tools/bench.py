@@ -50,7 +50,14 @@ def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: 
 
     With rtc_modes, each real-time chunking mode is timed continuing a previous chunk: the runner's own first
     chunk with RTC_EXECUTED steps executed, and a delay of RTC_DELAY steps, so that every RTC operation runs.
+
+    With a spec batch size above 1 (the largest of spec.batch_sizes), every stage runs on that many robots'
+    observations at once (infer_batch); the first robot's is the single observation above, and its batched chunk
+    is compared with the unbatched one ("batch_vs_single").
     """
+    batch = max(spec.batch_sizes)
+    if batch > 1 and rtc_modes:
+        raise ValueError("real-time chunking runs at batch 1: drop --batch")
     if rtc_modes and len(denoise) > 1:
         raise ValueError("compare real-time chunking modes with one --denoise")
     spec = spec.replace(require_assets=False)  # timing only: no robot
@@ -60,7 +67,7 @@ def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: 
     noise = np.random.default_rng(spec.seed + 1).standard_normal((cfg.horizon, cfg.action_dim)).astype(np.float32)
     result = {"workload": {"preset": spec.preset, "cameras": spec.num_cameras, "prompt_tokens": cfg.max_token_len,
                            "denoise_steps": cfg.num_steps, "horizon": cfg.horizon, "action_dim": cfg.action_dim,
-                           "batch": 1, "iters": iters, "weights": spec.checkpoint or f"random seed {spec.seed}"},
+                           "batch": batch, "iters": iters, "weights": spec.checkpoint or f"random seed {spec.seed}"},
               "machine": machine_info(next(model.parameters()).device), "backends": {}}
     if rtc_modes:
         defaults = {k: v for k, v in vars(RTCSettings()).items() if k != "mode"}
@@ -72,13 +79,20 @@ def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: 
         runner = build_runner(spec, model=model, backend=backend, denoise=den,
                               rtc=RTCSettings(mode) if mode else spec.rtc)
         actions = runner.infer(obs, noise=noise).actions
+        fleet = {}
+        if batch > 1:  # robot 0 sees the single observation; the others their own
+            robots = [obs] + [synthetic_observation(list(spec.cameras.served), cfg.vision.image_size,
+                                                    seed=spec.seed + 1 + i) for i in range(1, batch)]
+            single = actions
+            actions = runner.infer_batch(robots, [noise] * batch)[0].actions
+            fleet = {"batch_vs_single": action_accuracy(actions, single)}
         cont = {}
         if mode not in (None, "off"):
             cont = {"prev_chunk": actions[RTC_EXECUTED:], "delay": RTC_DELAY}
             actions = runner.infer(obs, noise=noise, **cont).actions
-        records = [runner.infer(obs, **cont).latency
+        records = [(runner.infer_batch(robots)[0] if batch > 1 else runner.infer(obs, **cont)).latency
                    for _ in tqdm(range(iters), desc=f"bench {name}", disable=not spec.progress, leave=False)]
-        entry = summarize(records) | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
+        entry = summarize(records) | fleet | {"startup_ms": dict(runner.startup_ms), "note": runner.backend_note,
                                       "stages": {s: dataclasses.asdict(c) for s, c in runner.choices.items()},
                                       "actions": actions.tolist()}
         result["backends"][name] = entry
@@ -128,7 +142,8 @@ def rtc_costs(result: dict, backends: tuple[str, ...], modes: tuple[str, ...]) -
 
 def format_result(result: dict) -> str:
     w, m = result["workload"], result["machine"]
-    lines = [f"pi-policy bench: {w['preset']}, {w['cameras']} cameras, {w['denoise_steps']} steps, "
+    robots = f"batch of {w['batch']} robots, " if w.get("batch", 1) > 1 else ""
+    lines = [f"pi-policy bench: {w['preset']}, {w['cameras']} cameras, {w['denoise_steps']} steps, {robots}"
              f"{w['iters']} iters on {m.get('gpu', m['device'])} (torch {m['torch']})"]
     names = list(result["backends"])
     label = {name: ran_as(name, result["backends"][name]["stages"]) for name in names}
@@ -136,9 +151,13 @@ def format_result(result: dict) -> str:
         e = result["backends"][name]
         title = f"backend {name}" if label[name] == name else \
             f"backend {name}, run as {label[name]}: on {m['device']} the model runs in float32 (bf16 needs a GPU)"
-        lines += ["", stage_table(e, title + (f"  [{e['note']}]" if e["note"] else "")),
+        lines += ["", stage_table(e, title + (f"  [{e['note']}]" if e["note"] else ""), w.get("batch", 1)),
                   f"start-up (warm-up + graph capture): {e['startup_ms'].get('warmup_and_capture', 0):.0f} ms",
                   action_stats(np.array(e["actions"]))]
+        if "batch_vs_single" in e:
+            acc = e["batch_vs_single"]
+            lines.append(f"robot 0 batched vs alone (same observation and noise): max diff {acc['max_diff']:.2e}, "
+                         f"relative error {acc['relative_error']:.1e}, cosine {acc['cosine']:.6f}")
     for name in names[1:]:
         base, cand = result["backends"][names[0]], result["backends"][name]
         acc = cand["accuracy_vs_" + names[0]]
@@ -164,7 +183,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Time each stage (p50/p99 over --iters inferences) of one or more configurations "
                                    "on the same observation and noise; the first configuration is the baseline of "
                                    "the comparison and accuracy blocks.")
-    add_model_arguments(p, {"preset": "pi0", "device": default_device()}, repeat=("--backend", "--denoise"))
+    add_model_arguments(p, {"preset": "pi0", "device": default_device()}, repeat=("--backend", "--denoise"),
+                        skip=("--batch-sizes",))
+    p.add_argument("--batch", type=int, default=1,
+                   help="robots per inference: every stage on N observations at once, with the time per robot "
+                        "beside the total (default 1)")
     p.add_argument("--rtc", action="append", choices=RTC_MODES,
                    help="real-time chunking mode; repeat to compare (e.g. --rtc off --rtc inpaint --rtc guided)")
     p.add_argument("--iters", type=int, default=200, help="timed inferences per backend (default: %(default)s)")
@@ -180,7 +203,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = spec_from_args(args)
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    spec = spec_from_args(args, batch_sizes=(args.batch,))
     result = run_bench(spec, tuple(args.backend or [spec.backend]), tuple(args.denoise or ()),
                        tuple(dict.fromkeys(args.rtc or ())), args.iters, roofline_peaks(args))
     print(format_result(result))

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ModuleNotFoundError as e:  # an optional dependency of this command
-        extra = {"onnx": "onnx", "onnxruntime": "onnx", "ray": "ray"}.get(e.name)
+        extra = {"onnx": "onnx", "onnxruntime": "onnx", "ray": "ray", "fastapi": "serve-ray",
+                 "starlette": "serve-ray"}.get(e.name)
         hint = f' (pip install -e ".[{extra}]")' if extra else f" (pip install {e.name})"
         print(f"pi-policy {args.command}: error: this command needs the {e.name} package{hint}", file=sys.stderr)
         return 2

@@ -54,8 +54,9 @@ def run_demo(spec: RunnerSpec | None = None, iters: int = 20, out: str | Path | 
 
 def replay_demo_bag(runner, out: Path, preset: str, device: str, seed: int, progress: bool) -> dict:
     from pi_policy.bag.demo_bag import ACTION_TOPIC, DemoSpec, demo_params, write_demo_bag
-    from pi_policy.bag.replay import ReplaySetup, evaluate
+    from pi_policy.bag.replay import evaluate
     from pi_policy.bag.report import format_summary, write_report
+    from pi_policy.bag.setup import ReplaySetup
     from pi_policy.node.params import params_from_dict
 
     bag = out / "demo_bag"

@@ -43,6 +43,14 @@ def _keep_entries(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are comma-separated whole numbers, got {text!r}") from None
+
+
 MODEL_FLAGS = (
     Flag("--preset", "preset", "preset", f"model preset: {', '.join(PRESETS)}"),
     Flag("--checkpoint", "checkpoint", "checkpoint",
@@ -65,8 +73,10 @@ MODEL_FLAGS = (
     Flag("--denoise-keep-bf16", "denoise_keep_bf16", "denoise_keep_bf16",
          "with FP8 expert weights: comma-separated matrices kept bf16, each in every layer or in some "
          "(qkv, wo, gate_up, down or all; e.g. gate_up,down:0-5)", type=_keep_entries),
+    Flag("--batch-sizes", "batch_sizes", "batch_sizes",
+         "comma-separated batch sizes the runner has buffers and CUDA graphs for (1 is always among them), e.g. "
+         "1,2,4,8: infer_batch runs several robots' observations at once", type=parse_batch_sizes),
 )
-
 _BY_NAME = {f.name: f for f in MODEL_FLAGS}
 # what eval-bag and serve let the command line override in the node parameter file (besides --set)
 CONFIG_FLAGS = ("--preset", "--checkpoint", "--prompt-format", "--device", "--backend", "--denoise")
