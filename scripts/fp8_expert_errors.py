@@ -11,7 +11,11 @@ pi0.5's random init leaves its adaptive-norm gates near 0, so its layers barely 
 The prefix cache comes from the real vision tower and LLM prefill (bf16, random images, a 20-token prompt);
 the expert runs in float32 with its own random weights (the LLM's width does not enter the denoise).
 
-Usage: python scripts/fp8_expert_errors.py OUT.json [--preset pi05] [--cells] [--threads 2]
+`--keep SET` (repeatable, the runner's denoise_keep_bf16 syntax, e.g. `gate_up,down:0-5`) measures FP8 with
+those cells kept bf16. `--prefix-cache FILE` keeps the prefix cache between runs (it takes minutes on a CPU).
+
+Usage: python scripts/fp8_expert_errors.py OUT.json [--preset pi05] [--cells] [--keep SET ...] [--only-keep]
+       [--prefix-cache FILE] [--threads 2]
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from pi_policy.model import PiModel, get_config, init_random  # noqa: E402
 from pi_policy.model.layers import RMSNorm  # noqa: E402
 from pi_policy.runtime.expert.fused import MATRICES  # noqa: E402
 from pi_policy.runtime.factory import build_model  # noqa: E402
+from pi_policy.runtime.options import kept_cells  # noqa: E402
 from pi_policy.runtime.prefill.fp8 import quantize_weight  # noqa: E402
+from pi_policy.tools.flags import parse_keep_bf16  # noqa: E402
 
 MODULES = {"qkv": "wqkv", "wo": "wo", "gate_up": "mlp.gate_up", "down": "mlp.down"}
 
@@ -123,12 +129,20 @@ def main() -> int:
     p.add_argument("--closed-gates", action="store_true", help="pi0.5: keep the random init's gates (near 0)")
     p.add_argument("--cells", action="store_true", help="also every single matrix of every layer (72 runs)")
     p.add_argument("--group", type=int, default=128, help="inputs per scale for the finer-scale variant")
+    p.add_argument("--keep", action="append", default=[], metavar="SET", help="cells kept bf16, e.g. gate_up,down:0-5")
+    p.add_argument("--only-keep", action="store_true", help="only the --keep sets (and all_fp8)")
+    p.add_argument("--prefix-cache", type=Path, default=None, help="save the prefix cache here, or load it")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    cache, pad, state, noise = prefix_cache(args.preset, args.seed)
+    if args.prefix_cache is not None and args.prefix_cache.exists():
+        cache, pad, state, noise = torch.load(args.prefix_cache)
+    else:
+        cache, pad, state, noise = prefix_cache(args.preset, args.seed)
+        if args.prefix_cache is not None:
+            torch.save((cache, pad, state, noise), args.prefix_cache)
     model = expert_model(args.preset, args.steps, args.seed, not args.closed_gates)
     cfg = model.cfg
     layers = range(cfg.expert.depth)
@@ -145,13 +159,16 @@ def main() -> int:
 
     with torch.no_grad():
         truth = model.denoise(cache, pad, state, noise)
-    jobs = {"all_fp8": (every,), "all_bf16_rounded": (every, "bf16"),
-            f"all_fp8_group{args.group}": (every, "fp8", args.group)}
-    jobs |= {f"only_{k}": ({c for c in every if c[1] == k},) for k in MATRICES}
-    jobs |= {f"keep_{k}": ({c for c in every if c[1] != k},) for k in MATRICES}
-    jobs |= {f"only_layer{i}": ({c for c in every if c[0] == i},) for i in layers}
-    jobs |= {f"keep_layer{i}": ({c for c in every if c[0] != i},) for i in layers}
-    if args.cells:
+    jobs = {"all_fp8": (every,)}
+    jobs |= {f"keep {k}": (every - kept_cells(parse_keep_bf16(k), cfg.expert.depth),) for k in args.keep}
+    if not args.only_keep:
+        jobs |= {"all_bf16_rounded": (every, "bf16"),
+                 f"all_fp8_group{args.group}": (every, "fp8", args.group)}
+        jobs |= {f"only_{k}": ({c for c in every if c[1] == k},) for k in MATRICES}
+        jobs |= {f"keep_{k}": ({c for c in every if c[1] != k},) for k in MATRICES}
+        jobs |= {f"only_layer{i}": ({c for c in every if c[0] == i},) for i in layers}
+        jobs |= {f"keep_layer{i}": ({c for c in every if c[0] != i},) for i in layers}
+    if args.cells and not args.only_keep:
         jobs |= {f"only_layer{i}_{k}": ({(i, k)},) for i in layers for k in MATRICES}
     for name, job in tqdm(jobs.items(), desc="denoise runs", disable=not sys.stderr.isatty()):
         result[name] = run(*job)

@@ -6,7 +6,7 @@ full shapes and batch, and shows which task kind needs the registers (`--per-kin
 only that kind's branch). It times nothing.
 
 Usage: python scripts/persistent_compile.py OUT.json [--preset pi0] [--batch 1] [--arch 90,110] [--weights bf16]
-       [--warps 8] [--per-kind] [--tiles '{"attn": {"bm": 16, ...}}']
+       [--keep-bf16 gate_up,down:0-5] [--warps 8] [--per-kind] [--tiles '{"attn": {"bm": 16, ...}}']
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pi_policy.model import PiModel, get_config, init_random  # noqa: E402
 from pi_policy.runtime.expert import megakernel  # noqa: E402
 from pi_policy.runtime.expert.persistent import PersistentExpert  # noqa: E402
 from pi_policy.runtime.expert.tasks import KINDS  # noqa: E402
+from pi_policy.tools.flags import parse_keep_bf16  # noqa: E402
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int32: "i32", torch.int8: "i8",
           torch.float8_e4m3fn: "fp8e4nv"}
@@ -95,19 +96,21 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--arch", default="90,110", help="compute capabilities, e.g. 90 (H100/H200), 110 (Thor)")
     p.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
+    p.add_argument("--keep-bf16", default="", help="FP8: cells kept bf16 (denoise_keep_bf16 syntax)")
     p.add_argument("--warps", type=int, default=0, help="override the plan's warps per program")
     p.add_argument("--programs", type=int, default=132, help="programs the plan is made for (the H200's SMs)")
     p.add_argument("--tiles", default="{}", help="JSON overrides of tasks.TILES")
     p.add_argument("--per-kind", action="store_true", help="also each task kind's branch alone")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
-    pe = PersistentExpert(expert_only_model(args.preset), args.weights, programs=args.programs,
-                          tiles=json.loads(args.tiles))
+    pe = PersistentExpert(expert_only_model(args.preset), args.weights, parse_keep_bf16(args.keep_bf16),
+                          programs=args.programs, tiles=json.loads(args.tiles))
     kwargs = kernel_arguments(pe, args.batch)
     if args.warps:
         kwargs["num_warps"] = args.warps
     plan = pe.work(args.batch, pe.cfg.prefix_len, pe.cfg.num_steps)[1]
-    result = {"preset": args.preset, "batch": args.batch, "weights": args.weights, "plan": dataclasses.asdict(plan),
+    result = {"preset": args.preset, "batch": args.batch, "weights": args.weights, "keep_bf16": args.keep_bf16,
+              "plan": dataclasses.asdict(plan),
               "triton": triton.__version__, "tasks": kwargs["n_tasks"], "builds": []}
     all_kinds = kwargs["KINDS_ON"]
     for arch in (int(a) for a in args.arch.split(",")):

@@ -32,7 +32,7 @@ class Flag:
     choices: tuple[str, ...] | None = None
 
 
-def _keep_entries(text: str) -> tuple[str, ...]:
+def parse_keep_bf16(text: str) -> tuple[str, ...]:
     """`gate_up,down:0-5,7,wo:1` -> ("gate_up", "down:0-5,7", "wo:1"): a part without a matrix continues the last."""
     out: list[str] = []
     for part in (x for x in text.replace(" ", "").split(",") if x):
@@ -72,7 +72,7 @@ MODEL_FLAGS = (
     Flag("--engine", "engine_path", "engine_path", "TensorRT engine for --backend tensorrt"),
     Flag("--denoise-keep-bf16", "denoise_keep_bf16", "denoise_keep_bf16",
          "with FP8 expert weights: comma-separated matrices kept bf16, each in every layer or in some "
-         "(qkv, wo, gate_up, down or all; e.g. gate_up,down:0-5)", type=_keep_entries),
+         "(qkv, wo, gate_up, down or all; e.g. gate_up,down:0-5)", type=parse_keep_bf16),
     Flag("--batch-sizes", "batch_sizes", "batch_sizes",
          "comma-separated batch sizes the runner has buffers and CUDA graphs for (1 is always among them), e.g. "
          "1,2,4,8: infer_batch runs several robots' observations at once", type=parse_batch_sizes),

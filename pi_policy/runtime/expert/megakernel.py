@@ -5,10 +5,12 @@ K-chunk of the task's weights, and only then waits for the stage before it (a co
 that stage's task count, read with acquire semantics); it claims its next ticket, computes, and releases its own
 stage's counter. Weights never depend on the wait, so each program's next weight read is in flight while the
 previous stage drains. The tile math is the fused kernels' (kernels.py: the attention split, the combine, the
-action output, the GeGLU and the bf16/FP8 matrix product are the same device functions); RMSNorm is folded the
-same way (sums of squares gathered by the GEMM that reads the residual, Gemma's (1 + w) in the weights, pi0.5's
-scale, shift and gate from the precomputed step tables). Residual x and the qkv accumulators are float32;
-split-K products are added with float32 atomics; the combine clears the qkv accumulators for the next layer.
+action output, GeGLU and the bf16/FP8 MMA are the same device functions; the GEMM loops here start from the
+weight chunk loaded before the wait); RMSNorm is folded the same way (sums of squares gathered by the GEMM that
+reads the residual, Gemma's (1 + w) in the weights, pi0.5's scale, shift and gate from the precomputed step
+tables). Residual x and the qkv accumulators are float32; split-K products are added with float32 atomics; the
+combine clears the qkv accumulators for the next layer. Each matrix kind's weights are bf16, FP8 (scaled per
+output column after the product) or mixed: FP8 layers in one stack, layers kept bf16 in another, a slot per layer.
 
 Task kinds (tasks.KINDS): action_in (pi0.5: x = x_t W_in^T + b; pi0: u = silu(x_t W^T + c_k) with action_in
 folded into the time MLP's first layer), time_out (pi0: x = u W^T + b, and the state token), qkv, attn,
