@@ -23,6 +23,7 @@ setup(
         "safetensors",
         "sentencepiece",
         "opencv-python-headless",
+        "pillow",  # JPEG / PNG camera frames (pi_policy.node.compressed)
         "pyyaml",
         "tqdm",
         "rosbags>=0.10",

@@ -1,10 +1,27 @@
-"""Launch the pi_policy node (lifecycle node, configures and activates itself) with a parameter file."""
+"""Launch the pi_policy node (lifecycle node, configures and activates itself) with a parameter file.
+
+`ros2 launch` exits non-zero when the node ends with an error (a bad parameter, a failed configure), and with
+a one-line reason when the parameter file does not exist. The node ends when `ros2 launch` does, also when
+launch is stopped with SIGTERM or killed (the node watches its parent process).
+"""
+
+import os
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
+from launch.event_handlers import OnProcessExit
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
+
+
+class NodeFailed(RuntimeError):
+    """The node exited with a non-zero code: launch reports it and exits 1."""
+
+
+def _fail_on_error(event, context):
+    if event.returncode != 0:
+        raise NodeFailed(f"{event.process_name} exited with code {event.returncode} (its reason is above)")
 
 
 def _policy_node(context):
@@ -16,17 +33,18 @@ def _policy_node(context):
     if overrides.get("engine_path"):
         overrides["backend"] = "tensorrt"
     config = LaunchConfiguration("config").perform(context)
-    return [
-        Node(
-            package="pi_policy",
-            executable="pi_policy_node",
-            name="pi_policy_node",
-            namespace=LaunchConfiguration("namespace"),
-            parameters=[config, overrides] if overrides else [config],
-            output="screen",
-            emulate_tty=True,
-        )
-    ]
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"parameter file not found: {config} (launch argument config:=...)")
+    node = Node(
+        package="pi_policy",
+        executable="pi_policy_node",
+        name="pi_policy_node",
+        namespace=LaunchConfiguration("namespace"),
+        parameters=[config, overrides] if overrides else [config],
+        output="screen",
+        emulate_tty=True,
+    )
+    return [node, RegisterEventHandler(OnProcessExit(target_action=node, on_exit=_fail_on_error))]
 
 
 def generate_launch_description():

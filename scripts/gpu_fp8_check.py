@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pi_policy.model.checkpoint import weights_fingerprint  # noqa: E402
 from pi_policy.runtime import build_model  # noqa: E402
-from pi_policy.runtime.prefill.fp8 import build_fp8_prefill, fp8_supported, shape_key  # noqa: E402
+from pi_policy.runtime.prefill.fp8 import build_fp8_prefill, shape_key  # noqa: E402
+from pi_policy.runtime.prefill.fp8_linear import fp8_supported  # noqa: E402
 from pi_policy.runtime.prefill.fp8_probe import probe_fp8_shapes  # noqa: E402
 from pi_policy.runtime.spec import RunnerSpec  # noqa: E402
 from pi_policy.runtime.timer import graph_replay_times  # noqa: E402
@@ -89,8 +90,11 @@ def prefill_section(model, iters: int, decisions: dict) -> dict:
     except Exception as e:
         rows["bf16_compiled_blocks"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=4)}
     variants = {
-        "fp8_dynamic": dict(),
+        "fp8_dynamic": dict(),  # per-row scales, computed inside the RMSNorm and GeGLU kernels
+        "fp8_dynamic_separate_quant": dict(fuse_producers=False),
+        "fp8_dynamic_per_tensor_separate_quant": dict(dynamic="tensor", fuse_producers=False),
         "fp8_static": dict(calibration=[(embs, pad)]),
+        "fp8_static_separate_quant": dict(calibration=[(embs, pad)], fuse_producers=False),
         "fp8_static_probe_decisions": dict(calibration=[(embs, pad)], decisions=decisions),
         "fp8_static_exact_accum": dict(calibration=[(embs, pad)], fast_accum=False),
         "fp8_static_per_channel": dict(calibration=[(embs, pad)], per_channel=True),

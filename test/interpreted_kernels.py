@@ -1,7 +1,7 @@
-"""Import first in a test module that runs the fused-expert Triton kernels: Triton's CPU interpreter, large tiles.
+"""Import first in a test module that runs the project's Triton kernels: Triton's CPU interpreter, large tiles.
 
-TRITON_INTERPRET is read when a kernel is decorated, so it is set before the kernels' module is imported (or it
-is reloaded). Without Triton the importing test module is skipped.
+TRITON_INTERPRET is read when a kernel is decorated, so it is set before the kernels' modules are imported (or
+they are reloaded). Without Triton the importing test module is skipped.
 """
 
 import importlib
@@ -12,8 +12,9 @@ import pytest
 
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-if "pi_policy.runtime.expert.kernels" in sys.modules:
-    importlib.reload(sys.modules["pi_policy.runtime.expert.kernels"])
+for name in ("pi_policy.runtime.expert.kernels", "pi_policy.runtime.prefill.fp8_kernels"):
+    if name in sys.modules:
+        importlib.reload(sys.modules[name])
 
 from pi_policy.runtime.expert import kernels  # noqa: E402
 

@@ -324,3 +324,16 @@ def test_tiny_model_end_to_end(bags):
     tr = ev.first.trace
     assert len(ev.first.evaluated) == 2 and np.isfinite(tr.predicted).all()
     assert set(tr.latency_ms) >= set(STAGES) and (tr.latency_ms["total"] > 0).all()
+
+
+def test_the_image_size_limit_applies_to_bag_frames(bags):
+    # the node's max_image_side, from the same parameter file: frames over it are refused, compressed ones
+    # before they are decoded, and every tick is skipped for want of a camera
+    ev, _ = run(bags["mcap"], settings(max_image_side=64))
+    m = build_metrics(ev, first_k=5)
+    topics = m["inputs"]["topics"]
+    compressed = topics["/cam_left_wrist/image_raw/compressed"]
+    assert compressed["invalid"] > 0
+    assert "JPEG image (declared in its header) is 128x96, larger than max_image_side 64" in compressed["examples"][0]
+    assert "image is 128x96, larger than max_image_side 64" in topics["/cam_high/image_raw"]["examples"][0]
+    assert m["ticks"]["evaluated"] == 0

@@ -111,3 +111,15 @@ def test_every_option_has_help():
 
     walk(build_parser(), ["pi-policy"])
     assert not missing, missing
+
+
+def test_bench_compares_bf16_and_fp8_vision(tmp_path, capsys):
+    path = tmp_path / "vision.json"
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--iters", "2", "--backend", "fp8",
+                 "--vision", "bf16", "--vision", "fp8", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fp8+vision-fp8/float32" in out  # named by what ran: FP8 vision, the rest of the model in float32
+    backends = json.loads(path.read_text())["backends"]
+    assert backends["fp8+vision-bf16"]["backends"]["vision"] == "float32-eager"
+    assert backends["fp8+vision-fp8"]["backends"]["vision"] == "fp8-eager"
+    assert 0 < backends["fp8+vision-fp8"]["accuracy_vs_fp8+vision-bf16"]["relative_error"] < 0.03

@@ -11,7 +11,7 @@ from pi_policy.model.gemma import GemmaBlock
 from pi_policy.model.layers import RMSNorm, attention
 from pi_policy.runtime.expert import kernels
 from pi_policy.runtime.expert.fused import FusedExpert, dequantize, pack
-from pi_policy.runtime.prefill.fp8 import FP8
+from pi_policy.runtime.prefill.fp8_linear import FP8
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -125,6 +125,12 @@ def test_node_name_section_overrides_wildcard(tmp_path):
         ("control_period_s: -0.1", "control_period_s must be > 0"),
         ("max_observation_age_s: .nan", "finite"),
         ("preset: pi0", "checkpoint is empty"),
+        ("preset: pi7", "unknown preset 'pi7'; choose one of pi0, pi05, tiny, tiny05"),
+        ("device: gpu", "device 'gpu' is not cpu, cuda or cuda:N"),
+        ("max_image_side: 0", "max_image_side must be in 1..8192, got 0"),
+        ("max_image_side: 10000", "max_image_side must be in 1..8192, got 10000"),
+        ("camera_qos_reliability: reliabel", "camera_qos_reliability 'reliabel' is not one of best_effort, reliable"),
+        ("camera_qos_depth: 0", "camera_qos_depth must be >= 1, got 0"),
     ],
 )
 def test_bad_parameter_files(tmp_path, body, match):
@@ -224,3 +230,20 @@ def test_prompt_format_parameter_names_the_tokenizers_formats():
     assert params_from_dict(base | {"prompt_format": "lerobot"}).runner_spec().prompt_format == "lerobot"
     with pytest.raises(ParamError, match="prompt_format 'hf' is not one of auto, openpi, lerobot"):
         params_from_dict(base | {"prompt_format": "hf"})
+
+
+def test_an_unknown_preset_is_named_and_not_blamed_on_the_checkpoint():
+    with pytest.raises(ParamError) as e:
+        params_from_dict({"preset": "pi7", "joint_names": ["a"]})
+    assert "unknown preset 'pi7'" in str(e.value) and "checkpoint" not in str(e.value)
+
+
+def test_a_missing_cuda_device_is_named_as_given():
+    factory = pytest.importorskip("pi_policy.runtime.factory")
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(RuntimeError) as e:
+        factory.resolve_device("cuda:7")
+    assert str(e.value).startswith("device cuda:7 asked for, but torch sees") and "--device" not in str(e.value)

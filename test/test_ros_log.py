@@ -9,6 +9,9 @@ class Recorder:
     def __init__(self):
         self.lines = []
 
+    def info(self, text):
+        self.lines.append(("INFO", text))
+
     def warning(self, text):
         self.lines.append(("WARN", text))
 
@@ -30,6 +33,19 @@ def test_throttled_per_severity_and_kind_with_a_count():
     assert log.warn("camera a", "bad encoding")
     assert rec.lines == [("ERROR", "skipped: no image yet"), ("WARN", "bad encoding"), ("WARN", "bad encoding"),
                          ("WARN", "over budget"), ("WARN", "bad encoding (+2 more like this since the last)")]
+
+
+def test_info_is_throttled_like_the_rest():
+    now = [0.0]
+    rec = Recorder()
+    log = ThrottledLog(rec, period_s=2.0, clock=lambda: now[0])
+    shown = [log.info("prompt", f"prompt: 'task {i}'") for i in range(50)]
+    assert shown == [True] + [False] * 49
+    assert log.warn("prompt", "prompt must be a string")  # a rejected prompt is its own stream
+    now[0] = 3.0
+    assert log.info("prompt", "prompt: 'task 50'")
+    assert rec.lines == [("INFO", "prompt: 'task 0'"), ("WARN", "prompt must be a string"),
+                         ("INFO", "prompt: 'task 50' (+49 more like this since the last)")]
 
 
 def test_a_failing_logger_goes_to_stderr_instead_of_raising(capsys):

@@ -175,3 +175,90 @@ def test_action_stream_publishes_at_the_control_rate_and_stops_on_deactivate(ros
         assert len(stream) == n  # stopped
     finally:
         h.close()
+
+
+def test_use_sim_time_cannot_change_while_the_node_runs(ros):
+    # a switched clock made every input stale: the node published nothing, silently, until it was set back
+    node = PolicyNode(parameter_overrides=overrides(autostart=False))
+    try:
+        (result,) = node.set_parameters([Parameter("use_sim_time", value=True)])
+        assert not result.successful and "use_sim_time cannot change while the node runs" in result.reason
+        assert node.get_parameter("use_sim_time").value is False
+        (result,) = node.set_parameters([Parameter("inference_rate_hz", value=5.0)])
+        assert not result.successful  # the node's own parameters stay read-only
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize("reliability", ["best_effort", "reliable"])
+def test_camera_subscriptions_take_the_qos_parameters(ros, reliability):
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    node = PolicyNode(parameter_overrides=overrides(camera_qos_reliability=reliability, camera_qos_depth=2))
+    h = Harness(node)
+    if reliability == "reliable":  # a reliable subscription hears reliable publishers only
+        h.cams = {c: h.io.create_publisher(Image, f"cam/{c}", QoSProfile(depth=2)) for c in CAMS}
+
+    def subscribed(topic):
+        return [i.qos_profile for i in h.io.get_subscriptions_info_by_topic(topic) if i.node_name == node.get_name()]
+
+    try:
+        assert h.wait_for(lambda: subscribed(f"/cam/{CAMS[0]}") and h.got["traj"])
+        (qos,) = subscribed(f"/cam/{CAMS[0]}")
+        expected = ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT
+        assert qos.reliability == expected
+        (joints,) = subscribed("/joint_states")
+        assert joints.reliability == ReliabilityPolicy.BEST_EFFORT  # only the cameras change
+    finally:
+        h.close()
+
+
+def test_a_flood_of_prompts_is_throttled_and_cut(ros, capfd):
+    from std_msgs.msg import String
+
+    node = PolicyNode(parameter_overrides=overrides())
+    h = Harness(node)
+    prompts = h.io.create_publisher(String, "policy/prompt", 100)
+    try:
+        assert h.wait_for(lambda: h.got["traj"])
+        capfd.readouterr()
+        long_prompt = "stack the cups " * 70_000  # about 1 MB
+        for i in range(60):
+            prompts.publish(String(data=long_prompt if i % 2 else f"task {i}"))
+        assert h.wait_for(lambda: any(kv.value.startswith("stack the cups") for a in h.got["latency"]
+                                      for kv in a.status[0].values if kv.key == "prompt"))
+        time.sleep(1.0)
+        lines = [line for line in capfd.readouterr().err.splitlines() if "prompt: " in line]
+        assert 1 <= len(lines) <= 3, len(lines)  # one per 2 s, with the count of those held back
+        assert all(len(line) < 400 for line in lines)
+        shown = [kv.value for a in h.got["latency"] for kv in a.status[0].values if kv.key == "prompt"]
+        assert max(len(v) for v in shown) < 300 and any("(1050000 characters)" in v for v in shown)
+    finally:
+        h.close()
+
+
+def test_a_stop_leaves_no_unawaited_callback_coroutines(ros):
+    # rclpy makes a handler coroutine for each callback it hands to its thread pool; those still queued when a stop
+    # cancels them were collected unawaited ("coroutine 'Executor._make_handler.<locals>.handler' was never
+    # awaited", printed at exit)
+    import gc
+    import warnings
+
+    from rclpy.callback_groups import ReentrantCallbackGroup
+
+    node = rclpy.create_node("pi_policy_drain_test")
+    group = ReentrantCallbackGroup()
+    for _ in range(8):
+        node.create_timer(0.001, lambda: time.sleep(0.2), callback_group=group)
+    executor = MultiThreadedExecutor(num_threads=2)
+    executor.add_node(node)
+    time.sleep(0.05)  # every timer is due
+    for _ in range(6):  # two run, the others wait in the pool's queue
+        executor.spin_once(timeout_sec=1.0)
+    assert drain(executor, 10.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del executor
+        node.destroy_node()
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]

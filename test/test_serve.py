@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
-from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
 from pi_policy.node.params import ParamError
@@ -23,7 +23,7 @@ from pi_policy.runtime import build_runner
 from pi_policy.serve.config import load_serve_config
 from pi_policy.serve.keymap import RequestError, to_observation
 from pi_policy.serve.protocol import pack, unpack
-from pi_policy.serve.server import PolicyServer
+from pi_policy.serve.server import PolicyServer, max_message_bytes
 from pi_policy.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +42,7 @@ def _one_thread():
 def config(name: str):
     cfg = load_serve_config(ROOT / "config" / f"serve_{name}.yaml", TINY)
     cfg.host, cfg.port = "127.0.0.1", 0
+    cfg.max_clients = 64  # openpi's client has no close(): the tests' clients stay connected until the module ends
     return cfg
 
 
@@ -152,6 +153,10 @@ def drop(d, key):
     (lambda r: r | {"observation/image": np.full((8, 8, 3), 2.0)}, "float images must be in [0, 1]"),
     (lambda r: r | {"prompt": 7}, "'prompt' must be a string"),
     (lambda r: r | {"noise": np.zeros((3, 3), np.float32)}, "noise must have shape (50, 32)"),
+    (lambda r: r | {"observation/state": np.array(["0.125"] * 8)}, "'observation/state' must be numbers, got an array "
+                                                                    "of <U5"),
+    (lambda r: r | {"observation/state": ["0.125"] * 8}, "'observation/state' must be numbers, got list"),
+    (lambda r: r | {"noise": np.full((50, 32), "0.5")}, "'noise' must be a float array"),
 ])
 def test_a_bad_request_is_a_clear_error_and_the_server_goes_on(libero_server, change, message):
     client = WebsocketClientPolicy("127.0.0.1", libero_server.port)
@@ -177,6 +182,84 @@ def test_a_malformed_frame_gets_the_error_text_and_close_code_1011(libero_server
         with pytest.raises(ConnectionClosedError) as closed:
             ws.recv()
         assert closed.value.rcvd.code == 1011
+
+
+def test_a_close_reason_is_cut_to_123_bytes_not_characters(libero_server):
+    # the close reason used to be cut to 120 characters: multibyte text overflowed the close frame, the close
+    # failed, and the client got 1011 with no reason at all
+    keys = {f"камера_{i}": 0 for i in range(12)}  # two bytes a letter; the error lists the request's keys
+    with connect(f"ws://127.0.0.1:{libero_server.port}", compression=None) as ws:
+        ws.recv()
+        ws.send(pack(keys))
+        text = ws.recv()
+        assert "missing image 'observation/image'" in text and "камера_0" in text
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv()
+    reason = closed.value.rcvd.reason
+    assert closed.value.rcvd.code == 1011 and reason and text.startswith(reason)
+    assert 120 <= len(reason.encode()) <= 123
+
+
+def test_a_frame_over_the_limit_is_refused_with_1009(libero_server):
+    limit = max_message_bytes(libero_server.cfg)  # two cameras: two full-HD float32 images and 1 MB
+    assert limit == 2 * 1920 * 1080 * 3 * 4 + (1 << 20)
+    with connect(f"ws://127.0.0.1:{libero_server.port}", compression=None, max_size=None) as ws:
+        ws.recv()
+        with contextlib.suppress(ConnectionClosedError):
+            ws.send(b"\0" * (limit + 1))
+        with pytest.raises(ConnectionClosedError) as closed:
+            ws.recv()
+    assert closed.value.rcvd.code == 1009  # message too big
+
+
+def test_a_pipelining_client_is_read_one_frame_ahead(libero_server):
+    # a connection that sends frames without reading the replies used to have up to 16 of them buffered by the
+    # server (one client, 12 x 50 MB: +600 MB); now it waits in TCP once one frame is queued behind the answered one
+    gated = GatedRunner(libero_server.runner)
+    image = np.zeros((1024, 1024, 3), np.float32)  # 12.6 MB a frame: a few fill the kernel's socket buffers
+    frame = pack(good_request() | {"observation/image": image})
+    sent, failed = [], []
+    with serving(config("libero"), lambda: gated) as server:
+        ws = connect(f"ws://127.0.0.1:{server.port}", compression=None)
+        ws.recv()
+
+        def pipeline():
+            try:
+                for i in range(12):
+                    ws.send(frame)
+                    sent.append(i)
+            except Exception as e:  # noqa: BLE001 - the connection closed under a blocked send, at the end
+                failed.append(e)
+
+        sender = threading.Thread(target=pipeline, daemon=True)
+        sender.start()
+        wait_for(lambda: gated.calls == 1)  # the first frame is on the worker, held at the gate
+        stalled_since, last = time.monotonic(), -1
+        while time.monotonic() - stalled_since < 3.0 and len(sent) < 12:  # until sending stops making progress
+            if len(sent) != last:
+                stalled_since, last = time.monotonic(), len(sent)
+            time.sleep(0.1)
+        assert len(sent) <= 5, f"the server read {len(sent)} frames of {len(frame) >> 20} MB ahead"
+        ws.close_socket()
+        gated.gate.set()
+        sender.join(timeout=60)
+
+
+def test_connections_over_max_clients_get_503(libero_server):
+    cfg = config("libero")
+    cfg.max_clients = 2
+    with serving(cfg, lambda: libero_server.runner) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        first, second = connect(url, compression=None), connect(url, compression=None)
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, compression=None)
+        assert refused.value.response.status_code == 503
+        assert b"server busy: 2 clients connected (max_clients)" in refused.value.response.body
+        first.close()
+        wait_for(lambda: server.clients == 1)
+        with connect(url, compression=None) as third:  # a slot is free again
+            assert unpack(third.recv())["server"] == "pi_policy"
+        second.close()
 
 
 def test_health_check(libero_server):
@@ -285,6 +368,9 @@ def test_config_errors_are_one_clear_line(tmp_path, capsys):
     bad.write_text(base.replace("observation/image: base_0_rgb", "observation/image: top_rgb"))
     with pytest.raises(ParamError, match=r"camera_names \['top_rgb'\] are not among the model's cameras"):
         load_serve_config(bad, TINY)
+    bad.write_text(base + "  max_clients: 0\n")
+    with pytest.raises(ParamError, match=r"'max_clients' must be >= 1, got 0"):
+        load_serve_config(bad, TINY)
     bad.write_text(base.split("serve:")[0])
     assert main(["serve", "--config", str(bad), "--preset", "tiny", "--device", "cpu"]) == 2
     assert "no 'serve:' section" in capsys.readouterr().err
@@ -313,9 +399,16 @@ def test_the_command_serves_until_sigterm():
         port = int(line.split("ws://127.0.0.1:")[1].split()[0])
         reply = WebsocketClientPolicy("127.0.0.1", port).infer(droid_request(np.random.default_rng(0))[0])
         assert reply["actions"].shape == (50, 8)
-        proc.send_signal(signal.SIGTERM)
+        with connect(f"ws://127.0.0.1:{port}", compression=None) as ws:  # connected when the server is stopped
+            ws.recv()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=30)
+        assert closed.value.rcvd.code == 1001  # going away, not 1011 (an error)
         assert proc.wait(timeout=30) == 0
         assert "stopped" in proc.stdout.read()
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "never retrieved" not in err, err
     finally:
         proc.kill()
         proc.wait()

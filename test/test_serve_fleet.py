@@ -25,6 +25,7 @@ ROUNDING = 1e-6  # a row batched with others vs alone: the last bit of float32 (
 def config(**serve):
     cfg = load_serve_config(ROOT / "config" / "serve_libero.yaml", TINY)
     cfg.host, cfg.port = "127.0.0.1", 0
+    cfg.max_clients = 64  # openpi's client has no close(): the tests' clients stay connected until the module ends
     for key, value in serve.items():
         setattr(cfg, key, value)
     return cfg

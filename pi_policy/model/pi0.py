@@ -48,11 +48,16 @@ class PiModel(nn.Module):
         return self.llm.layers[0].wqkv.weight.dtype
 
     # -- stage 1: vision ------------------------------------------------------------------------
-    def embed_images(self, images: Tensor) -> Tensor:
-        """(B, cameras, 3, H, W) in [-1, 1] -> image tokens (B, cameras * tokens, llm width)."""
+    def embed_images(self, images: Tensor, blocks: Sequence[nn.Module] | None = None,
+                     projector: nn.Module | None = None) -> Tensor:
+        """(B, cameras, 3, H, W) in [-1, 1] -> image tokens (B, cameras * tokens, llm width).
+
+        `blocks` and `projector` let an optimized backend run its own (quantized) copies of the SigLIP blocks and
+        of the projection into the LLM's width.
+        """
         b, n = images.shape[:2]
-        x = self.vision(images.flatten(0, 1))
-        return self.projector(x).reshape(b, n * x.shape[1], -1)
+        x = self.vision(images.flatten(0, 1), blocks)
+        return (projector or self.projector)(x).reshape(b, n * x.shape[1], -1)
 
     # -- stage 2: embed prefix ------------------------------------------------------------------
     def embed_prefix(self, image_tokens: Tensor, image_masks: Tensor, tokens: Tensor,

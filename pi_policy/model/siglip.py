@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,10 +41,12 @@ class SiglipVision(nn.Module):
         self.blocks = nn.ModuleList(SiglipBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, blocks: Sequence[nn.Module] | None = None) -> Tensor:
+        """`blocks` lets an optimized backend run its own (quantized) copies of the blocks."""
+        blocks = self.blocks if blocks is None else blocks
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
-        x = (x + self.pos_embed).to(self.blocks[0].qkv.weight.dtype)
-        for block in self.blocks:
+        x = (x + self.pos_embed).to(self.blocks[0].qkv.weight.dtype)  # the model's dtype
+        for block in blocks:
             x = block(x)
         return self.norm(x)
 

@@ -4,7 +4,9 @@ Supported Image encodings: rgb8, bgr8, rgba8, bgra8, mono8, mono16, 8UC1 (as mon
 order), yuv422 (UYVY) and yuv422_yuy2 (YUYV). mono16 is scaled to 8 bits as cv_bridge does (v * 255 / 65535,
 rounded), so the node gives the same pixels whichever of the two converts its images.
 16UC1 / 32FC1 are rejected on purpose: in ROS they are depth images, and a depth map squeezed into RGB
-would be silent garbage for a vision-language model.
+would be silent garbage for a vision-language model. CompressedImage data is JPEG or PNG (pi_policy.node.compressed:
+the declared size is checked before decoding). Images wider or taller than `max_side` (the node's
+max_image_side) are refused, raw or compressed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+
+from pi_policy.node.compressed import DEFAULT_MAX_SIDE, ImageDataError, check_side, decode, scale_16_to_8
 
 
 class MessageError(ValueError):
@@ -39,7 +43,6 @@ _REJECTED = {
     "16UC1": "16UC1 is a depth encoding in ROS; publish a colour or mono camera stream instead",
     "32FC1": "32FC1 is a depth encoding in ROS; publish a colour or mono camera stream instead",
 }
-_MAX_SIDE = 1 << 15  # no camera is wider than this; larger values are corrupt headers
 
 
 def _int_field(msg, name: str, lo: int = 0, hi: int = 1 << 32) -> int:
@@ -96,7 +99,7 @@ def header_stamp_sec(msg) -> float:
     return stamp_to_sec(getattr(header, "stamp", None))
 
 
-def _image_layout(msg) -> tuple[str, int, int, int, int, np.ndarray]:
+def _image_layout(msg, max_side: int) -> tuple[str, int, int, int, int, np.ndarray]:
     """(encoding, height, width, step, is_bigendian, data) of a sensor_msgs/Image that image_to_rgb can convert."""
     encoding = getattr(msg, "encoding", None)
     if not isinstance(encoding, str):
@@ -108,12 +111,16 @@ def _image_layout(msg) -> tuple[str, int, int, int, int, np.ndarray]:
             f"unknown image encoding '{encoding}'; supported: {', '.join(SUPPORTED_ENCODINGS)}"
         )
     channels, depth, _ = _ENCODINGS[encoding]
-    height = _int_field(msg, "height", 0, _MAX_SIDE)
-    width = _int_field(msg, "width", 0, _MAX_SIDE)
+    height = _int_field(msg, "height")
+    width = _int_field(msg, "width")
     step = _int_field(msg, "step")
     bigendian = _int_field(msg, "is_bigendian", 0, 256)
     if height == 0 or width == 0:
         raise MessageError(f"empty image: {width}x{height}")
+    try:
+        check_side(width, height, max_side, f"{encoding} image")
+    except ImageDataError as e:
+        raise MessageError(str(e)) from None
     if channels == 2 and width % 2:
         raise MessageError(f"{encoding} needs an even width, got {width}")
     row_bytes = width * channels * depth
@@ -127,20 +134,19 @@ def _image_layout(msg) -> tuple[str, int, int, int, int, np.ndarray]:
     return encoding, height, width, step, bigendian, data
 
 
-def check_image(msg) -> None:
+def check_image(msg, max_side: int = DEFAULT_MAX_SIDE) -> None:
     """Raise MessageError for every sensor_msgs/Image that image_to_rgb would reject, converting nothing."""
-    _image_layout(msg)
+    _image_layout(msg, max_side)
 
 
-def image_to_rgb(msg) -> np.ndarray:
+def image_to_rgb(msg, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
     """sensor_msgs/Image -> new HxWx3 uint8 RGB array (never a view of the message buffer)."""
-    encoding, height, width, step, bigendian, data = _image_layout(msg)
+    encoding, height, width, step, bigendian, data = _image_layout(msg, max_side)
     channels, depth, conversion = _ENCODINGS[encoding]
     rows = data.reshape(height, step)[:, :width * channels * depth]
     if depth == 2:
         dtype = np.dtype(">u2" if bigendian else "<u2")
-        # cv_bridge's mono16 -> 8 bit: OpenCV convertTo with scale 255/65535, rounded; v / 257 is never a tie
-        pixels = ((np.ascontiguousarray(rows).view(dtype).astype(np.uint32) + 128) // 257).astype(np.uint8)
+        pixels = scale_16_to_8(np.ascontiguousarray(rows).view(dtype))  # cv_bridge's mono16 -> 8 bit
     else:
         pixels = np.ascontiguousarray(rows)
     pixels = pixels.reshape(height, width, channels)
@@ -149,23 +155,28 @@ def image_to_rgb(msg) -> np.ndarray:
     return cv2.cvtColor(pixels, conversion)
 
 
-def compressed_image_to_rgb(msg) -> np.ndarray:
-    """sensor_msgs/CompressedImage (jpeg or png, as image_transport sends) -> HxWx3 uint8 RGB."""
+def compressed_image_to_rgb(msg, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
+    """sensor_msgs/CompressedImage (JPEG or PNG data, as image_transport sends) -> HxWx3 uint8 RGB.
+
+    The data decides the format; `format` only marks depth streams, which are refused."""
     fmt = getattr(msg, "format", "")
     if not isinstance(fmt, str):
         raise MessageError(f"compressed image format must be a string, got {type(fmt).__name__}")
     if "compresseddepth" in fmt.lower():
         raise MessageError(f"compressed image format '{fmt}' is a depth stream, not a camera image")
-    data = _as_bytes(getattr(msg, "data", None), f"compressed image ({fmt or 'no format'})")
+    what = f"compressed image ({fmt or 'no format'})"
+    data = _as_bytes(getattr(msg, "data", None), what)
     if data.size == 0:
-        raise MessageError(f"compressed image ({fmt or 'no format'}) has no data")
+        raise MessageError(f"{what} has no data")
     try:
-        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    except cv2.error as e:
-        raise MessageError(f"cannot decode compressed image ({fmt or 'no format'}): {e}") from None
-    if bgr is None or bgr.ndim != 3 or bgr.shape[0] == 0 or bgr.shape[1] == 0:
-        raise MessageError(f"cannot decode compressed image ({fmt or 'no format'}, {data.size} bytes)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return decode(data.tobytes(), max_side)
+    except ImageDataError as e:
+        raise MessageError(f"cannot decode {what}: {e}") from None
+
+
+def clip_text(text: str, limit: int = 200) -> str:
+    """text as it is, or its first `limit` characters and its length, for logs and diagnostics."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def joint_state_to_vector(msg, joint_names: list[str]) -> np.ndarray:

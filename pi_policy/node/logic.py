@@ -31,8 +31,10 @@ import numpy as np
 
 from pi_policy.node.action_queue import ActionQueue
 from pi_policy.node.assembler import Assembled, ObservationAssembler
+from pi_policy.node.compressed import DEFAULT_MAX_SIDE
 from pi_policy.node.inputs import (
     MessageError,
+    clip_text,
     compressed_image_to_rgb,
     header_stamp_sec,
     image_to_rgb,
@@ -86,12 +88,13 @@ class PolicyNodeLogic:
         hardware_id: str = "",
         frame_id: str = "",
         publish_raw: bool = True,
-        image_converter: Callable[[Any], np.ndarray] = image_to_rgb,
+        image_converter: Callable[..., np.ndarray] = image_to_rgb,
         image_converter_name: str = "builtin",
         rtc_mode: str = "off",
         delay_steps: int | None = None,
         stream: ActionQueue | None = None,
         stream_type: str = "float64_array",
+        max_image_side: int = DEFAULT_MAX_SIDE,
     ):
         unknown = [c for c in assembler.camera_names if c not in policy.camera_names]
         if unknown:
@@ -118,8 +121,9 @@ class PolicyNodeLogic:
         self.hardware_id = hardware_id
         self.frame_id = frame_id
         self.publish_raw = publish_raw
-        self.image_converter = image_converter  # sensor_msgs/Image -> RGB; the node may pass cv_bridge's
+        self.image_converter = image_converter  # (sensor_msgs/Image, max side) -> RGB; the node may pass cv_bridge's
         self.image_converter_name = image_converter_name
+        self.max_image_side = max_image_side  # wider or taller images are refused, compressed ones undecoded
         self.rtc_mode, self.delay_steps = rtc_mode, delay_steps  # delay_steps None: measured
         self.delay = DelayEstimator(control_period_s)
         self.executing: ExecutingChunk | None = None
@@ -146,7 +150,7 @@ class PolicyNodeLogic:
                    hardware_id=params.device if hardware_id is None else hardware_id, frame_id=params.frame_id,
                    publish_raw=bool(params.raw_action_topic), rtc_mode=params.rtc_mode,
                    delay_steps=parse_delay(params.inference_delay_steps), stream=stream,
-                   stream_type=params.action_stream_type, **extra)
+                   stream_type=params.action_stream_type, max_image_side=params.max_image_side, **extra)
 
     # -- inputs (subscription callbacks): convert, store, never raise --
 
@@ -165,7 +169,8 @@ class PolicyNodeLogic:
 
     def on_image(self, camera: str, msg, compressed: bool = False) -> str | None:
         def store():
-            rgb = compressed_image_to_rgb(msg) if compressed else self.image_converter(msg)
+            limit = self.max_image_side
+            rgb = compressed_image_to_rgb(msg, limit) if compressed else self.image_converter(msg, limit)
             self.assembler.set_image(camera, header_stamp_sec(msg), rgb)
 
         return self._accept(f"camera {camera}", store)
@@ -291,7 +296,7 @@ class PolicyNodeLogic:
 
     def _result(self, level: str, message: str, now: float, values: dict[str, str]) -> TickResult:
         values = dict(values)
-        values["prompt"] = self.assembler.prompt
+        values["prompt"] = clip_text(self.assembler.prompt)
         values["image_converter"] = self.image_converter_name
         values.update({k: str(v) for k, v in self.counts.items()})
         if self.stream is not None:

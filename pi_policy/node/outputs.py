@@ -39,23 +39,26 @@ class MessageClasses:
     JointState: type | None = None
 
     @classmethod
+    def resolve(cls, lookup: Callable[[str], type], float_array: Callable[[np.ndarray, str], Any] = numpy_array
+                ) -> MessageClasses:
+        """Every class by its ROS type name (MESSAGE_TYPES), from `lookup` (an rclpy import, a rosbags typestore)."""
+        return cls(**{name: lookup(ros_type) for name, ros_type in MESSAGE_TYPES.items()}, float_array=float_array)
+
+    @classmethod
     def from_typestore(cls, typestore) -> MessageClasses:
-        t = typestore.types
-        return cls(
-            Time=t["builtin_interfaces/msg/Time"],
-            Duration=t["builtin_interfaces/msg/Duration"],
-            Header=t["std_msgs/msg/Header"],
-            JointTrajectory=t["trajectory_msgs/msg/JointTrajectory"],
-            JointTrajectoryPoint=t["trajectory_msgs/msg/JointTrajectoryPoint"],
-            DiagnosticArray=t["diagnostic_msgs/msg/DiagnosticArray"],
-            DiagnosticStatus=t["diagnostic_msgs/msg/DiagnosticStatus"],
-            KeyValue=t["diagnostic_msgs/msg/KeyValue"],
-            Float32MultiArray=t["std_msgs/msg/Float32MultiArray"],
-            MultiArrayLayout=t["std_msgs/msg/MultiArrayLayout"],
-            MultiArrayDimension=t["std_msgs/msg/MultiArrayDimension"],
-            Float64MultiArray=t["std_msgs/msg/Float64MultiArray"],
-            JointState=t["sensor_msgs/msg/JointState"],
-        )
+        return cls.resolve(typestore.types.__getitem__)
+
+
+MESSAGE_TYPES = {  # MessageClasses field -> ROS message type
+    "Time": "builtin_interfaces/msg/Time", "Duration": "builtin_interfaces/msg/Duration",
+    "Header": "std_msgs/msg/Header", "JointTrajectory": "trajectory_msgs/msg/JointTrajectory",
+    "JointTrajectoryPoint": "trajectory_msgs/msg/JointTrajectoryPoint",
+    "DiagnosticArray": "diagnostic_msgs/msg/DiagnosticArray",
+    "DiagnosticStatus": "diagnostic_msgs/msg/DiagnosticStatus",
+    "KeyValue": "diagnostic_msgs/msg/KeyValue", "Float32MultiArray": "std_msgs/msg/Float32MultiArray",
+    "MultiArrayLayout": "std_msgs/msg/MultiArrayLayout", "MultiArrayDimension": "std_msgs/msg/MultiArrayDimension",
+    "Float64MultiArray": "std_msgs/msg/Float64MultiArray", "JointState": "sensor_msgs/msg/JointState",
+}
 
 
 class MessageFactory:

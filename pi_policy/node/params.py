@@ -19,13 +19,16 @@ from typing import Any
 import yaml
 
 from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
+from pi_policy.model.config import PRESETS
+from pi_policy.node.compressed import DEFAULT_MAX_SIDE, MAX_SIDE_LIMIT
 from pi_policy.runtime.options import RTCSettings, parse_delay
-from pi_policy.runtime.spec import RunnerSpec
+from pi_policy.runtime.spec import FP8Options, RunnerSpec
 
 NODE_NAME = "pi_policy_node"
 _ROS_TYPES = {"str": "string", "int": "integer", "float": "double", "bool": "bool",
               "list[str]": "string_array", "list[float]": "double_array", "list[int]": "integer_array"}
 STREAM_TYPES = ("float64_array", "joint_state")
+QOS_RELIABILITY = ("best_effort", "reliable")
 
 
 def _p(default, doc: str):
@@ -59,6 +62,11 @@ class NodeParams:
     denoise_keep_bf16: list[str] = _p([], "With FP8 expert weights (fp8, persistent-fp8): matrices kept bf16, each "
                                           "in every layer or in some: qkv, wo, gate_up, down or all, e.g. "
                                           "[gate_up, 'down:0-5'].")
+    vision_backend: str = _p("bf16", "Vision backend: bf16 (the SigLIP tower as the model runs it) or fp8 (its "
+                                     "linears and the projector in FP8). Verify FP8 with your checkpoint first: "
+                                     "pi-policy verify --combinations (docs/fp8.md).")
+    fp8_calibration: str = _p("", "Static FP8 activation scales for the fp8 prefill and vision, written by "
+                                  "pi-policy calibrate; empty = dynamic scales, one per tensor.")
     model_camera_names: list[str] = _p([], "Camera names the model was trained with, in its order; empty = the "
                                            "preset's (base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb). The "
                                            "runner is built for the subscribed ones only.")
@@ -78,6 +86,14 @@ class NodeParams:
                                   "as sensor_msgs/CompressedImage, any other as sensor_msgs/Image.")
     required_cameras: list[str] = _p([], "Cameras without which a tick is skipped; empty = all. Others are "
                                          "masked out when missing or stale.")
+    camera_qos_reliability: str = _p("best_effort", "Camera subscriptions' reliability: best_effort (sensor data: "
+                                                    "lost frames are not resent) or reliable (the cameras must "
+                                                    "publish reliable too). Large images: use /compressed topics.")
+    camera_qos_depth: int = _p(5, "Camera subscriptions' queue depth (frames kept per camera until the node "
+                                  "reads them; the node uses the latest).")
+    max_image_side: int = _p(DEFAULT_MAX_SIDE, f"Largest width or height of a camera image, raw or compressed "
+                                               f"(at most {MAX_SIDE_LIMIT}); a JPEG or PNG declaring more is refused "
+                                               "before it is decoded.")
     joint_names: list[str] = _p([], "Joint names in the model's state order, looked up by name.")
     joint_state_topic: str = _p("joint_states", "sensor_msgs/JointState topic.")
     prompt: str = _p("", "Task instruction given to the policy.")
@@ -133,9 +149,11 @@ class NodeParams:
             problems += self.runner_spec().problems()  # the cameras, the model and its backends
         except ValueError as e:  # RTC settings
             problems.append(str(e))
+        if self.fp8_calibration and "fp8" not in (self.backend, self.vision_backend):
+            problems.append("fp8_calibration is set, but neither backend nor vision_backend is fp8")
         if not self.joint_names:
             problems.append("joint_names is empty: list the robot's joints in the model's state order")
-        if not self.checkpoint and not self.preset.startswith("tiny"):
+        if not self.checkpoint and self.preset in PRESETS and not self.preset.startswith("tiny"):
             problems.append(f"checkpoint is empty: a {self.preset} with random weights must not drive a "
                             "robot (set checkpoint, or use preset tiny for a demo)")
         positive = ("max_observation_age_s", "control_period_s", "latency_budget_ms")
@@ -152,6 +170,13 @@ class NodeParams:
             parse_delay(self.inference_delay_steps)
         except ValueError as e:
             problems.append(f"inference_delay_steps: {e}")
+        if self.camera_qos_reliability not in QOS_RELIABILITY:
+            problems.append(f"camera_qos_reliability '{self.camera_qos_reliability}' is not one of "
+                            f"{', '.join(QOS_RELIABILITY)}")
+        if not self.camera_qos_depth >= 1:
+            problems.append(f"camera_qos_depth must be >= 1, got {self.camera_qos_depth}")
+        if not 1 <= self.max_image_side <= MAX_SIDE_LIMIT:
+            problems.append(f"max_image_side must be in 1..{MAX_SIDE_LIMIT}, got {self.max_image_side}")
         if self.action_stream_type not in STREAM_TYPES:
             problems.append(f"action_stream_type '{self.action_stream_type}' is not one of {', '.join(STREAM_TYPES)}")
         if self.safe_action and len(self.safe_action) != len(self.outputs()):
@@ -184,6 +209,7 @@ class NodeParams:
                           cameras=self.camera_set(), action_dim=self.action_dim or None, device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
                           denoise_keep_bf16=tuple(self.denoise_keep_bf16),
+                          vision=self.vision_backend, fp8=FP8Options(calibration=self.fp8_calibration or None),
                           rtc=self.rtc_settings(), warmup=self.warmup, batch_sizes=tuple(self.batch_sizes))
 
 

@@ -9,11 +9,11 @@ buffer length), so a bad frame gets the same one-line reason whichever converter
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import cv2
 import numpy as np
 
+from pi_policy.node.compressed import DEFAULT_MAX_SIDE
 from pi_policy.node.inputs import MessageError, check_image, image_to_rgb
 
 # cv_bridge refuses to turn ROS's generic OpenCV types into a colour encoding; the built-in reads them as
@@ -27,8 +27,8 @@ class CvBridgeConverter:
 
         self.bridge = CvBridge()
 
-    def __call__(self, msg) -> np.ndarray:
-        check_image(msg)
+    def __call__(self, msg, max_side: int = DEFAULT_MAX_SIDE) -> np.ndarray:
+        check_image(msg, max_side)
         try:
             if msg.encoding in _GENERIC:
                 return cv2.cvtColor(self.bridge.imgmsg_to_cv2(msg, "passthrough"), _GENERIC[msg.encoding])
@@ -37,7 +37,7 @@ class CvBridgeConverter:
             raise MessageError(f"cv_bridge cannot convert this {msg.encoding} image: {e}") from None
 
 
-def image_converter() -> tuple[str, Callable[[Any], np.ndarray]]:
+def image_converter() -> tuple[str, Callable[..., np.ndarray]]:
     """("cv_bridge", its converter) where cv_bridge imports, else ("builtin", image_to_rgb)."""
     try:
         return "cv_bridge", CvBridgeConverter()

@@ -1,9 +1,10 @@
-"""The node's warnings and errors: one call site per severity, throttled per message kind, never raising.
+"""The node's messages about its inputs: one call site per severity, throttled per message kind, never raising.
 
 rclpy binds a `log()` call site to the first severity it sees and raises `ValueError` when that site logs another one
-(humble to rolling), which killed the node at the first WARN after an ERROR. Here `warn` and `error` each call the
-logger from their own line with no rclpy filters, the throttle is ours (per severity and kind, so a flood of one
-camera's bad frames does not hide another camera's), and a logger that fails anyway falls back to stderr.
+(humble to rolling), which killed the node at the first WARN after an ERROR. Here `info`, `warn` and `error` each
+call the logger from their own line with no rclpy filters, the throttle is ours (per severity and kind, so a flood of
+one camera's bad frames does not hide another camera's, nor a flood of prompts), and a logger that fails anyway
+falls back to stderr.
 """
 
 from __future__ import annotations
@@ -23,25 +24,27 @@ class ThrottledLog:
         self._held: dict[tuple[str, str], int] = {}  # messages throttled since the last one shown
         self._lock = threading.Lock()
 
+    # Each severity calls the logger from its own line (its own lambda): rclpy's call sites are per line.
+    def info(self, kind: str, message: str) -> bool:
+        """Log at INFO unless one of this kind was logged less than period_s ago; True if it was logged."""
+        return self._log("INFO", kind, message, lambda text: self.logger.info(text))
+
     def warn(self, kind: str, message: str) -> bool:
         """Log a warning unless one of this kind was logged less than period_s ago; True if it was logged."""
-        text = self._admit("WARN", kind, message)
-        if text is None:
-            return False
-        try:
-            self.logger.warning(text)
-        except Exception as e:  # noqa: BLE001 - a log call must never take the node down
-            self._fallback("WARN", text, e)
-        return True
+        return self._log("WARN", kind, message, lambda text: self.logger.warning(text))
 
     def error(self, kind: str, message: str) -> bool:
-        text = self._admit("ERROR", kind, message)
+        """Log an error unless one of this kind was logged less than period_s ago; True if it was logged."""
+        return self._log("ERROR", kind, message, lambda text: self.logger.error(text))
+
+    def _log(self, severity: str, kind: str, message: str, emit: Callable[[str], object]) -> bool:
+        text = self._admit(severity, kind, message)
         if text is None:
             return False
         try:
-            self.logger.error(text)
-        except Exception as e:  # noqa: BLE001
-            self._fallback("ERROR", text, e)
+            emit(text)
+        except Exception as e:  # noqa: BLE001 - a log call must never take the node down
+            self._fallback(severity, text, e)
         return True
 
     def _admit(self, severity: str, kind: str, message: str) -> str | None:

@@ -9,9 +9,14 @@ inference runs in its own MutuallyExclusive group, from a timer (inference_rate_
 condition that new frames trigger (inference_rate_hz == 0). A tick that finds inference busy is dropped.
 The optional action stream has its own timer (control_period_s) and group, so inference never delays it.
 
-Ending: SIGINT, SIGTERM and the lifecycle `shutdown` transition end the process with exit 0 (a failed autostart
-with 1). rclpy's own signal handlers are off: they invalidate the context under a spinning executor. Our handler
-only sets `finished`; main then stops spinning, lets running callbacks finish (bounded), and tears down in order.
+Ending: SIGINT, SIGTERM, the lifecycle `shutdown` transition and the end of the parent process (ros2 launch
+stopped by SIGTERM or killed: see pi_policy.ros.parent) end the process with exit 0 (a failed autostart with 1).
+rclpy's own signal handlers are off: they invalidate the context under a spinning executor. Our handler only sets
+`finished`; main then stops spinning, lets running callbacks finish (bounded), tears down in order and exits
+without the interpreter's slow finalization. A stop while configuring does not wait for the model load, compile
+and warm-up (up to a minute on a GPU, past launch's SIGTERM timeout): nothing has been published yet, so the
+process exits at once. `use_sim_time` cannot be changed while the node runs (a switched clock would make every
+input stale, silently).
 
 Console script: pi_policy_node = pi_policy.ros.node:main
 """
@@ -19,32 +24,46 @@ Console script: pi_policy_node = pi_policy.ros.node:main
 from __future__ import annotations
 
 import array
+import ctypes
+import importlib
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import rclpy
-from builtin_interfaces.msg import Duration, Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+import yaml
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Float32MultiArray, Float64MultiArray, Header, MultiArrayDimension, MultiArrayLayout, String
-from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+from std_msgs.msg import Float32MultiArray, Float64MultiArray, String
+from trajectory_msgs.msg import JointTrajectory
 
+from pi_policy.node.inputs import clip_text
 from pi_policy.node.logic import ERROR, WARN, PolicyNodeLogic
 from pi_policy.node.outputs import MessageClasses, MessageFactory
 from pi_policy.node.params import NODE_NAME, NodeParams, ParamError
 from pi_policy.ros.images import image_converter
 from pi_policy.ros.log import ThrottledLog
 from pi_policy.ros.params import declare_parameters, read_parameters
+from pi_policy.ros.parent import ParentWatch
 
-STOP_WAIT_S = 10.0  # how long an ending process waits for running callbacks (a configure in progress) to return
+STOP_WAIT_S = 3.0  # how long a stopping process waits for running callbacks (a tick, a transition); under
+# launch's 5 s before it escalates to SIGTERM. A configure is not waited for.
+
+
+def camera_qos(params: NodeParams) -> QoSProfile:
+    """The camera subscriptions' QoS: keep-last `camera_qos_depth`, volatile, best effort (default) or reliable."""
+    reliability = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=params.camera_qos_depth,
+                      reliability=reliability[params.camera_qos_reliability], durability=DurabilityPolicy.VOLATILE)
 
 
 def _py_array(values: np.ndarray, typecode: str) -> array.array:
@@ -53,17 +72,17 @@ def _py_array(values: np.ndarray, typecode: str) -> array.array:
     return array.array(typecode, np.ascontiguousarray(values, dtype=dtype).tobytes())
 
 
-RCLPY_CLASSES = MessageClasses(
-    Time=Time, Duration=Duration, Header=Header, JointTrajectory=JointTrajectory,
-    JointTrajectoryPoint=JointTrajectoryPoint, DiagnosticArray=DiagnosticArray,
-    DiagnosticStatus=DiagnosticStatus, KeyValue=KeyValue, Float32MultiArray=Float32MultiArray,
-    MultiArrayLayout=MultiArrayLayout, MultiArrayDimension=MultiArrayDimension, float_array=_py_array,
-    Float64MultiArray=Float64MultiArray, JointState=JointState,
-)
+def _message_class(name: str) -> type:
+    """'std_msgs/msg/Header' -> the rclpy message class."""
+    package, _, cls = name.split("/")
+    return getattr(importlib.import_module(f"{package}.msg"), cls)
 
 
-class _PolicyServing:
-    """configure / activate / deactivate / cleanup: the serving half of the lifecycle node."""
+RCLPY_CLASSES = MessageClasses.resolve(_message_class, _py_array)
+
+
+class PolicyNode(LifecycleNode):
+    """The pi_policy lifecycle node: configure loads the policy, activate serves it, deactivate and cleanup undo."""
 
     def _setup(self, finished: threading.Event | None) -> None:
         declare_parameters(self)
@@ -79,6 +98,16 @@ class _PolicyServing:
         self._guard = None
         self._tick_lock = threading.Lock()  # held while publishing; deactivate waits on it
         self._active = False
+        self.configuring = False  # a configure (model load, compile, warm-up) is running
+        self.add_on_set_parameters_callback(self._refuse_runtime_changes)
+
+    def _refuse_runtime_changes(self, changes) -> SetParametersResult:
+        # the node's own parameters are declared read-only; rclpy's use_sim_time is not, so it is refused here
+        if any(p.name == "use_sim_time" for p in changes):
+            return SetParametersResult(successful=False, reason="use_sim_time cannot change while the node runs "
+                                                                "(its inputs would all turn stale); restart the "
+                                                                "node with the value it should use")
+        return SetParametersResult(successful=True)
 
     def _configure(self) -> None:
         params = self.params = read_parameters(self)  # before torch is imported: a bad parameter fails fast
@@ -110,6 +139,7 @@ class _PolicyServing:
 
     def _activate(self) -> None:
         p, logic = self.params, self.logic
+        cameras_qos = camera_qos(p)
         for camera, topic, compressed in p.cameras():
             msg_type = CompressedImage if compressed else Image
 
@@ -123,7 +153,7 @@ class _PolicyServing:
                     except Exception:  # noqa: BLE001 - destroyed by a deactivate that ran meanwhile
                         pass
 
-            self._serving.append(self.create_subscription(msg_type, topic, on_frame, qos_profile_sensor_data,
+            self._serving.append(self.create_subscription(msg_type, topic, on_frame, cameras_qos,
                                                           callback_group=self.input_group))
         inputs = self.input_group
         self._serving.append(self.create_subscription(JointState, p.joint_state_topic, self._on_joints,
@@ -181,8 +211,8 @@ class _PolicyServing:
         error = logic.on_prompt(msg) if logic is not None else None
         if error:
             self.log.warn("prompt", error)
-        else:
-            self.get_logger().info(f"prompt: {msg.data!r}")
+        else:  # throttled and cut: a flood of (long) prompts must not flood the console
+            self.log.info("prompt", f"prompt: {clip_text(msg.data)!r}")
 
     def _tick(self, require_new: bool = False) -> None:
         with self._tick_lock:
@@ -212,8 +242,6 @@ class _PolicyServing:
             if self._active and self._last_diagnostics is not None:
                 self.diagnostics_pub.publish(self._last_diagnostics)
 
-
-class PolicyNode(_PolicyServing, LifecycleNode):
     def __init__(self, finished: threading.Event | None = None, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
         self._setup(finished)
@@ -223,22 +251,26 @@ class PolicyNode(_PolicyServing, LifecycleNode):
 
     def _autostart(self) -> None:
         self.destroy_timer(self._autostart_timer)
-        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        configured = self.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        if self.finished.is_set():
+            self.get_logger().info("autostart: asked to stop while configuring; not activating")
+        elif not configured:
             # with autostart nobody will retry: exit non-zero so that launch shows the failure
             self.get_logger().fatal("autostart: configure failed; shutting down")
             self.failed = True
             self.finished.set()
-        elif self.finished.is_set():
-            self.get_logger().info("autostart: asked to stop while configuring; not activating")
         else:
             self.trigger_activate()
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.configuring = True
         try:
             self._configure()
         except Exception as e:  # noqa: BLE001 - a failed configure is reported, the node stays up
             self.get_logger().error(f"configure failed: {type(e).__name__}: {e}")
             return TransitionCallbackReturn.FAILURE
+        finally:
+            self.configuring = False
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -270,24 +302,78 @@ def drain(executor: MultiThreadedExecutor, timeout_s: float) -> bool:
     waiter.join(timeout_s)
     # only now may the executor destroy its guard condition, which a finishing callback still triggers
     executor.shutdown(timeout_sec=0)
+    _close_unstarted(executor)
     return not waiter.is_alive()
 
 
-def main(args=None) -> int:
+def _close_unstarted(executor) -> None:
+    # rclpy makes each ready callback's handler coroutine before it runs; those a stop cancelled would be collected
+    # unawaited, and Python warns "coroutine 'Executor._make_handler.<locals>.handler' was never awaited"
+    for task, *_ in list(getattr(executor, "_tasks", ())):
+        handler = getattr(task, "_handler", None)
+        if hasattr(handler, "close") and not task.done() and not task.executing():
+            handler.close()
+
+
+def _flush_all() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (the launcher is gone): nothing to say to anyone
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # C stdio, where rcutils writes the node's log lines
+    except (OSError, AttributeError):
+        pass
+
+
+def _say(text: str) -> None:
+    try:
+        print(f"pi_policy_node: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _init_error(error: Exception, args: list[str] | None) -> str:
+    """One line for a failed rclpy.init: what is wrong with the parameter files it names, else rcl's reason."""
+    argv = list(sys.argv[1:] if args is None else args)
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--params-file"]
+    for path in files:
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            return f"cannot read parameter file {path}: {e.strerror}"
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            return f"parameter file {path} is not valid YAML: {problem}{where}"
+    reason = str(error).split(", at /")[0]  # rcl appends the C source locations
+    return f"cannot start ROS 2: {reason}"
+
+
+def run(args: list[str] | None = None) -> int:
+    """The node's process: start, serve until asked to stop (or the parent is gone), tear down; the exit code."""
+    parent = ParentWatch()
     finished = threading.Event()
 
     def on_signal(signum, frame):
         if finished.is_set():  # a second signal: the first one's orderly stop takes too long
+            _flush_all()
             os._exit(0)
         finished.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    except Exception as e:  # noqa: BLE001 - RCLError for a bad parameter file or argument: one line, exit 1
+        _say(_init_error(e, args))
+        return 1
     try:
         node = PolicyNode(finished=finished)
     except (ParamError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"pi_policy_node: {e}", file=sys.stderr)
+        _say(str(e))
         rclpy.try_shutdown()
         return 1
     executor = MultiThreadedExecutor()
@@ -297,16 +383,27 @@ def main(args=None) -> int:
             executor.spin_once(timeout_sec=0.1)  # the timeout bounds how late a signal is noticed
         except Exception as e:  # noqa: BLE001 - one failing callback must not end the node
             node.log.error("executor", f"a callback failed: {type(e).__name__}: {e}")
+        if parent.gone():
+            finished.set()
+    if parent.gone():
+        node.get_logger().warning(f"the process that started this node (pid {parent.pid}) has ended; stopping")
     code = 1 if node.failed else 0
+    if node.configuring:  # nothing was published yet; the model load and warm-up are not waited for
+        node.get_logger().info("asked to stop while configuring: exiting without waiting for the model")
+        return code
     if not drain(executor, STOP_WAIT_S):
-        print(f"pi_policy_node: a callback (configure?) still runs after {STOP_WAIT_S:.0f} s; exiting without it",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(code)
+        _say(f"a callback still runs after {STOP_WAIT_S:.0f} s; exiting without it")
+        return code
     node.destroy_node()
     rclpy.try_shutdown()
     return code
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(args: list[str] | None = None) -> int:
+    """Console script pi_policy_node: run(), then exit without the interpreter's finalization.
+
+    Finalizing torch (and CUDA) after the node has stopped takes seconds, during which the signal handlers are
+    gone: launch's SIGTERM escalation would then kill the process (-15) although it had stopped cleanly."""
+    code = run(args)
+    _flush_all()
+    os._exit(code)

@@ -25,8 +25,8 @@ FUSED_DENOISE = {"triton": "triton", "fp8": "fp8w", "persistent": "persistent", 
 class StageChoice:
     """What ran one stage.
 
-    impl: torch (the model's code), fp8 or tensorrt (prefill), triton or fp8w (the fused denoise expert),
-    persistent or persistent-fp8w (the same as one persistent kernel).
+    impl: torch (the model's code), fp8 (vision, prefill), tensorrt (prefill), triton or fp8w (the fused denoise
+    expert), persistent or persistent-fp8w (the same as one persistent kernel).
     dtype: the model's dtype name (bf16 on a GPU, float32 on a CPU).
     graph: replayed as a CUDA graph; compiled: torch.compile'd; rtc: the real-time chunking mode (denoise).
     note: why this is not what was asked for (a fallback), shown to the user; empty when it is.
@@ -61,6 +61,8 @@ def plan_stages(spec, on_gpu: bool, dtype: str) -> dict[str, StageChoice]:
     choices = {s: StageChoice(s, dtype=dtype, graph=graph, compiled=s in compiled) for s in STAGES}
     if mode.prefill != "bf16":
         choices["prefill"] = dataclasses.replace(choices["prefill"], impl=mode.prefill)
+    if spec.vision != "bf16":
+        choices["vision"] = dataclasses.replace(choices["vision"], impl=spec.vision)
     choices["denoise"] = plan_denoise(choices["denoise"], spec.denoise, on_gpu, spec.rtc.mode)
     return choices
 

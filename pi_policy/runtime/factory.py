@@ -17,6 +17,7 @@ from pi_policy.runtime.expert import make_denoise
 from pi_policy.runtime.prefill import make_prefill
 from pi_policy.runtime.runner import PolicyRunner
 from pi_policy.runtime.spec import RunnerSpec
+from pi_policy.runtime.vision import make_vision
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     """A runner ready to serve, as `spec` describes it (`changes`: fields replaced, e.g. backend="fp8").
 
     model: an already built model of this spec to run (several backends over one set of weights); calibration:
-    FP8 static scales computed in this process (sample prefixes), in place of the spec's calibration file.
+    FP8 static scales computed in this process (an amax dict for vision and prefill, as pi_policy.runtime.calibrate
+    makes, or sample prefixes for the prefill alone), in place of the spec's calibration file.
     """
     spec = (spec or RunnerSpec()).replace(**changes).validate()
     if model is not None and model.cfg.num_cameras != spec.num_cameras:
@@ -74,6 +76,8 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     on_gpu = next(model.parameters()).device.type == "cuda"
     choices = plan_stages(spec, on_gpu, "bf16" if model.dtype == torch.bfloat16 else
                           str(model.dtype).removeprefix("torch."))
+    vision = make_vision(choices["vision"].impl, model, spec.fp8, calibration)
+    choices["vision"] = settle(choices["vision"], vision)
     prefill = make_prefill(choices["prefill"].impl, model, spec.engine_path, spec.checkpoint, spec.fp8, calibration)
     choices["prefill"] = settle(choices["prefill"], prefill)
     denoise = make_denoise(choices["denoise"].impl, model, spec.denoise_keep_bf16)
@@ -81,7 +85,7 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     for c in choices.values():
         if c.note:
             log.warning(c.note)
-    runner = PolicyRunner(model, tok, normalizer, spec.cameras, choices, prefill=prefill.fn,
+    runner = PolicyRunner(model, tok, normalizer, spec.cameras, choices, vision=vision.fn, prefill=prefill.fn,
                           denoise=denoise.fn, seed=spec.seed, rtc=spec.rtc, batch_sizes=spec.batch_sizes)
     runner.spec = spec
     if spec.warmup:

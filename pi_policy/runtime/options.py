@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pi_policy.observation import STAGES
 
 PREFILL_BACKENDS = ("bf16", "fp8", "tensorrt")
+VISION_BACKENDS = ("bf16", "fp8")  # fp8: the SigLIP tower's and the projector's linears in FP8
 BACKEND_CHOICES = (*PREFILL_BACKENDS, "eager")  # what --backend and the `backend` parameter accept
 # The denoise loop: bf16 is the PyTorch action expert (torch.compile'd on CUDA); triton and fp8 are the fused Triton
 # expert with bf16 or FP8 (e4m3, per-output-channel) weights, persistent and persistent-fp8 the same expert as one

@@ -114,13 +114,13 @@ class PolicyRunner:
     Implements pi_policy.observation.Policy.
 
     cameras: the camera set; the runner serves cameras.served, in that order.
-    choices: what runs each stage (pi_policy.runtime.choice, planned and settled by build_runner); prefill and
-    denoise: the callables of a non-PyTorch prefill or denoise implementation (None: the model's own code).
+    choices: what runs each stage (pi_policy.runtime.choice, planned and settled by build_runner); vision, prefill
+    and denoise: the callables of a non-PyTorch implementation of the stage (None: the model's own code).
     batch_sizes: the batches infer_batch runs without recapture (buffers and CUDA graphs for each; 1 always).
     """
 
     def __init__(self, model: PiModel, tokenizer, normalizer: Normalizer, cameras: CameraSet,
-                 choices: dict[str, StageChoice], *, prefill: PrefillFn | None = None,
+                 choices: dict[str, StageChoice], *, vision: Callable | None = None, prefill: PrefillFn | None = None,
                  denoise: Callable | None = None, seed: int = 0, rtc: RTCSettings | None = None,
                  batch_sizes: tuple[int, ...] = (1,)):
         cfg = model.cfg
@@ -149,11 +149,11 @@ class PolicyRunner:
         # Guided RTC backpropagates through the velocity: it uses the model's own (plain or torch.compile'd, which
         # supports autograd), never a replacement kernel that might not.
         self.guided_velocity_fn = model.velocity
-        self.vision_fn = model.embed_images
+        self.vision_fn = vision or model.embed_images
         self._plain = (self.vision_fn, self.prefill_fn, self.velocity_fn, self.guided_velocity_fn)
         mode = os.environ.get("PI_POLICY_COMPILE_MODE") or None  # e.g. max-autotune-no-cudagraphs
         if self.choices["vision"].compiled:
-            self.vision_fn = torch.compile(model.embed_images, dynamic=False, mode=mode)
+            self.vision_fn = torch.compile(self.vision_fn, dynamic=False, mode=mode)
         if self.choices["prefill"].compiled:
             self.prefill_fn = torch.compile(self.prefill_fn, dynamic=False, mode=mode)
         if self.choices["denoise"].compiled:  # one step compiled; the 10-step loop is captured in one CUDA graph

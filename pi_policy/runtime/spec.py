@@ -18,6 +18,7 @@ from pi_policy.runtime.options import (
     BACKEND_CHOICES,
     DENOISE_BACKENDS,
     FP8_DENOISE,
+    VISION_BACKENDS,
     RTCSettings,
     kept_cells,
     parse_stages,
@@ -25,6 +26,7 @@ from pi_policy.runtime.options import (
 
 PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
 FP8_LINEARS = ("wqkv", "wo", "mlp.gate_up", "mlp.down")
+FP8_DYNAMIC = ("row", "tensor")  # pi_policy.runtime.prefill.fp8.DYNAMIC
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -34,15 +36,28 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class FP8Options:
-    """The fp8 prefill's options (pi_policy.runtime.prefill.fp8.build_fp8_prefill)."""
+    """The options of the fp8 prefill (pi_policy.runtime.prefill.fp8.build_fp8_prefill) and of the fp8 vision tower
+    (pi_policy.runtime.vision.fp8.build_fp8_vision: all but keep_bf16 and fused_quant).
 
-    keep_bf16: tuple[str, ...] = ()  # linears left in bf16 in every block
+    The defaults are the measured configuration (one dynamic scale per tensor, quantized in a pass of its own);
+    per-row scales (`dynamic="row"`, which keep each robot of a batch independent of the others) and quantization
+    inside the RMSNorm / GeGLU kernels (`fused_quant`) are options until a GPU measures them."""
+
+    keep_bf16: tuple[str, ...] = ()  # prefill linears left in bf16 in every block
     fast_accum: bool = True  # use_fast_accum of the FP8 GEMMs
     per_channel: bool = False  # per-output-channel weight scales
     calibration: str | None = None  # static activation scales (pi-policy calibrate's JSON); None: dynamic
+    dynamic: str = "tensor"  # without static scales: one activation scale per tensor or per row (token)
+    fused_quant: bool = False  # quantize inside the RMSNorm / GeGLU kernels that produce the activations (prefill)
 
     def kwargs(self) -> dict:
-        return {"keep_bf16": self.keep_bf16, "fast_accum": self.fast_accum, "per_channel": self.per_channel}
+        """build_fp8_prefill's keyword arguments (calibration aside)."""
+        return {"keep_bf16": self.keep_bf16, "fast_accum": self.fast_accum, "per_channel": self.per_channel,
+                "dynamic": self.dynamic, "fuse_producers": self.fused_quant}
+
+    def vision_kwargs(self) -> dict:
+        """build_fp8_vision's keyword arguments (calibration aside)."""
+        return {"fast_accum": self.fast_accum, "per_channel": self.per_channel, "dynamic": self.dynamic}
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,7 @@ class RunnerSpec:
     engine_path: str | None = None  # TensorRT engine (backend tensorrt)
     denoise: str = "auto"  # auto, bf16 (PyTorch), triton or fp8 (the fused Triton expert), persistent(-fp8)
     denoise_keep_bf16: tuple[str, ...] = ()  # FP8 expert weights: matrices (and layers) kept bf16 (kept_cells)
+    vision: str = "bf16"  # bf16 (the model's SigLIP tower) or fp8 (its linears and the projector in FP8)
     cuda_graphs: bool = True
     compile_stages: tuple[str, ...] | None = None  # None: the default (prefill and denoise on CUDA)
     rtc: RTCSettings = field(default_factory=RTCSettings)
@@ -100,6 +116,10 @@ class RunnerSpec:
                 kept_cells(self.denoise_keep_bf16, PRESETS[self.preset].expert.depth if self.preset in PRESETS else 1)
             except ValueError as e:
                 out.append(f"denoise_{e}")
+        if self.vision not in VISION_BACKENDS:
+            out.append(f"vision_backend '{self.vision}' is not one of {', '.join(VISION_BACKENDS)}")
+        if self.fp8.dynamic not in FP8_DYNAMIC:
+            out.append(f"fp8 dynamic scaling '{self.fp8.dynamic}' is not one of {', '.join(FP8_DYNAMIC)}")
         if self.backend == "tensorrt" and not self.engine_path:
             out.append("backend tensorrt needs engine_path")
         if self.compile_stages is not None:

@@ -18,6 +18,7 @@ A serve config is a ROS 2 parameter file for the node with one more top-level ma
 
 The runner is built for the batch sizes 1, 2, 4, ... up to max_batch (each its own buffers and CUDA graphs); a
 batch of 3 runs in the buffers of 4 with one row masked.
+      max_clients: 8                # connections served at once; more are refused with HTTP 503
 
 `images` stands in for the node's camera_topics (its keys) and camera_names (its values): the request key is
 the server's topic. A key with "/" that is not itself a request key is looked up in nested dicts, so ALOHA's
@@ -53,6 +54,7 @@ class ServeConfig:
     max_wait_ms: float = 0.0
     max_queue_ms: float = 10000.0
     replicas: int = 0
+    max_clients: int = 8  # connections at once; each may hold two requests' worth of memory (server.py)
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -69,8 +71,9 @@ class ServeConfig:
 
 
 _KEYS = {"images": dict, "state": list, "prompt": str, "host": str, "port": int, "metadata": dict, "max_batch": int,
-         "max_wait_ms": float, "max_queue_ms": float, "replicas": int}
-_OPTIONAL = ("prompt", "host", "port", "metadata", "max_batch", "max_wait_ms", "max_queue_ms", "replicas")
+         "max_wait_ms": float, "max_queue_ms": float, "replicas": int, "max_clients": int}
+_OPTIONAL = ("prompt", "host", "port", "metadata", "max_batch", "max_wait_ms", "max_queue_ms", "replicas",
+             "max_clients")
 
 
 def _check_section(section: Any, where: str) -> dict[str, Any]:
@@ -110,7 +113,8 @@ def _check_section(section: Any, where: str) -> dict[str, Any]:
     port = section.get("port", 0)
     if isinstance(port, int) and not 0 <= port <= 65535:
         problems.append(f"'port' must be in 0..65535, got {port}")
-    for key, low in (("max_batch", 1), ("max_wait_ms", 0), ("max_queue_ms", 0), ("replicas", 0)):
+    for key, low in (("max_batch", 1), ("max_wait_ms", 0), ("max_queue_ms", 0), ("replicas", 0),
+                     ("max_clients", 1)):
         value = section.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and not value >= low:
             problems.append(f"'{key}' must be >= {low}, got {value}")

@@ -69,9 +69,13 @@ def to_observation(request: Any, cfg: ServeConfig) -> tuple[Observation, np.ndar
         if value is _MISSING:
             raise RequestError(f"missing state '{key}'; the request has {_keys(request)}")
         try:
-            arr = np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise RequestError(f"'{key}' must be numbers, got {type(value).__name__}") from None
+            arr = np.asarray(value)
+        except (TypeError, ValueError):  # ragged lists
+            arr = np.asarray(None)
+        if arr.dtype.kind not in "biuf":  # strings ('0.12') and objects are not numbers, even where they parse
+            kind = f"an array of {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+            raise RequestError(f"'{key}' must be numbers, got {kind}")
+        arr = arr.astype(np.float64)
         if arr.ndim > 1:
             raise RequestError(f"'{key}' must be a vector or a number, got shape {arr.shape}")
         parts.append(arr.reshape(-1))
@@ -89,6 +93,8 @@ def to_observation(request: Any, cfg: ServeConfig) -> tuple[Observation, np.ndar
     noise = request.get(NOISE_KEY)
     if noise is not None:
         try:
+            if np.asarray(noise).dtype.kind not in "biuf":  # not numbers, even where they parse
+                raise TypeError
             noise = np.array(noise, dtype=np.float32)  # a writable copy, for torch.from_numpy
         except (TypeError, ValueError):
             raise RequestError(f"'{NOISE_KEY}' must be a float array, got {type(noise).__name__}") from None

@@ -58,6 +58,14 @@ def _decode(obj: dict) -> Any:
     return obj
 
 
+CLOSE_REASON_BYTES = 123  # a close frame's payload is at most 125 bytes: the 2-byte code, then the reason
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to what a close frame can carry: 123 bytes of UTF-8, never inside a character."""
+    return text.encode()[:CLOSE_REASON_BYTES].decode(errors="ignore")
+
+
 def pack(obj: Any) -> bytes:
     """A dict (of dicts, lists, strings, numbers, numpy arrays and scalars) -> one binary websocket frame."""
     return msgpack.packb(obj, default=_encode)

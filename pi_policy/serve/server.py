@@ -8,6 +8,12 @@ request that waited max_queue_ms without starting is answered "server busy" as a
 stays open. `GET /healthz` answers 200 (without the API key); with an API key set, every other request must carry
 `Authorization: Api-Key <key>`, the header openpi_client sends.
 
+Limits, so that no client can make the server hold unbounded memory: a request frame may be at most
+`max_message_bytes(cfg)` (a full-HD float32 image per configured camera, plus 1 MB; larger ones are closed with
+1009); a connection's frames are read one ahead of the one being answered (a client that pipelines waits in
+TCP instead of in the server's memory); at most `max_clients` connections are served at once, more get HTTP 503.
+SIGINT and SIGTERM (with `run(stop_signals=...)`) close every connection with 1001 (going away).
+
 Scheduling: the runner is synchronous and not thread-safe, so every call to it happens on one worker thread
 (a one-thread executor), which also builds it. Requests are decoded off the event loop, then wait in one FIFO
 queue. A scheduler on the event loop takes the oldest waiting request and, for up to max_wait_ms after it
@@ -29,22 +35,31 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import websockets
 from websockets.asyncio.server import Request, Response, ServerConnection, serve
+from websockets.protocol import State
 
 from pi_policy.observation import Observation, Policy, PolicyOutput
 from pi_policy.serve.config import ServeConfig
 from pi_policy.serve.keymap import to_observation
-from pi_policy.serve.protocol import pack, unpack
+from pi_policy.serve.protocol import close_reason, pack, unpack
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20  # four full-HD cameras fit several times over
+IMAGE_BYTES = 1920 * 1080 * 3 * 4  # the largest image a request may carry per camera: full HD, even as float32
+OTHER_BYTES = 1 << 20  # state, prompt, noise and msgpack's framing
+READ_AHEAD = 1  # frames a connection may have waiting behind the one being answered
+
+
+def max_message_bytes(cfg: ServeConfig) -> int:
+    """The largest request frame accepted: sized from the configured cameras."""
+    return len(cfg.images) * IMAGE_BYTES + OTHER_BYTES
 
 
 def build_serve_runner(cfg: ServeConfig, device: str | None = None) -> Policy:
@@ -154,6 +169,7 @@ class PolicyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
+        self._clients: weakref.WeakSet = weakref.WeakSet()  # admitted connections (a failed handshake drops out)
 
     # -- the handshake hook: health check and API key -------------------------------------------
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -163,11 +179,23 @@ class PolicyServer:
             sent = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(sent, f"Api-Key {self.api_key}".encode()):
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
+        clients = self.clients
+        if clients >= self.cfg.max_clients:
+            log.warning("refused a client: %d connected (max_clients)", clients)
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"server busy: {clients} clients connected (max_clients)\n")
+        self._clients.add(connection)  # counted from here, so that handshakes in flight count too
         return None
+
+    @property
+    def clients(self) -> int:
+        """Connections admitted and not closed (a handshake that failed is closed, even before it is collected)."""
+        return sum(1 for c in list(self._clients) if c.state is not State.CLOSED)
 
     # -- one connection ------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
         log.info("client %s connected", ws.remote_address)
+        self._clients.add(ws)
         closed = asyncio.ensure_future(ws.wait_closed())
         prev_total_ms = None
         try:
@@ -191,6 +219,7 @@ class PolicyServer:
             pass
         finally:
             closed.cancel()
+            self._clients.discard(ws)
             log.info("client %s disconnected", ws.remote_address)
 
     def _decode(self, message: bytes | str) -> tuple[Observation, np.ndarray | None]:
@@ -286,17 +315,20 @@ class PolicyServer:
             log.error("client %s: %s", ws.remote_address, text, exc_info=e)
         try:
             await ws.send(text)
-            await ws.close(websockets.CloseCode.INTERNAL_ERROR, text[:120])  # a close reason holds 123 bytes
+            await ws.close(websockets.CloseCode.INTERNAL_ERROR, close_reason(text))
         except websockets.ConnectionClosed:
             pass
 
     # -- running -------------------------------------------------------------------------------
-    async def run(self, on_ready: Callable[[int], None] | None = None) -> None:
-        """Serve until stop() (or cancellation); on_ready(port) once listening."""
+    async def run(self, on_ready: Callable[[int], None] | None = None, stop_signals: Iterable[int] = ()) -> None:
+        """Serve until stop(), one of `stop_signals` or cancellation; on_ready(port) once listening. Stopping closes
+        every connection with 1001 (going away)."""
         self._loop, self._stop, self._arrival = asyncio.get_running_loop(), asyncio.Event(), asyncio.Event()
+        for signum in stop_signals:
+            self._loop.add_signal_handler(signum, self._stop.set)
         scheduler = asyncio.create_task(self._schedule())
         async with serve(self._handle, self.cfg.host, self.cfg.port, process_request=self._process_request,
-                         compression=None, max_size=MAX_MESSAGE_BYTES) as server:
+                         compression=None, max_size=max_message_bytes(self.cfg), max_queue=READ_AHEAD) as server:
             self.port = server.sockets[0].getsockname()[1]
             if on_ready is not None:
                 on_ready(self.port)

@@ -42,11 +42,12 @@ def machine_info(device: torch.device) -> dict:
 
 
 def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: tuple[str, ...] = (),
-              rtc_modes: tuple[str, ...] = (), iters: int = 200, roofline_peaks: dict | None = None) -> dict:
-    """The benchmark workload (docs/performance.md) on `spec`'s model: each backend (x each denoise, when several
-    are given) on the same observation and noise; the first configuration is the baseline of the comparison and
-    accuracy blocks. With roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or {"measure": True} on a GPU) each
-    configuration also gets the roofline of its stages.
+              rtc_modes: tuple[str, ...] = (), iters: int = 200, roofline_peaks: dict | None = None,
+              vision: tuple[str, ...] = ()) -> dict:
+    """The benchmark workload (docs/performance.md) on `spec`'s model: each backend (x each denoise, x each vision,
+    when several are given) on the same observation and noise; the first configuration is the baseline of the
+    comparison and accuracy blocks. With roofline_peaks ({"bf16_tflops", "bandwidth_gbs"} or {"measure": True} on a
+    GPU) each configuration also gets the roofline of its stages.
 
     With rtc_modes, each real-time chunking mode is timed continuing a previous chunk: the runner's own first
     chunk with RTC_EXECUTED steps executed, and a delay of RTC_DELAY steps, so that every RTC operation runs.
@@ -72,11 +73,13 @@ def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: 
     if rtc_modes:
         defaults = {k: v for k, v in vars(RTCSettings()).items() if k != "mode"}
         result["workload"]["rtc"] = {"executed_steps": RTC_EXECUTED, "delay": RTC_DELAY} | defaults
-    configs = [(b, d, m) for b in backends for d in (denoise or (spec.denoise,)) for m in (rtc_modes or (None,))]
+    configs = [(b, d, m, v) for v in (vision or (spec.vision,)) for b in backends for d in (denoise or (spec.denoise,))
+               for m in (rtc_modes or (None,))]
     choices = []
-    for backend, den, mode in configs:
-        name = (f"{backend}/{den}" if len(denoise) > 1 else backend) + ("" if mode is None else f"+rtc-{mode}")
-        runner = build_runner(spec, model=model, backend=backend, denoise=den,
+    for backend, den, mode, vis in configs:
+        name = ((f"{backend}/{den}" if len(denoise) > 1 else backend) + ("" if mode is None else f"+rtc-{mode}")
+                + (f"+vision-{vis}" if len(vision) > 1 or vis != "bf16" else ""))
+        runner = build_runner(spec, model=model, backend=backend, denoise=den, vision=vis,
                               rtc=RTCSettings(mode) if mode else spec.rtc)
         actions = runner.infer(obs, noise=noise).actions
         fleet = {}
@@ -183,7 +186,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Time each stage (p50/p99 over --iters inferences) of one or more configurations "
                                    "on the same observation and noise; the first configuration is the baseline of "
                                    "the comparison and accuracy blocks.")
-    add_model_arguments(p, {"preset": "pi0", "device": default_device()}, repeat=("--backend", "--denoise"),
+    add_model_arguments(p, {"preset": "pi0", "device": default_device()}, repeat=("--backend", "--denoise", "--vision"),
                         skip=("--batch-sizes",))
     p.add_argument("--batch", type=int, default=1,
                    help="robots per inference: every stage on N observations at once, with the time per robot "
@@ -207,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
     spec = spec_from_args(args, batch_sizes=(args.batch,))
     result = run_bench(spec, tuple(args.backend or [spec.backend]), tuple(args.denoise or ()),
-                       tuple(dict.fromkeys(args.rtc or ())), args.iters, roofline_peaks(args))
+                       tuple(dict.fromkeys(args.rtc or ())), args.iters, roofline_peaks(args),
+                       tuple(dict.fromkeys(args.vision or ())))
     print(format_result(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -15,15 +15,17 @@ import numpy as np
 from pi_policy.tools.flags import add_model_arguments, default_device, spec_from_args
 
 log = logging.getLogger(__name__)
-_NOT_A_PREFILL = ("--backend", "--denoise", "--engine")  # these commands make the FP8 prefill themselves
+_NOT_A_PREFILL = ("--backend", "--denoise", "--engine", "--vision")  # these commands make their FP8 copies themselves
 
 
 def add_parser(subparsers) -> None:
     """Register calibrate and build-engine on an argparse subparsers object."""
-    c = subparsers.add_parser("calibrate", help="FP8 static activation scales from sample observations",
-                              description="Static FP8 activation scales for the prefill's linears, from the prefixes "
-                                          "a bf16 runner computes for sample observations; written as JSON for "
-                                          "--fp8-calibration and build-engine --calibration.")
+    c = subparsers.add_parser("calibrate", help="FP8 static activation scales (vision tower and prefill) from sample "
+                                                "observations",
+                              description="Static FP8 activation scales for the linears of the vision tower and the "
+                                          "prefill, from the images and prefixes a bf16 runner computes for sample "
+                                          "observations; written as JSON for --fp8-calibration (vision and prefill) "
+                                          "and build-engine --calibration (prefill).")
     add_model_arguments(c, {"device": default_device()}, skip=_NOT_A_PREFILL)
     c.add_argument("--samples", type=int, default=8, help="number of sample observations (default 8)")
     c.add_argument("--out", required=True, help="calibration JSON to write")
@@ -45,10 +47,10 @@ def add_parser(subparsers) -> None:
 
 
 def _samples(model, spec, n: int):
-    """Calibration inputs: the prefix a BF16 runner over `model` computes for n synthetic observations."""
+    """Calibration inputs: the images and prefix a BF16 runner over `model` computes for n synthetic observations."""
     from pi_policy.runtime import build_runner
+    from pi_policy.runtime.calibrate import capture_samples
     from pi_policy.tools.synthetic import sample_observations
-    from pi_policy.tools.verify import calibration_samples
 
     if n < 1:
         raise ValueError("need at least one calibration sample")
@@ -57,26 +59,21 @@ def _samples(model, spec, n: int):
     obs = sample_observations(runner.camera_names, cfg.vision.image_size, runner.normalizer.action_dim, n,
                               spec.seed + 100)
     noise = np.zeros((cfg.horizon, cfg.action_dim), np.float32)
-    return calibration_samples(runner, obs, noise)
+    return capture_samples(runner, obs, noise)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from pi_policy.runtime import build_model
+    from pi_policy.runtime.calibrate import calibrate_fp8
     from pi_policy.runtime.prefill.calibration import save_calibration
-    from pi_policy.runtime.prefill.fp8 import build_fp8_prefill
     from pi_policy.runtime.prefill.tensorrt import weights_tag
 
     spec = spec_from_args(args)
     model = build_model(spec)
-    choice = build_fp8_prefill(model, calibration=_samples(model, spec, args.samples), progress=spec.progress)
-    amax = {name: float(lin.act_scale) * 448.0 for name, lin in choice.fn.linears().items()
-            if lin.act_scale is not None}
-    path = save_calibration(args.out, amax, {"preset": args.preset, "samples": args.samples,
-                                             "checkpoint": weights_tag(args.checkpoint, args.seed)})
-    running = len(choice.fn.running_linears())
-    print(f"wrote {path}: static activation scales for {len(amax)} of the {running} FP8 linears the prefill runs "
-          f"(of {len(choice.fn.linears())} quantized: the last layer computes only K/V), from {args.samples} "
-          "observations")
+    cal = calibrate_fp8(model, _samples(model, spec, args.samples), progress=spec.progress)
+    path = save_calibration(args.out, cal.amax, {"preset": args.preset, "samples": args.samples,
+                                                 "checkpoint": weights_tag(args.checkpoint, args.seed)})
+    print(f"wrote {path}: {cal.describe()}, from {args.samples} observations")
     return 0
 
 
@@ -90,7 +87,7 @@ def run_build_engine(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     spec = spec_from_args(args)
     model = build_model(spec)
-    calibration = args.calibration or _samples(model, spec, args.samples)
+    calibration = args.calibration or [(s.prefix_embs, s.prefix_pad) for s in _samples(model, spec, args.samples)]
     choice = build_fp8_prefill(model, calibration=calibration, per_channel=args.per_channel, progress=spec.progress)
     t0 = time.perf_counter()
     info = export_prefill_onnx(choice.fn, out / "prefill.onnx", opset=args.opset)

@@ -16,8 +16,8 @@ import yaml
 
 from pi_policy.cameras import DEFAULT_CAMERAS, CameraSet
 from pi_policy.model.config import PRESETS
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, parse_stages
-from pi_policy.runtime.spec import FP8_LINEARS, PROMPT_FORMATS, FP8Options, RunnerSpec
+from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, VISION_BACKENDS, parse_stages
+from pi_policy.runtime.spec import FP8_DYNAMIC, FP8_LINEARS, PROMPT_FORMATS, FP8Options, RunnerSpec
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ MODEL_FLAGS = (
     Flag("--denoise-keep-bf16", "denoise_keep_bf16", "denoise_keep_bf16",
          "with FP8 expert weights: comma-separated matrices kept bf16, each in every layer or in some "
          "(qkv, wo, gate_up, down or all; e.g. gate_up,down:0-5)", type=parse_keep_bf16),
+    Flag("--vision", "vision", "vision_backend",
+         "vision tower: bf16 (the model's) or fp8 (its linears and the projector in FP8)", choices=VISION_BACKENDS),
     Flag("--batch-sizes", "batch_sizes", "batch_sizes",
          "comma-separated batch sizes the runner has buffers and CUDA graphs for (1 is always among them), e.g. "
          "1,2,4,8: infer_batch runs several robots' observations at once", type=parse_batch_sizes),
@@ -112,14 +114,21 @@ def add_model_arguments(p: argparse.ArgumentParser, defaults: dict[str, Any] | N
 
 
 def add_fp8_arguments(p: argparse.ArgumentParser) -> None:
-    """The fp8 prefill's options."""
+    """The options of the fp8 prefill and the fp8 vision tower."""
     p.add_argument("--fp8-keep-bf16", default="", metavar="LINEARS",
-                   help=f"fp8: comma-separated linears left in bf16 ({','.join(FP8_LINEARS)})")
+                   help=f"fp8: comma-separated prefill linears left in bf16 ({','.join(FP8_LINEARS)})")
     p.add_argument("--fp8-exact-accum", action="store_true",
                    help="fp8: exact accumulation in the FP8 GEMMs (use_fast_accum=False; slower)")
     p.add_argument("--fp8-per-channel", action="store_true", help="fp8: per-output-channel weight scales")
+    p.add_argument("--fp8-dynamic", default="tensor", choices=FP8_DYNAMIC,
+                   help="fp8: without static scales, one activation scale per tensor (the default) or per row (token; "
+                        "keeps each robot of a batch independent of the others)")
+    p.add_argument("--fp8-fused-quant", action="store_true",
+                   help="fp8: quantize the prefill's activations inside the RMSNorm and GeGLU kernels that produce "
+                        "them (Triton, CUDA GPU) instead of in a pass of their own; not measured on a GPU yet")
     p.add_argument("--fp8-calibration", default=None, metavar="JSON",
-                   help="fp8: static activation scales from pi-policy calibrate (default: dynamic scales)")
+                   help="fp8: static activation scales (vision and prefill) from pi-policy calibrate (default: "
+                        "dynamic scales)")
 
 
 def add_compile_argument(p: argparse.ArgumentParser) -> None:
@@ -151,7 +160,8 @@ def spec_from_args(args: argparse.Namespace, **fixed) -> RunnerSpec:
         values["compile_stages"] = parse_stages(args.compile)
     if "fp8_keep_bf16" in vars(args):
         values["fp8"] = FP8Options(tuple(x for x in args.fp8_keep_bf16.split(",") if x), not args.fp8_exact_accum,
-                                   args.fp8_per_channel, args.fp8_calibration)
+                                   args.fp8_per_channel, args.fp8_calibration, args.fp8_dynamic,
+                                   args.fp8_fused_quant)
     values["progress"] = not getattr(args, "no_progress", False)
     values = {k: v for k, v in values.items() if v is not None or k in ("checkpoint", "norm_stats", "tokenizer",
                                                                           "engine_path")}

@@ -37,10 +37,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     from pi_policy.serve.config import load_serve_config
     from pi_policy.serve.server import PolicyServer, build_serve_runner
@@ -70,10 +66,8 @@ def run(args: argparse.Namespace) -> int:
               f"  batches of up to {server.max_batch} requests (max_wait_ms {cfg.max_wait_ms:g}, "
               f"max_queue_ms {cfg.max_queue_ms:g})", flush=True)
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: stop as Ctrl-C does
-    try:
-        asyncio.run(server.run(ready))
-    except KeyboardInterrupt:
+    try:  # Ctrl-C, `docker stop`, systemd: clients are told the server is going away (1001)
+        asyncio.run(server.run(ready, stop_signals=(signal.SIGINT, signal.SIGTERM)))
         print("stopped", flush=True)
     finally:
         server.pool.shutdown(wait=False, cancel_futures=True)
@@ -93,7 +87,7 @@ def run_ray(cfg, api_key: str | None, api_key_env: str) -> int:
         raise ValueError("--ray needs a fixed --port (Ray Serve's proxy does not pick a free one)")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `docker stop`, systemd: stop as Ctrl-C does
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_app(cfg, api_key), name="pi_policy", route_prefix="/")

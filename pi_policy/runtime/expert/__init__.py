@@ -27,7 +27,7 @@ def make_denoise(impl: str, model, keep_bf16: tuple[str, ...] = ()) -> Implement
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return _fallback(impl, f"needs a CUDA GPU (here {device.type})")
     if weights == "fp8" and device.type == "cuda":
-        from pi_policy.runtime.prefill.fp8 import fp8_supported
+        from pi_policy.runtime.prefill.fp8_linear import fp8_supported
 
         if not fp8_supported(device):
             return _fallback(impl, "FP8 needs compute capability 8.9 or newer")

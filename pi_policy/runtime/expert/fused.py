@@ -22,7 +22,7 @@ from pi_policy.model.layers import rope_cos_sin
 from pi_policy.model.pi0 import KVCache, PiModel, euler_times, time_embedding
 from pi_policy.runtime.expert import kernels
 from pi_policy.runtime.options import EXPERT_MATRICES, kept_cells
-from pi_policy.runtime.prefill.fp8 import quantize_weight
+from pi_policy.runtime.prefill.fp8_linear import quantize_weight
 
 WEIGHTS = ("bf16", "fp8")
 MATRICES = EXPERT_MATRICES

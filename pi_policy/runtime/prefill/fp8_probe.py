@@ -6,15 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from pi_policy.model.pi0 import PiModel
-from pi_policy.runtime.prefill.fp8 import (
-    QUANTIZED,
-    FP8Linear,
-    fp8_scale,
-    fp8_supported,
-    get_module,
-    quantize_fp8,
-    shape_key,
-)
+from pi_policy.runtime.prefill.fp8 import QUANTIZED, shape_key
+from pi_policy.runtime.prefill.fp8_linear import FP8Linear, fp8_scale, fp8_supported, get_module, quantize_fp8
 from pi_policy.runtime.timer import time_graph
 
 
