@@ -37,7 +37,7 @@ from pi_policy.model.layers import RMSNorm  # noqa: E402
 from pi_policy.runtime.expert.fused import MATRICES  # noqa: E402
 from pi_policy.runtime.factory import build_model  # noqa: E402
 from pi_policy.runtime.options import kept_cells  # noqa: E402
-from pi_policy.runtime.prefill.fp8 import quantize_weight  # noqa: E402
+from pi_policy.runtime.prefill.fp8_linear import quantize_weight  # noqa: E402
 from pi_policy.tools.flags import parse_keep_bf16  # noqa: E402
 
 MODULES = {"qkv": "wqkv", "wo": "wo", "gate_up": "mlp.gate_up", "down": "mlp.down"}
