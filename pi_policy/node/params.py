@@ -59,8 +59,12 @@ class NodeParams:
     engine_path: str = _p("", "TensorRT engine for the prefill when backend is tensorrt.")
     denoise_backend: str = _p("auto", "Denoise backend: auto (triton on a CUDA GPU, bf16 elsewhere or with RTC on), "
                                       "bf16 (the PyTorch action expert, compiled on CUDA), triton (fused Triton "
-                                      "expert) or fp8 (fused, FP8 expert weights); a fused one that cannot run falls "
+                                      "expert), fp8 (fused, FP8 expert weights), persistent or persistent-fp8 (the "
+                                      "fused expert as one persistent kernel); a fused one that cannot run falls "
                                       "back to bf16 with a warning.")
+    denoise_keep_bf16: list[str] = _p([], "With FP8 expert weights (fp8, persistent-fp8): matrices kept bf16, each "
+                                          "in every layer or in some: qkv, wo, gate_up, down or all, e.g. "
+                                          "[gate_up, 'down:0-5'].")
     vision_backend: str = _p("bf16", "Vision backend: bf16 (the SigLIP tower as the model runs it) or fp8 (its "
                                      "linears and the projector in FP8). Verify FP8 with your checkpoint first: "
                                      "pi-policy verify --combinations (docs/fp8.md).")
@@ -229,6 +233,7 @@ class NodeParams:
                           delta_action_mask=mask_value(self.delta_action_mask),
                           robot_conversion=conversion_value(self.robot_conversion), device=self.device,
                           backend=self.backend, engine_path=self.engine_path or None, denoise=self.denoise_backend,
+                          denoise_keep_bf16=tuple(self.denoise_keep_bf16),
                           vision=self.vision_backend, fp8=FP8Options(calibration=self.fp8_calibration or None),
                           rtc=self.rtc_settings(), threads=self.threads, warmup=self.warmup,
                           batch_sizes=tuple(self.batch_sizes))

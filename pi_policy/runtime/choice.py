@@ -17,7 +17,8 @@ from pi_policy.observation import STAGES
 from pi_policy.runtime.options import DEFAULT_COMPILE, resolve_backend
 
 TORCH = "torch"  # the model's own PyTorch code, in the model's dtype
-FUSED_DENOISE = {"triton": "triton", "fp8": "fp8w"}  # denoise backend -> implementation (fp8w: FP8 weights only)
+# denoise backend -> implementation (fp8w: FP8 weights only; persistent: the whole loop in one kernel)
+FUSED_DENOISE = {"triton": "triton", "fp8": "fp8w", "persistent": "persistent", "persistent-fp8": "persistent-fp8w"}
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class StageChoice:
     """What ran one stage.
 
     impl: torch (the model's code), fp8 (vision, prefill), tensorrt (prefill), triton or fp8w (the fused denoise
-    expert).
+    expert), persistent or persistent-fp8w (the same as one persistent kernel).
     dtype: the model's dtype name (bf16 on a GPU, float32 on a CPU).
     graph: replayed as a CUDA graph; compiled: torch.compile'd; rtc: the real-time chunking mode (denoise).
     note: why this is not what was asked for (a fallback), shown to the user; empty when it is.

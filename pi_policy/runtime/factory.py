@@ -95,7 +95,7 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     choices["vision"] = settle(choices["vision"], vision)
     prefill = make_prefill(choices["prefill"].impl, model, spec.engine_path, spec.checkpoint, spec.fp8, calibration)
     choices["prefill"] = settle(choices["prefill"], prefill)
-    denoise = make_denoise(choices["denoise"].impl, model)
+    denoise = make_denoise(choices["denoise"].impl, model, spec.denoise_keep_bf16)
     choices["denoise"] = settle(choices["denoise"], denoise)
     for c in choices.values():
         if c.note:

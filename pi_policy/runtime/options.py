@@ -17,8 +17,34 @@ PREFILL_BACKENDS = ("bf16", "fp8", "tensorrt")
 VISION_BACKENDS = ("bf16", "fp8")  # fp8: the SigLIP tower's and the projector's linears in FP8
 BACKEND_CHOICES = (*PREFILL_BACKENDS, "eager")  # what --backend and the `backend` parameter accept
 # The denoise loop: bf16 is the PyTorch action expert (torch.compile'd on CUDA); triton and fp8 are the fused Triton
-# expert with bf16 or FP8 (e4m3, per-output-channel) weights; auto picks (pi_policy.runtime.choice.plan_denoise).
-DENOISE_BACKENDS = ("auto", "bf16", "triton", "fp8")
+# expert with bf16 or FP8 (e4m3, per-output-channel) weights, persistent and persistent-fp8 the same expert as one
+# persistent kernel; auto picks (pi_policy.runtime.choice.plan_denoise).
+DENOISE_BACKENDS = ("auto", "bf16", "triton", "fp8", "persistent", "persistent-fp8")
+FP8_DENOISE = ("fp8", "persistent-fp8")  # the ones with FP8 expert weights, whose cells may be kept bf16
+EXPERT_MATRICES = ("qkv", "wo", "gate_up", "down")  # the action expert's matrices per layer
+
+
+def kept_cells(keep_bf16, depth: int) -> frozenset[tuple[int, str]]:
+    """The (layer, matrix) cells of the action expert that stay bf16 under FP8 weights. Each entry names a matrix
+    (of EXPERT_MATRICES, or `all`) in every layer, or in some: `down`, `gate_up:0-5`, `all:0`, `wo:3,7`."""
+    cells = set()
+    for entry in keep_bf16:
+        name, _, layers = str(entry).partition(":")
+        if name not in (*EXPERT_MATRICES, "all"):
+            raise ValueError(f"keep_bf16 entry {entry!r}: the matrix is one of {', '.join(EXPERT_MATRICES)} or all")
+        chosen = range(depth) if not layers else _layers(layers, depth, entry)
+        cells |= {(i, m) for i in chosen for m in (EXPERT_MATRICES if name == "all" else (name,))}
+    return frozenset(cells)
+
+
+def _layers(text: str, depth: int, entry: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) >= depth or int(hi or lo) < int(lo):
+            raise ValueError(f"keep_bf16 entry {entry!r}: layers are N, N-M or a comma list of them, below {depth}")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
 # Measured on an H100 (docs/performance.md): compiling prefill and denoise halves them; vision is faster uncompiled.
 DEFAULT_COMPILE = ("prefill", "denoise")
 

@@ -16,7 +16,15 @@ from pi_policy.cameras import CameraSet
 from pi_policy.model.config import PRESETS
 from pi_policy.policy_config import CONFIGS as POLICY_CONFIGS
 from pi_policy.policy_config import PolicyOverrides, get_policy_config
-from pi_policy.runtime.options import BACKEND_CHOICES, DENOISE_BACKENDS, VISION_BACKENDS, RTCSettings, parse_stages
+from pi_policy.runtime.options import (
+    BACKEND_CHOICES,
+    DENOISE_BACKENDS,
+    FP8_DENOISE,
+    VISION_BACKENDS,
+    RTCSettings,
+    kept_cells,
+    parse_stages,
+)
 
 PROMPT_FORMATS = ("auto", "openpi", "lerobot")  # auto + pi_policy.model.tokenizer.PROMPT_FORMATS (no torch here)
 FP8_LINEARS = ("wqkv", "wo", "mlp.gate_up", "mlp.down")
@@ -78,7 +86,8 @@ class RunnerSpec:
     device: str = "cpu"
     backend: str = "bf16"  # the prefill: bf16, fp8, tensorrt, or eager (bf16 without graphs or compilation)
     engine_path: str | None = None  # TensorRT engine (backend tensorrt)
-    denoise: str = "auto"  # auto, bf16 (PyTorch), triton or fp8 (the fused Triton expert)
+    denoise: str = "auto"  # auto, bf16 (PyTorch), triton or fp8 (the fused Triton expert), persistent(-fp8)
+    denoise_keep_bf16: tuple[str, ...] = ()  # FP8 expert weights: matrices (and layers) kept bf16 (kept_cells)
     vision: str = "bf16"  # bf16 (the model's SigLIP tower) or fp8 (its linears and the projector in FP8)
     cuda_graphs: bool = True
     compile_stages: tuple[str, ...] | None = None  # None: the default (prefill and denoise on CUDA)
@@ -110,6 +119,14 @@ class RunnerSpec:
             out.append(f"backend '{self.backend}' is not one of {', '.join(BACKEND_CHOICES)}")
         if self.denoise not in DENOISE_BACKENDS:
             out.append(f"denoise_backend '{self.denoise}' is not one of {', '.join(DENOISE_BACKENDS)}")
+        if self.denoise_keep_bf16:
+            if self.denoise not in FP8_DENOISE:
+                out.append(f"denoise_keep_bf16 applies to the FP8 denoise backends ({', '.join(FP8_DENOISE)}), "
+                           f"not {self.denoise}")
+            try:
+                kept_cells(self.denoise_keep_bf16, PRESETS[self.preset].expert.depth if self.preset in PRESETS else 1)
+            except ValueError as e:
+                out.append(f"denoise_{e}")
         if self.vision not in VISION_BACKENDS:
             out.append(f"vision_backend '{self.vision}' is not one of {', '.join(VISION_BACKENDS)}")
         if self.fp8.dynamic not in FP8_DYNAMIC:

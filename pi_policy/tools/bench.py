@@ -120,7 +120,7 @@ def run_bench(spec: RunnerSpec, backends: tuple[str, ...] = ("bf16",), denoise: 
         for ran, entry in zip(choices, result["backends"].values(), strict=True):
             measured = {s: entry[s]["p50"] for s in ("vision", "embed_prefix", "prefill", "denoise")}
             entry["roofline"] = roofline(cfg, measured, peaks, prefill_fp8=ran["prefill"].impl in ("fp8", "tensorrt"),
-                                         denoise_fp8=ran["denoise"].impl == "fp8w")
+                                         denoise_fp8=ran["denoise"].impl.endswith("fp8w"))
     first, *rest = result["backends"]
     for name in rest:
         result["backends"][name]["accuracy_vs_" + first] = action_accuracy(

@@ -38,6 +38,17 @@ class Flag:
     to_spec: Callable[[Any], Any] | None = None
 
 
+def parse_keep_bf16(text: str) -> tuple[str, ...]:
+    """`gate_up,down:0-5,7,wo:1` -> ("gate_up", "down:0-5,7", "wo:1"): a part without a matrix continues the last."""
+    out: list[str] = []
+    for part in (x for x in text.replace(" ", "").split(",") if x):
+        if part[0].isdigit() and out and ":" in out[-1]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return tuple(out)
+
+
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     """'1,2,4,8' -> (1, 2, 4, 8)."""
     try:
@@ -62,10 +73,14 @@ MODEL_FLAGS = (
          choices=BACKEND_CHOICES),
     Flag("--denoise", "denoise", "denoise_backend",
          "denoise backend: auto (the fused Triton expert on a GPU, PyTorch elsewhere or with real-time chunking), "
-         "bf16 (the PyTorch expert), triton or fp8 (the fused expert, bf16 or FP8 weights)", choices=DENOISE_BACKENDS),
+         "bf16 (the PyTorch expert), triton or fp8 (the fused expert, bf16 or FP8 weights), persistent or "
+         "persistent-fp8 (the fused expert as one persistent kernel)", choices=DENOISE_BACKENDS),
     Flag("--engine", "engine_path", "engine_path", "TensorRT engine for --backend tensorrt"),
     Flag("--threads", "threads", "threads", "PyTorch CPU threads; 0 = a quarter of the cores, 1 to 4 (more threads "
          "stall when other programs share the cores)", type=int),
+    Flag("--denoise-keep-bf16", "denoise_keep_bf16", "denoise_keep_bf16",
+         "with FP8 expert weights: comma-separated matrices kept bf16, each in every layer or in some "
+         "(qkv, wo, gate_up, down or all; e.g. gate_up,down:0-5)", type=parse_keep_bf16),
     Flag("--vision", "vision", "vision_backend",
          "vision tower: bf16 (the model's) or fp8 (its linears and the projector in FP8)", choices=VISION_BACKENDS),
     Flag("--batch-sizes", "batch_sizes", "batch_sizes",

@@ -11,6 +11,9 @@ The residual stream stays float32. The model itself is never modified.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,10 +21,11 @@ from torch import Tensor
 from pi_policy.model.layers import rope_cos_sin
 from pi_policy.model.pi0 import KVCache, PiModel, euler_times, time_embedding
 from pi_policy.runtime.expert import kernels
+from pi_policy.runtime.options import EXPERT_MATRICES, kept_cells
 from pi_policy.runtime.prefill.fp8_linear import quantize_weight
 
 WEIGHTS = ("bf16", "fp8")
-MATRICES = ("qkv", "wo", "gate_up", "down")
+MATRICES = EXPERT_MATRICES
 
 
 def pack(w: Tensor, fold: Tensor | None, fp8: bool) -> tuple[Tensor, Tensor | None]:
@@ -35,6 +39,57 @@ def pack(w: Tensor, fold: Tensor | None, fp8: bool) -> tuple[Tensor, Tensor | No
     return w.to(torch.bfloat16).contiguous(), None
 
 
+def pack_layer(blk, name: str, adaptive: bool, fp8: bool) -> tuple[Tensor, Tensor | None]:
+    """One expert layer's matrix `name` (of MATRICES) packed; pi0's RMSNorm weights folded into qkv and gate_up."""
+    w, norm = {"qkv": (blk.wqkv.weight, blk.attn_norm), "wo": (blk.wo.weight, None),
+               "gate_up": (blk.mlp.gate_up.weight, blk.mlp_norm), "down": (blk.mlp.down.weight, None)}[name]
+    return pack(w, None if adaptive or norm is None else norm.weight, fp8)
+
+
+@dataclass
+class Stack:
+    """One matrix kind over all layers, as the kernels read it. One format: `w` (layers, out, in), FP8 `scale`
+    (layers, out). Mixed (FP8 with some layers kept bf16): `w` and `scale` hold the FP8 layers, `kept` the bf16
+    ones, and `slot` (layers,) int32 says where layer i is: slot >= 0 in w, slot < 0 in kept[-1 - slot]."""
+
+    w: Tensor
+    scale: Tensor | None = None
+    kept: Tensor | None = None
+    slot: Tensor | None = None
+
+    @property
+    def mode(self) -> int:
+        """0: bf16, 1: FP8, 2: mixed."""
+        return 2 if self.kept is not None else int(self.scale is not None)
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor | None]:
+        if self.slot is None:
+            return self.w[i], None if self.scale is None else self.scale[i]
+        s = int(self.slot[i])
+        return (self.w[s], self.scale[s]) if s >= 0 else (self.kept[-1 - s], None)
+
+
+def stack(packed: list[tuple[Tensor, Tensor | None]]) -> Stack:
+    """Per-layer packed matrices (bf16, FP8 with scales, or both) -> one Stack, filled in place."""
+    fp8 = [i for i, (_, s) in enumerate(packed) if s is not None]
+    kept = [i for i, (_, s) in enumerate(packed) if s is None]
+
+    def fill(idx: list[int], j: int) -> Tensor | None:
+        if not idx:
+            return None
+        first = packed[idx[0]][j]
+        out = first.new_empty((len(idx), *first.shape))
+        for k, i in enumerate(idx):
+            out[k].copy_(packed[i][j])
+        return out
+
+    if not fp8 or not kept:
+        return Stack(fill(list(range(len(packed))), 0), fill(fp8, 1))
+    slot = torch.tensor([fp8.index(i) if i in fp8 else -1 - kept.index(i) for i in range(len(packed))],
+                        dtype=torch.int32, device=packed[0][0].device)
+    return Stack(fill(fp8, 0), fill(fp8, 1), fill(kept, 0), slot)
+
+
 def dequantize(w: Tensor, scale: Tensor | None) -> Tensor:
     """The float32 matrix a kernel multiplies by."""
     return w.float() if scale is None else w.float() * scale[:, None]
@@ -42,31 +97,25 @@ def dequantize(w: Tensor, scale: Tensor | None) -> Tensor:
 
 class FusedExpert:
     """The expert's denoise loop on the fused kernels; `weights` is "bf16" or "fp8" (weight-only, W8A16), with
-    the matrices named in `keep_bf16` (of MATRICES) left in bf16."""
+    the matrices named in `keep_bf16` (kept_cells: a kind in every layer or in some) left in bf16."""
 
-    def __init__(self, model: PiModel, weights: str = "bf16", keep_bf16: tuple[str, ...] = ()):
+    def __init__(self, model: PiModel, weights: str = "bf16", keep_bf16: Iterable[str] = ()):
         if weights not in WEIGHTS:
             raise ValueError(f"unknown expert weight format {weights!r}; choose one of {WEIGHTS}")
-        if set(keep_bf16) - set(MATRICES):
-            raise ValueError(f"keep_bf16 takes names from {MATRICES}, got {keep_bf16}")
         cfg = model.cfg
         self.model, self.cfg, self.weights = model, cfg, weights
         adaptive = cfg.pi05
-        fp8 = {name: weights == "fp8" and name not in keep_bf16 for name in MATRICES}
-        self.layers = []
+        kept = kept_cells(keep_bf16, cfg.expert.depth)
         with torch.no_grad():
-            for blk in model.expert.layers:
-                self.layers.append({
-                    "qkv": pack(blk.wqkv.weight, None if adaptive else blk.attn_norm.weight, fp8["qkv"]),
-                    "wo": pack(blk.wo.weight, None, fp8["wo"]),
-                    "gate_up": pack(blk.mlp.gate_up.weight, None if adaptive else blk.mlp_norm.weight,
-                                    fp8["gate_up"]),
-                    "down": pack(blk.mlp.down.weight, None, fp8["down"])})
+            # each matrix kind stacked over layers, which the persistent kernel indexes; per-layer views
+            self.stacked = {name: stack([pack_layer(blk, name, adaptive, weights == "fp8" and (i, name) not in kept)
+                                         for i, blk in enumerate(model.expert.layers)]) for name in MATRICES}
+            self.layers = [{name: st.layer(i) for name, st in self.stacked.items()}
+                           for i in range(len(model.expert.layers))]
             self.out_w = pack(model.action_out.weight, None if adaptive else model.expert.norm.weight, False)[0]
             self.out_b = model.action_out.bias.detach().float()
             if not adaptive:  # action_time_in(cat(tokens, t_emb)): the token half here, the time half per step
                 self.w_action_time = model.action_time_in.weight[:, : cfg.expert.width].contiguous()
-        self.fp8 = fp8  # per matrix; its kernels' tiles are looked up per call (kernels.TILES may be retuned)
         self._schedules: dict[int, dict[str, Tensor]] = {}
         self.schedule(cfg.num_steps)  # before any CUDA graph capture
 

@@ -42,6 +42,12 @@ def _mma(a, b, acc):
     return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
 
 
+@triton.jit
+def _geglu(g, u):
+    """gelu_tanh(g) * u; the tanh-approximate GELU 0.5 g (1 + tanh(z)) written as g * sigmoid(2 z)."""
+    return g * tl.sigmoid(2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g)) * u
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
@@ -139,8 +145,7 @@ def _norm_geglu(x_ptr, w_ptr, h_ptr, wscale_ptr, mod_ptr, bias_ptr,
     if HAS_BIAS:
         g = g + tl.load(bias_ptr + rn, mask=rn < F, other=0.0)[None, :]
         u = u + tl.load(bias_ptr + F + rn, mask=rn < F, other=0.0)[None, :]
-    # tanh-approximate GELU: 0.5 g (1 + tanh(z)) = g * sigmoid(2 z)
-    h = g * tl.sigmoid(2.0 * 0.7978845608028654 * (g + 0.044715 * g * g * g)) * u
+    h = _geglu(g, u)
     tl.store(h_ptr + rm[:, None] * stride_hm + rn[None, :], h.to(h_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < F))
 
@@ -164,7 +169,15 @@ def norm_geglu(x: Tensor, w: Tensor, h: Tensor, eps: float, *, wscale: Tensor | 
 @triton.jit
 def _action_out(x_ptr, w_ptr, bias_ptr, mod_ptr, xt_ptr, R, HZ, S, A, K, stride_xm, stride_wn, eps, dt,
                 HAS_MOD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    rr = tl.program_id(0) * BM + tl.arange(0, BM)  # action rows, batch-major: (b, i) with i < HZ
+    _action_out_tile(tl.program_id(0), x_ptr, w_ptr, bias_ptr, mod_ptr, xt_ptr, R, HZ, S, A, K, stride_xm, stride_wn,
+                     eps, dt, HAS_MOD, BM, BN, BK)
+
+
+@triton.jit
+def _action_out_tile(pid, x_ptr, w_ptr, bias_ptr, mod_ptr, xt_ptr, R, HZ, S, A, K, stride_xm, stride_wn, eps, dt,
+                     HAS_MOD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Action rows pid * BM + [0, BM): the final norm, the action projection and the Euler update."""
+    rr = pid * BM + tl.arange(0, BM)  # action rows, batch-major: (b, i) with i < HZ
     xrow = (rr // HZ) * S + (S - HZ) + rr % HZ  # the last HZ tokens of each batch's suffix are the actions
     rn = tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -235,8 +248,19 @@ def _attn_split(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad
                 B, S, P, H, KVH, n_state, chunk, n_prefix_splits, stride_qkv, stride_kb, stride_kh, stride_kp,
                 stride_pad, K, eps, qk_scale,
                 HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr):
-    # splits [0, n_prefix_splits): `chunk` cached prefix keys each; then one split per BS suffix keys
-    pid_r, split, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _attn_split_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), qkv_ptr, ss_ptr, bias_ptr, cos_ptr,
+                     sin_ptr, kc_ptr, vc_ptr, pad_ptr, o_ptr, lse_ptr, B, S, P, H, KVH, n_state, chunk,
+                     n_prefix_splits, stride_qkv, stride_kb, stride_kh, stride_kp, stride_pad, K, eps, qk_scale,
+                     HAS_BIAS, D, BM, BN, BS)
+
+
+@triton.jit
+def _attn_split_tile(pid_r, split, bh, qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad_ptr, o_ptr,
+                     lse_ptr, B, S, P, H, KVH, n_state, chunk, n_prefix_splits, stride_qkv, stride_kb, stride_kh,
+                     stride_kp, stride_pad, K, eps, qk_scale,
+                     HAS_BIAS: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr):
+    """Query rows pid_r * BM + [0, BM) of batch and KV head bh against key split `split`: partial output and
+    log-sum-exp. Splits [0, n_prefix_splits) take `chunk` cached prefix keys each, then one split per BS suffix keys."""
     b, kvh = bh // KVH, bh % KVH
     G = H // KVH
     r = pid_r * BM + tl.arange(0, BM)  # query rows: (token m, head h of this KV group) folded
@@ -284,9 +308,17 @@ def _attn_split(qkv_ptr, ss_ptr, bias_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pad
 @triton.jit
 def _attn_combine(o_ptr, lse_ptr, out_ptr, acc_ptr, ss_ptr, R, BS, H, n_acc, stride_out, stride_acc,
                   NS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BZ: tl.constexpr):
-    # BT tokens per program, each with its H heads: rows r = token * H + head of the (split, row, D) partials.
-    # The split loops are unrolled (NS is a constant) so that every split's loads are in flight at once.
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    _combine_tile(tl.program_id(0), o_ptr, lse_ptr, out_ptr, acc_ptr, ss_ptr, R, BS, H, n_acc, stride_out, stride_acc,
+                  NS, D, BT, BH, BZ)
+
+
+@triton.jit
+def _combine_tile(pid, o_ptr, lse_ptr, out_ptr, acc_ptr, ss_ptr, R, BS, H, n_acc, stride_out, stride_acc,
+                  NS: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BZ: tl.constexpr):
+    """Tokens pid * BT + [0, BT), each with its H heads (rows r = token * H + head of the (split, row, D)
+    partials): the splits merged by their log-sum-exp, then the tokens' qkv accumulators and sums of squares
+    cleared. The split loops are unrolled (NS is a constant) so that every split's loads are in flight at once."""
+    t = pid * BT + tl.arange(0, BT)
     hh = tl.arange(0, BH)
     r = t[:, None] * H + hh[None, :]
     rok = (t[:, None] < BS) & (hh[None, :] < H)
