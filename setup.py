@@ -33,10 +33,10 @@ setup(
     ],
     extras_require={
         # triton: the fused-kernel tests run under its CPU interpreter; ray[serve]: eval-bag --ray and serve --ray
-        # are tested for real
-        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "triton", "ray[serve]"],
-        # openpi's own client, for the tests of `pi-policy serve` (CI installs it): it pins numpy < 2, so pip would
-        # take numpy 2 -> 1.26 and OpenCV 5 -> 4.x with it; kept out of [test] so that installing the tests does not
+        # are tested for real; openpi-client: `pi-policy serve` is tested against openpi's own client. It pins
+        # numpy < 2, so this extra resolves numpy 1.26 and an OpenCV 4.x built for it (README: Quick start).
+        "test": ["pytest", "transformers>=4.46", "onnx", "onnxruntime", "ruff", "triton", "ray[serve]",
+                 "openpi-client"],
         "openpi": ["openpi-client"],
         "onnx": ["onnx", "onnxruntime"],
         "ray": ["ray"],
