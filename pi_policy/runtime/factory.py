@@ -44,6 +44,10 @@ def build_model(spec: RunnerSpec | None = None, *, dtype: torch.dtype | None = N
     spec = (spec or RunnerSpec()).replace(**changes).validate()
     apply_threads(spec.threads)  # random init and checkpoint conversion run on the CPU too
     cfg = get_config(spec.preset, num_cameras=spec.num_cameras, **policy_settings(spec).model_overrides())
+    return _model_for(spec, cfg, dtype)
+
+
+def _model_for(spec: RunnerSpec, cfg: PiConfig, dtype: torch.dtype | None = None) -> PiModel:
     dev = resolve_device(spec.device)
     with torch.device(dev):
         model = PiModel(cfg)
@@ -75,12 +79,11 @@ def build_runner(spec: RunnerSpec | None = None, *, model: PiModel | None = None
     if model is not None and any(getattr(model.cfg, k) != v for k, v in shape.items()):
         raise ValueError(f"the model is built for {', '.join(f'{k} {getattr(model.cfg, k)}' for k in shape)}; the "
                          f"settings say {', '.join(f'{k} {v}' for k, v in shape.items())}")
-    cfg = model.cfg if model is not None else get_config(spec.preset, **shape)
+    cfg = model.cfg if model is not None else get_config(spec.preset, num_cameras=spec.num_cameras, **shape)
     asset_id = policy.config.asset_id if policy.config else None
     assets = resolve_assets(cfg, spec.checkpoint, spec.norm_stats, spec.tokenizer, spec.prompt_format,
                             spec.require_assets, asset_id)
-    model = model or build_model(spec)
-    cfg = model.cfg
+    model = model or _model_for(spec, cfg)  # the settings are resolved once: not again through build_model
     kind = "pi05" if cfg.pi05 else "pi0"
     normalizer = Normalizer.from_statistics(assets.statistics, default_mode(kind), cfg.action_dim, policy["action_dim"])
     transforms = policy.transforms
