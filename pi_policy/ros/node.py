@@ -54,6 +54,7 @@ from pi_policy.ros.images import image_converter
 from pi_policy.ros.log import ThrottledLog
 from pi_policy.ros.params import declare_parameters, read_parameters
 from pi_policy.ros.parent import ParentWatch
+from pi_policy.ros.stop import StopSignals
 
 STOP_WAIT_S = 3.0  # how long a stopping process waits for running callbacks (a tick, a transition); under
 # launch's 5 s before it escalates to SIGTERM. A configure is not waited for.
@@ -359,14 +360,12 @@ def run(args: list[str] | None = None) -> int:
     parent = ParentWatch()
     finished = threading.Event()
 
-    def on_signal(signum, frame):
-        if finished.is_set():  # a second signal: the first one's orderly stop takes too long
-            _flush_all()
-            os._exit(0)
-        finished.set()
+    def exit_now(signum: int) -> None:
+        _say(f"{signal.Signals(signum).name} again while stopping: exiting now")
+        _flush_all()
+        os._exit(0)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    StopSignals(finished, exit_now).install()
     try:
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     except Exception as e:  # noqa: BLE001 - RCLError for a bad parameter file or argument: one line, exit 1
