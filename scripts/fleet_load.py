@@ -4,10 +4,12 @@ Each robot sends an observation at every tick of its clock (its rate, from a ran
 chunk, as a robot's control loop does; a reply later than the deadline (default: the robot's period) is a
 deadline miss, and the ticks that pass while it waits are skipped. Reported per robot: requests, round trip
 p50/p99, deadline misses, skipped ticks; for the server: the batch sizes it ran, queue p50/p99, throughput and
-"server busy" answers. Without --port it starts `pi-policy serve` itself on the loopback interface (tiny preset on
-the CPU by default, config/serve_libero.yaml); with --port it drives a server already running (a GPU host).
+"server busy" answers. Without --port it starts `pi-policy serve` itself on the loopback interface (random
+weights, config/serve_libero.yaml; tiny preset on the CPU by default, `--preset pi0 --device cuda` on a GPU host);
+with --port it drives a server already running.
 
     python scripts/fleet_load.py --robots 8 --rate 10 --duration 30 --max-batch 8
+    python scripts/fleet_load.py --preset pi0 --device cuda --robots 8 --rate 10 --json fleet.json
     python scripts/fleet_load.py --robots 8 --rates 5,10,20 --host gpu-host --port 8000 --json fleet.json
 
 Exit status 1 when a request failed (other than "server busy") or no request was answered.
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from pi_policy.serve.config import load_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"preset": "tiny", "checkpoint": "", "norm_stats": "", "tokenizer": "", "device": "cpu"}
+TINY = {"preset": "tiny", "checkpoint": "", "norm_stats": "", "tokenizer": "", "device": "cpu"}  # random weights
 
 
 def make_request(cfg, rng: np.random.Generator, size: int) -> dict:
@@ -43,13 +45,18 @@ def make_request(cfg, rng: np.random.Generator, size: int) -> dict:
     return request
 
 
+def server_settings(args: argparse.Namespace) -> dict:
+    """What the started server changes in its config: the preset and device asked for, random weights."""
+    return TINY | {"preset": args.preset, "device": args.device}
+
+
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     cmd = [sys.executable, "-m", "pi_policy", "serve", "--config", args.config, "--host", "127.0.0.1", "--port", "0",
            "--preset", args.preset, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue-ms", str(args.max_queue_ms),
-           *sum((["--set", f"{k}={v}"] for k, v in TINY.items() if k != "preset"), [])]
+           *sum((["--set", f"{k}={v}"] for k, v in server_settings(args).items() if k != "preset"), [])]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     line = server.stdout.readline()
     if "ws://127.0.0.1:" not in line:
@@ -118,7 +125,8 @@ def main() -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, help="a running server; without it one is started here")
     p.add_argument("--config", default=str(ROOT / "config" / "serve_libero.yaml"))
-    p.add_argument("--preset", default="tiny", help="the started server's preset (default tiny, on the CPU)")
+    p.add_argument("--preset", default="tiny", help="the started server's preset (default tiny)")
+    p.add_argument("--device", default="cpu", help="the started server's device (default cpu; a GPU: cuda)")
     p.add_argument("--max-batch", type=int, default=8, help="the started server's max_batch")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="the started server's max_wait_ms")
     p.add_argument("--max-queue-ms", type=float, default=10000.0, help="the started server's max_queue_ms")
@@ -133,7 +141,7 @@ def main() -> int:
     if any(r <= 0 for r in rates):
         raise SystemExit(f"rates must be > 0 Hz, got {rates}")
 
-    cfg = load_serve_config(args.config, TINY | {"preset": args.preset})
+    cfg = load_serve_config(args.config, server_settings(args))
     rng = np.random.default_rng(args.seed)
     robots = [Robot(i, rates[i % len(rates)], args.deadline_ms or 1e3 / rates[i % len(rates)],
                     make_request(cfg, rng, args.size)) for i in range(args.robots)]
@@ -170,7 +178,7 @@ def main() -> int:
     figures = {
         "robots": args.robots, "rates_hz": [r.rate for r in robots], "duration_s": args.duration,
         "server": f"{args.host}:{port}" if server is None else
-        {"preset": args.preset, "device": "cpu", "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+        {"preset": args.preset, "device": args.device, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
          "max_queue_ms": args.max_queue_ms, "threads": args.threads},
         "image_size": args.size, "cameras": len(cfg.images), "answered": answered,
         "throughput_rps": answered / wall, "deadline_misses": sum(r.misses for r in robots),

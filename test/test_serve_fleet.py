@@ -224,3 +224,16 @@ def test_the_fleet_load_test_drives_robots_at_their_own_rates_and_reports_each(t
                                                                             for r in figures["per_robot"])
     assert all(1 <= int(size) <= 4 for size in figures["batch_sizes"])
     assert not figures["errors"]
+    assert figures["server"]["device"] == "cpu" and figures["server"]["preset"] == "tiny"
+
+
+def test_the_fleet_load_test_starts_its_server_on_the_device_asked_for():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: cuda would start")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, str(ROOT / "scripts" / "fleet_load.py"), "--robots", "1", "--duration", "1",
+           "--device", "cuda"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode != 0
+    assert "device cuda asked for, but torch sees no CUDA GPU" in done.stderr, done.stderr
