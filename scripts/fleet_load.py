@@ -58,11 +58,12 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
            "--max-queue-ms", str(args.max_queue_ms),
            *sum((["--set", f"{k}={v}"] for k, v in server_settings(args).items() if k != "preset"), [])]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    line = server.stdout.readline()
-    if "ws://127.0.0.1:" not in line:
-        server.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return server, int(line.split("ws://127.0.0.1:")[1].split()[0])
+    for line in server.stdout:  # a GPU server builds, compiles and warms up first, and may say so
+        if "ws://127.0.0.1:" in line:
+            return server, int(line.split("ws://127.0.0.1:")[1].split()[0])
+        print(line, end="", file=sys.stderr)
+    server.wait()
+    raise SystemExit(f"server did not start (exit {server.returncode}): its error is above")
 
 
 class Robot:

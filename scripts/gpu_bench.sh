@@ -7,14 +7,15 @@
 #           denoise cost of each real-time chunking mode
 #   part d: the persistent action expert: its own benchmark (accuracy, whole denoise, each task kind, tile and
 #           program-count sweep; pi0 and pi0.5, batch 1/4/16), then bench with every denoise backend
-#   part e: many robots on one GPU: bench at batch 1, 4 and 8; 8 robots at 10 Hz through `pi-policy serve`
-#           with dynamic batching, and the same with max_batch 1
-#   part f: the FP8 prefill's variants: fused vs separate activation quantization, per-row vs per-tensor scales
-#   part g: static FP8 scales from calibrate, FP8 vision, and verify's every FP8 combination against one baseline
+#   part e: many robots on one GPU, the per-stage cost: bench at batch 1, 4 and 8
+#   part f: many robots on one GPU, served: 8 robots at 10 Hz through `pi-policy serve` with dynamic batching,
+#           and the same with max_batch 1
+#   part g: the FP8 prefill's variants: fused vs separate activation quantization, per-row vs per-tensor scales
+#   part h: static FP8 scales from calibrate, FP8 vision, and verify's every FP8 combination against one baseline
 # Each part fits one 10-minute device call.
 # Every comparison's baseline (the first configuration) runs in the same process, on the same card.
 set -uo pipefail
-out=${1:?usage: gpu_bench.sh OUT_DIR PART}; part=${2:?part: a, b, c, d, e, f or g}; iters=${ITERS:-100}
+out=${1:?usage: gpu_bench.sh OUT_DIR PART}; part=${2:?part: a to h}; iters=${ITERS:-100}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 clean() { tr '\r' '\n' | grep -v 'it/s\|s/it\|%|\|^ *$\|WARNING'; }
@@ -46,16 +47,17 @@ elif [ "$part" = d ]; then
     --denoise persistent-fp8 --roofline
 elif [ "$part" = e ]; then
   for batch in 1 4 8; do bench "pi0_batch$batch" --preset pi0 --batch "$batch"; done
+elif [ "$part" = f ]; then
   for max_batch in 8 1; do
-    timeout 150 python scripts/fleet_load.py --preset pi0 --device cuda --robots 8 --rate 10 --duration 30 \
+    timeout 290 python scripts/fleet_load.py --preset pi0 --device cuda --robots 8 --rate 10 --duration 30 \
       --max-batch "$max_batch" --json "$out/fleet_pi0_8robots_max_batch$max_batch.json" 2>&1 | clean | tail -14 \
       | tee "$out/fleet_pi0_8robots_max_batch$max_batch.txt"
   done
-elif [ "$part" = f ]; then
+elif [ "$part" = g ]; then
   bench pi0_fp8 --preset pi0 --backend bf16 --backend fp8 --roofline
   bench pi0_fp8_fused_quant --preset pi0 --backend bf16 --backend fp8 --roofline --fp8-fused-quant
   bench pi0_fp8_row --preset pi0 --backend bf16 --backend fp8 --fp8-dynamic row
-elif [ "$part" = g ]; then
+elif [ "$part" = h ]; then
   timeout 240 python -m pi_policy calibrate --preset pi0 --device cuda --samples 8 --out "$out/calib_pi0.json" 2>&1 \
     | clean | tail -5
   bench pi0_fp8_static --preset pi0 --backend bf16 --backend fp8 --fp8-calibration "$out/calib_pi0.json"
