@@ -141,6 +141,22 @@ def test_fused_prefill_matches_the_unfused_one(model, static):
         assert rel(k[i], k_model[i]) < 0.06
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-rows", "static"])
+def test_fused_blocks_trace_whole_under_torch_compile(model, static):
+    # on a GPU the FP8 blocks are torch.compile'd: the kernels must be single opaque ops (their fake versions give
+    # the shapes) and the quantized activation must pass between them without a graph break
+    embs, pad = prefix(model)
+    cal = [prefix(model, 5)] if static else None
+    fused = build_fp8_prefill(model, calibration=cal, fuse_producers=True, dynamic="row")
+    with torch.no_grad():
+        k_ref, v_ref = fused.fn(embs, pad, None)
+        fused.fn.compiled = torch.nn.ModuleList(torch.compile(blk, dynamic=False, fullgraph=True, backend="aot_eager")
+                                                for blk in fused.fn.layers)
+        k, v = fused.fn(embs, pad, None)
+    for i in range(model.cfg.llm.depth):
+        assert torch.equal(k[i], k_ref[i]) and torch.equal(v[i], v_ref[i]), f"layer {i}"
+
+
 def test_calibration_and_export_see_the_unquantized_activation(model):
     embs, pad = prefix(model)
     fused = build_fp8_prefill(model, fuse_producers=True)
