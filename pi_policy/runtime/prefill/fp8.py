@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +19,7 @@ from pi_policy.model.gemma import GemmaBlock
 from pi_policy.model.pi0 import PiModel
 from pi_policy.progress import progress_bar
 from pi_policy.runtime.choice import Implementation
-from pi_policy.runtime.prefill.calibration import load_calibration
+from pi_policy.runtime.prefill.calibration import apply_calibration
 from pi_policy.runtime.prefill.fp8_fused import FUSED_PRODUCERS, fuse_block, unavailable
 from pi_policy.runtime.prefill.fp8_linear import (
     DYNAMIC,
@@ -171,10 +170,5 @@ def build_fp8_prefill(model: PiModel, calibration=None, *, decisions: dict[str, 
     if compile_blocks:
         prefill.compiled = nn.ModuleList(torch.compile(blk, dynamic=False) for blk in layers)
     if calibration is not None:
-        if isinstance(calibration, (str, Path)):
-            prefill.set_amax(prefill_amax(load_calibration(calibration)))
-        elif isinstance(calibration, dict):
-            prefill.set_amax(prefill_amax({str(k): float(v) for k, v in calibration.items()}))
-        else:
-            prefill.calibrate(calibration, progress=progress)
+        apply_calibration(prefill, calibration, prefill_amax, progress)
     return Implementation(prefill, "fp8", "; ".join(notes + [prefill.summary()]) if notes else "")

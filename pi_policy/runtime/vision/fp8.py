@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from pi_policy.model.pi0 import PiModel
 from pi_policy.progress import progress_bar
-from pi_policy.runtime.prefill.calibration import load_calibration
+from pi_policy.runtime.prefill.calibration import apply_calibration
 from pi_policy.runtime.prefill.fp8_linear import (
     DYNAMIC,
     FP8Linear,
@@ -117,10 +116,5 @@ def build_fp8_vision(model: PiModel, calibration=None, *, per_channel: bool = Fa
         projector = model.projector if PROJECTOR in keep_bf16 else fp8(model.projector)
     vision = FP8Vision(model, blocks, projector, kernel)
     if calibration is not None:
-        if isinstance(calibration, (str, Path)):
-            vision.set_amax(vision_amax(load_calibration(calibration)))
-        elif isinstance(calibration, dict):
-            vision.set_amax(vision_amax({str(k): float(v) for k, v in calibration.items()}))
-        else:
-            vision.calibrate(calibration, progress=progress)
+        apply_calibration(vision, calibration, vision_amax, progress)
     return vision, "; ".join(n for n in (note, vision.summary()) if n) if note else ""
