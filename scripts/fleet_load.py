@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pi_policy.serve.config import load_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"preset": "tiny", "checkpoint": "", "norm_stats": "", "tokenizer": "", "device": "cpu"}  # random weights
+RANDOM_WEIGHTS = {"checkpoint": "", "norm_stats": "", "tokenizer": ""}
 
 
 def make_request(cfg, rng: np.random.Generator, size: int) -> dict:
@@ -47,7 +47,7 @@ def make_request(cfg, rng: np.random.Generator, size: int) -> dict:
 
 def server_settings(args: argparse.Namespace) -> dict:
     """What the started server changes in its config: the preset and device asked for, random weights."""
-    return TINY | {"preset": args.preset, "device": args.device}
+    return RANDOM_WEIGHTS | {"preset": args.preset, "device": args.device}
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
